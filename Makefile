@@ -1,0 +1,27 @@
+# Quickstart targets. Both create .venv when missing and install torch==2.13.0 (a CPU wheel) before
+# the project, because an unpinned torch pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := demo/model
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/quantkit generate $(DEMO) "The list type" --max-new-tokens 40
+	$(VENV)/bin/quantkit eval $(DEMO) --dataset $(DEMO)/test.txt --seq-len 256 --dtype fp32 --batch-size 8
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

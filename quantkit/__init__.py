@@ -1,0 +1,26 @@
+"""quantkit: quantize Llama 2 and measure what it cost."""
+
+from __future__ import annotations
+
+import os
+
+from quantkit.errors import QuantkitError
+from quantkit.model import LlamaConfig, LlamaForCausalLM, SamplingConfig, Tokenizer, generate, save_model
+from quantkit.model.checkpoint import load_model, resolve_model_dir
+
+__version__ = "0.1.0"
+
+
+def load(path: str | os.PathLike, dtype=None, device: str = "cpu") -> LlamaForCausalLM:
+    """Load a Hugging Face Llama directory (or hub id) as a native model: `model(ids)` -> logits."""
+    return load_model(path, dtype=dtype, device=device)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The sentencepiece tokenizer of a model directory (or a tokenizer.model file)."""
+    path = os.fspath(path)
+    return Tokenizer(path if path.endswith(".model") else resolve_model_dir(path))
+
+
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "QuantkitError", "SamplingConfig", "Tokenizer", "generate", "load",
+           "load_tokenizer", "save_model"]

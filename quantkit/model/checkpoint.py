@@ -1,0 +1,350 @@
+"""Hugging Face checkpoint I/O: lazy, memory-mapped, one tensor (or one decoder layer) at a time.
+
+`Checkpoint` indexes a directory (model.safetensors, sharded safetensors with
+model.safetensors.index.json, or pytorch_model*.bin) without reading tensor data, validates every
+shape against config.json up front, and hands out tensors by name or a decoder layer at a time:
+the streaming quantization pipeline reads a 70B checkpoint through it one layer at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.model.config import DTYPES, LlamaConfig, parse_dtype
+from quantkit.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                   "generation_config.json")
+LAYER_PREFIX = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+IGNORED_TENSORS = re.compile(r"rotary_emb\.inv_freq$")  # saved by old transformers, recomputed here
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a Llama checkpoint with its shape, in Hugging Face's naming."""
+    c = config
+    q, kv, h, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
+        c.intermediate_size
+    layer = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+             "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
+             "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+    if c.attention_bias:
+        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                      "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (h,)})
+    if c.mlp_bias:
+        layer.update({"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (h,)})
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for n in range(c.num_hidden_layers):
+        shapes.update({f"model.layers.{n}.{k}": v for k, v in layer.items()})
+    return shapes
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as is; a hub id ('meta-llama/Llama-2-7b-hf') through huggingface_hub."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise QuantkitError(f"{path}: is a file, not a model directory: pass the directory holding config.json")
+    text = str(path_or_id)
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is None:
+        raise QuantkitError(f"{path}: no such model directory: pass a directory holding config.json")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise QuantkitError(f"{repo_id}: no such directory, and huggingface_hub is not installed to fetch it "
+                            f"from the hub: pass a local directory") from None
+    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network, auth and not-found errors all mean the same thing to the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QuantkitError(f"{repo_id}: no such directory, and the Hugging Face hub could not provide it "
+                            f"({reason}): download it elsewhere and pass a local directory") from None
+
+
+class Checkpoint:
+    """Name-addressed, lazy access to a Hugging Face Llama checkpoint directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.dir = resolve_model_dir(path)
+        self.config = LlamaConfig.from_file(self.dir / "config.json")
+        self.shapes = expected_shapes(self.config)  # tensor name -> shape, in model order
+        self.weight_map = self._index()  # tensor name -> file name
+        self._validate()
+
+    # -- indexing ----------------------------------------------------------------------------
+
+    def _index(self) -> dict[str, str]:
+        for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+            index_path = self.dir / index_name
+            if index_path.is_file():
+                return self._read_index(index_path)
+            if (self.dir / single).is_file():
+                return {name: single for name in self._file_keys(single)}
+        raise QuantkitError(f"{self.dir}: no weights ({SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE}): "
+                            f"pass a complete Hugging Face model directory")
+
+    def _read_index(self, index_path: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise QuantkitError(f"{index_path}: not a valid index ({e!r}): restore the file") from None
+        for shard in sorted(set(weight_map.values())):
+            if not (self.dir / shard).is_file():
+                raise QuantkitError(f"{self.dir / shard}: shard named in {index_path.name} is missing: "
+                                    f"download the complete checkpoint")
+        return weight_map
+
+    def _file_keys(self, file_name: str) -> list[str]:
+        if file_name.endswith(".safetensors"):
+            with self._open_safetensors(file_name) as f:
+                return list(f.keys())
+        return list(self._load_bin(file_name))
+
+    def _open_safetensors(self, file_name: str):
+        path = self.dir / file_name
+        try:
+            return safe_open(path, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise QuantkitError(f"{path}: truncated or corrupt safetensors file ({e}): download it again") from None
+
+    def _load_bin(self, file_name: str) -> dict[str, torch.Tensor]:
+        path = self.dir / file_name
+        try:  # weights_only: a pickle may not run code; mmap: tensors are paged in on use
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError... for a bad file
+            raise QuantkitError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}): download it "
+                                f"again or convert it to safetensors") from None
+
+    def _validate(self):
+        """Every expected tensor present with the shape config.json implies, before any data is read."""
+        expected = self.shapes
+        missing = [n for n in expected if n not in self.weight_map]
+        if missing:
+            raise QuantkitError(f"{self.dir}: tensor {missing[0]} is missing ({len(missing)} missing in all): "
+                                f"the checkpoint is incomplete or not a Llama model")
+        unexpected = [n for n in self.weight_map if n not in expected and not IGNORED_TENSORS.search(n)]
+        if unexpected and not (self.config.tie_word_embeddings and unexpected == ["lm_head.weight"]):
+            raise QuantkitError(f"{self.dir / self.weight_map[unexpected[0]]}: unexpected tensor {unexpected[0]} "
+                                f"for this config.json: is this a quantized or non-Llama checkpoint?")
+        for file_name, names in self._names_by_file(expected).items():
+            if file_name.endswith(".safetensors"):
+                with self._open_safetensors(file_name) as f:
+                    present = set(f.keys())
+                    for name in names:
+                        if name not in present:
+                            raise QuantkitError(f"{self.dir / file_name}: tensor {name} listed in the index is "
+                                                f"not in the file: download the checkpoint again")
+                        self._check_shape(name, tuple(f.get_slice(name).get_shape()), file_name)
+
+    def _check_shape(self, name: str, shape: tuple[int, ...], file_name: str):
+        want = self.shapes.get(name)
+        if want is not None and shape != want:
+            raise QuantkitError(f"{self.dir / file_name}: tensor {name} has shape {list(shape)} but config.json "
+                                f"implies {list(want)}: the config does not belong to these weights")
+
+    def _names_by_file(self, names: Iterable[str]) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            groups[self.weight_map[name]].append(name)
+        return groups
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def default_dtype(self) -> torch.dtype:
+        return DTYPES.get(self.config.torch_dtype, torch.float16)
+
+    def read(self, names: Iterable[str], dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for the given names, opening each file once, converting to dtype."""
+        for file_name, group in self._names_by_file(names).items():
+            if file_name.endswith(".safetensors"):
+                with self._open_safetensors(file_name) as f:
+                    for name in group:
+                        yield name, _cast(f.get_tensor(name), dtype)
+            else:
+                tensors = self._load_bin(file_name)
+                for name in group:
+                    t = tensors[name]
+                    self._check_shape(name, tuple(t.shape), file_name)
+                    yield name, _cast(t, dtype)
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise QuantkitError(f"{self.dir}: no tensor named {name}")
+        return next(self.read([name], dtype))[1]
+
+    def layer_names(self, index: int) -> list[str]:
+        return [n for n in self.shapes if n.startswith(f"model.layers.{index}.")]
+
+    def layer(self, index: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """One decoder layer's tensors keyed relative to the layer ('mlp.down_proj.weight'); nothing else is read."""
+        if not 0 <= index < self.config.num_hidden_layers:
+            raise QuantkitError(f"layer {index} out of range: the model has {self.config.num_hidden_layers} layers")
+        prefix = f"model.layers.{index}."
+        return {name[len(prefix):]: t for name, t in self.read(self.layer_names(index), dtype)}
+
+    def layers(self, dtype: torch.dtype | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        for index in range(self.config.num_hidden_layers):
+            yield index, self.layer(index, dtype)
+
+    def non_layer_names(self) -> list[str]:
+        """Embedding, final norm and lm_head: what surrounds the decoder layers."""
+        return [n for n in self.shapes if not LAYER_PREFIX.match(n)]
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """Build the model on the meta device and fill it tensor by tensor: never two copies in memory."""
+    ckpt = Checkpoint(path)
+    dtype = parse_dtype(dtype) or ckpt.default_dtype()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(ckpt.config)
+    for name, t in ckpt.read(ckpt.shapes, dtype):
+        _set_tensor(model, name, t.to(device))
+    model.tie_weights()
+    model.eval().requires_grad_(False)
+    model.source_dir = ckpt.dir
+    return model
+
+
+def _set_tensor(model: nn.Module, name: str, t: torch.Tensor):
+    module_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module_name), leaf, nn.Parameter(t, requires_grad=False))
+
+
+# -- saving ---------------------------------------------------------------------------------------
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / '10KiB' / 123 -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if m is None:
+        raise QuantkitError(f"shard size {size!r} is not a size: write e.g. 5GB, 500MB or a number of bytes")
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+
+
+def shard_tensors(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """Split in order into shards of at most max_shard_size bytes (a bigger tensor gets a shard of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str = "5GB",
+                      metadata: dict[str, str] | None = None):
+    """Write model.safetensors, or model-0000i-of-0000n.safetensors shards plus the index."""
+    shards = shard_tensors(tensors, parse_size(max_shard_size))
+    metadata = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(_contiguous(shards[0]), out_dir / SAFETENSORS_SINGLE, metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(_contiguous(shard), out_dir / file_name, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file_name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def copy_tokenizer_files(src_dir: Path | None, out_dir: Path):
+    if src_dir is None:
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copy2(Path(src_dir) / name, out_dir / name)
+
+
+class atomic_output_dir:
+    """Write into a temporary directory beside `out` and rename it into place on success.
+
+    An existing `out` is refused unless overwrite=True; then it is replaced only after the new one
+    is complete, so a failure never leaves a half-written directory nor loses the old one.
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+        self.out = Path(out)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.overwrite:
+            raise QuantkitError(f"{self.out}: already exists: choose another output or pass --force to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        return False
+
+
+def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+               max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False) -> Path:
+    """Save in Hugging Face's layout: config.json, safetensors (sharded with an index), tokenizer files."""
+    dtype = parse_dtype(dtype)
+    config = model.config
+    tensors = {k: _cast(v, dtype) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # as transformers does: the embedding is the lm_head
+    if dtype is not None:
+        config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
+    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        write_safetensors(tensors, tmp, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        copy_tokenizer_files(tokenizer_dir, tmp)
+    log.info("saved %d tensors to %s", len(tensors), out_dir)
+    return Path(out_dir)

@@ -53,7 +53,7 @@ class LlamaConfig:
     eos_token_id: int = 2
     pad_token_id: int | None = None
     torch_dtype: str = "float16"
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, kept for saving
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # other keys, kept for saving
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -100,7 +100,8 @@ class LlamaConfig:
         for key in ("eos_token_id", "bos_token_id"):
             if isinstance(kwargs.get(key), list):  # some configs list several EOS ids
                 kwargs[key] = kwargs[key][0]
-        extra = {k: v for k, v in d.items() if k not in known}
+        consumed = known | {"rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype"}
+        extra = {k: v for k, v in d.items() if k not in consumed}
         try:
             return cls(**kwargs, extra=extra)
         except TypeError as e:
@@ -122,8 +123,6 @@ class LlamaConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json in transformers 5's dialect (which transformers 4.x also reads)."""
         d = dict(self.extra)
-        for key in ("rope_scaling", "rope_parameters", "torch_dtype", "dtype", "rope_theta"):
-            d.pop(key, None)
         d.update(
             {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
              if f.name not in ("extra", "rope_type", "rope_factor", "rope_theta", "torch_dtype")}

@@ -211,7 +211,7 @@ class LlamaForCausalLM(nn.Module):
             raise QuantkitError(f"KV cache holds {cache.max_len} tokens, {start + T} needed: make a larger cache")
         valid = (torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None
                  else attention_mask.bool())
-        past_positions = cache.next_position if cache is not None else 0
+        past_positions = cache.next_position[:, None] if cache is not None else 0  # (B, 1)
         # Left padding: the first real token of each row gets position 0 (as transformers' generate does).
         positions = past_positions + (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         mask = self._attention_mask(valid, start, cache)
@@ -221,7 +221,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.key_mask[:, start:start + T] = valid
-            cache.next_position = positions[:, -1] + valid[:, -1].long()
+            cache.next_position += valid.sum(-1)
             cache.length += T
         x = self.model.norm(x)
         return linear_split_rows(x, self.lm_head, self.pretraining_tp)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny Llama configs and checkpoints built in-process; no network, no ../shared."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantkit.model import LlamaConfig, LlamaForCausalLM, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "demo" / "model"
+SHARED_MODEL = REPO.parent / "shared" / "models" / "tiny-llama2-mha"
+DEMO_VOCAB = 4096
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    """A Llama config small enough for unit tests (hidden 64, 2 layers)."""
+    base = dict(vocab_size=DEMO_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, torch_dtype="float32")
+    return LlamaConfig(**{**base, **overrides})
+
+
+def random_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    """Random weights with a realistic scale (std 0.02 linears, non-trivial norms)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.02 if "proj" in name or "lm_head" in name else 1.0)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.INFO, logger="quantkit")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file() -> Path:
+    path = DEMO_MODEL / "tokenizer.model"
+    assert path.is_file(), f"the bundled demo tokenizer {path} is part of the repository"
+    return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer_file) -> Path:
+    """A saved tiny random model (fp32 safetensors) with the demo tokenizer."""
+    model = random_model(tiny_config())
+    out = tmp_path / "tiny"
+    save_model(model, out, tokenizer_dir=tokenizer_file.parent)
+    return out
+
+
+@pytest.fixture
+def copy_dir(tmp_path):
+    def copy(src: Path, name: str = "copy") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+    return copy

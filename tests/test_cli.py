@@ -1,0 +1,96 @@
+"""End-to-end CLI tests with click's CliRunner: each command once, and bad input gives one line and exit 1."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import main
+from quantkit.model import save_model
+from tests.conftest import random_model, tiny_config
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_generate(tiny_model_dir):
+    result = run("generate", tiny_model_dir, "Hello", "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Hello") and len(result.output) > len("Hello\n")
+
+
+def test_generate_chat_sampling(tiny_model_dir):
+    args = ("generate", tiny_model_dir, "Hi", "--chat", "--system", "Be brief.", "--temperature", 0.7,
+            "--top-p", 0.9, "--seed", 1, "--max-new-tokens", 4)
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    assert run(*args).output == first.output  # seeded
+
+
+def test_eval_json(tiny_model_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Some ordinary English text for the window. " * 20)
+    result = run("eval", tiny_model_dir, "--dataset", text, "--seq-len", 64, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["seq_len"] == 64 and report["n_tokens"] == report["n_windows"] * 63 and report["ppl"] > 1
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for needle in needles:
+        assert str(needle) in lines[0], lines[0]
+
+
+def test_cli_missing_directory(tmp_path):
+    assert_one_line_error(run("generate", tmp_path / "nope", "x"), tmp_path / "nope", "no such model directory")
+
+
+def test_cli_missing_config(tiny_model_dir):
+    (tiny_model_dir / "config.json").unlink()
+    assert_one_line_error(run("generate", tiny_model_dir, "x"), tiny_model_dir / "config.json")
+
+
+def test_cli_non_llama_config(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    (tiny_model_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    assert_one_line_error(run("generate", tiny_model_dir, "x"), tiny_model_dir / "config.json", "'bert'")
+
+
+def test_cli_missing_shard(tmp_path, tokenizer_file):
+    out = save_model(random_model(tiny_config()), tmp_path / "m", max_shard_size="60KB",
+                     tokenizer_dir=tokenizer_file.parent)
+    victim = sorted(out.glob("model-*.safetensors"))[0]
+    victim.unlink()
+    assert_one_line_error(run("generate", out, "x"), victim, "missing")
+
+
+def test_cli_corrupt_safetensors(tiny_model_dir):
+    path = tiny_model_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert_one_line_error(run("generate", tiny_model_dir, "x"), path, "truncated or corrupt")
+
+
+def test_cli_shape_mismatch(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    (tiny_model_dir / "config.json").write_text(json.dumps({**cfg, "hidden_size": 128}))
+    assert_one_line_error(run("generate", tiny_model_dir, "x"), tiny_model_dir / "model.safetensors", "has shape")
+
+
+def test_cli_missing_tokenizer(tiny_model_dir):
+    (tiny_model_dir / "tokenizer.model").unlink()
+    assert_one_line_error(run("generate", tiny_model_dir, "x"), tiny_model_dir / "tokenizer.model")
+
+
+def test_cli_eval_text_too_short(tiny_model_dir, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("tiny")
+    assert_one_line_error(run("eval", tiny_model_dir, "--dataset", text, "--seq-len", 256), "--seq-len")
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--top-p", 0, "top_p=0.0"), ("--temperature", -1, "temperature")])
+def test_cli_bad_sampling_flags(tiny_model_dir, flag, value, needle):
+    assert_one_line_error(run("generate", tiny_model_dir, "x", flag, value), needle)

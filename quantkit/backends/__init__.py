@@ -1,0 +1,43 @@
+"""Backends: the registry, the built-in methods, and the one entry point `quantize(model, config)`."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from quantkit.backends import int4, rtn  # noqa: F401  (importing registers the built-in backends)
+from quantkit.backends.registry import BACKENDS, Backend, QuantConfig, register_backend
+from quantkit.errors import QuantkitError
+from quantkit.walker import Recipe, decoder_linears, set_module
+
+log = logging.getLogger(__name__)
+
+
+def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, ...] = (), prefix: str = "") -> nn.Module:
+    """Quantize `model`'s decoder linears in place by the config (or recipe) and return it.
+
+    `prefix` is prepended to module names, for quantizing a single decoder layer that lives at
+    `model.layers.N.` in the full model.
+    """
+    recipe = Recipe.of(config, ignore)
+    for c in recipe.configs():
+        backend = BACKENDS.for_config(c)
+        backend.check_usable()
+        if backend.needs_calibration:
+            raise QuantkitError(f"method {backend.name} needs calibration data: use its own entry point")
+    targets = list(decoder_linears(model, prefix))
+    if not targets:
+        raise QuantkitError("nothing to quantize: the model has no full-precision decoder linears "
+                            "(is it already quantized?)")
+    for name, linear in targets:
+        config_for = recipe.config_for(name)
+        if config_for is None:
+            continue
+        quantized = BACKENDS.for_config(config_for).handler(linear, config_for, name)
+        set_module(model, name[len(prefix):], quantized)
+        log.debug("quantized %s with %s", name, config_for.describe())
+    return model
+
+
+__all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "quantize", "register_backend"]

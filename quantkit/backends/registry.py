@@ -1,0 +1,136 @@
+"""The backend registry: one config dataclass per method, a handler registered for it, lookup by type.
+
+As in torchao's quant_api: `@register_backend(...)` ties a config class to a handler that turns one
+nn.Linear into its quantized module; `quantkit.quantize(model, config)` dispatches on type(config).
+String names (`int4`, `bnb-nf4`, ...) exist only at the edges (CLI, JSON). Third-party packages add
+backends through the entry-point group `quantkit.backends`: each entry point names a module (or a
+callable) that registers its backends when loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from torch import nn
+
+from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "quantkit.backends"
+
+
+@dataclass
+class QuantConfig:
+    """Base of every backend's config. Subclasses validate in __post_init__ and set `method`."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "QuantConfig":
+        d = dict(d)
+        method = d.pop("method", None)
+        cls = BACKENDS.get(method).config_cls
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise QuantkitError(f"{method}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    def describe(self) -> str:
+        return self.method + "(" + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()) + ")"
+
+
+LinearHandler = Callable[[nn.Linear, QuantConfig, str], nn.Module]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    config_cls: type
+    handler: LinearHandler  # (linear, config, module name) -> quantized module
+    needs_calibration: bool
+    devices: tuple[str, ...]  # where its kernels run: "cpu", "cuda"
+    formats: tuple[str, ...]  # export formats, the first is the default
+    requires: tuple[str, ...] = ()  # importable packages
+    description: str = ""
+
+    def unusable_reason(self) -> str | None:
+        """Why this backend cannot run here, or None."""
+        missing = [p for p in self.requires if importlib.util.find_spec(p) is None]
+        if missing:
+            return f"needs {', '.join(missing)}: pip install {' '.join(missing)}"
+        if "cpu" not in self.devices:
+            import torch
+
+            if not torch.cuda.is_available():
+                return f"runs on {', '.join(self.devices)} only, and no GPU is available here"
+        return None
+
+    def check_usable(self):
+        reason = self.unusable_reason()
+        if reason:
+            raise QuantkitError(f"method {self.name} is not usable here: {reason}")
+
+
+class Registry:
+    def __init__(self):
+        self._by_name: dict[str, Backend] = {}
+        self._plugins_loaded = False
+
+    def register(self, name: str, config_cls: type, *, needs_calibration: bool = False,
+                 devices: tuple[str, ...] = ("cpu", "cuda"), formats: tuple[str, ...] = ("compressed-tensors",),
+                 requires: tuple[str, ...] = (), description: str = ""):
+        """Decorator for a handler `(linear, config, name) -> nn.Module` of config_cls."""
+        def decorate(handler: LinearHandler) -> LinearHandler:
+            if name in self._by_name and self._by_name[name].config_cls is not config_cls:
+                raise QuantkitError(f"backend name {name!r} is already registered by "
+                                    f"{self._by_name[name].config_cls.__qualname__}")
+            config_cls.method = name
+            self._by_name[name] = Backend(name, config_cls, handler, needs_calibration, tuple(devices),
+                                          tuple(formats), tuple(requires), description)
+            return handler
+        return decorate
+
+    def _load_plugins(self):
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                loaded = ep.load()
+            except Exception as e:  # a broken plugin must not take the built-in backends down
+                log.warning("quantkit backend plugin %s (%s) failed to load: %s", ep.name, ep.value, e)
+                continue
+            if callable(loaded) and not isinstance(loaded, type):
+                loaded(self)
+
+    def all(self) -> list[Backend]:
+        self._load_plugins()
+        return list(self._by_name.values())
+
+    def get(self, name: str | None) -> Backend:
+        self._load_plugins()
+        if name not in self._by_name:
+            raise QuantkitError(f"unknown method {name!r}: known methods are {', '.join(self._by_name)}")
+        return self._by_name[name]
+
+    def for_config(self, config: QuantConfig) -> Backend:
+        self._load_plugins()
+        for backend in self._by_name.values():
+            if type(config) is backend.config_cls:
+                return backend
+        raise QuantkitError(f"no backend is registered for {type(config).__qualname__}")
+
+
+BACKENDS = Registry()
+register_backend = BACKENDS.register

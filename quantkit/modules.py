@@ -1,0 +1,126 @@
+"""Runtime modules for integer-affine quantized linears (int4, rtn, gptq).
+
+`AffineLinear` holds the portable quantized state as buffers (the compressed-tensors layout:
+`weight_packed`, `weight_scale`, `weight_zero_point`, optional `weight_g_idx`) and, for 4 bits,
+the kernel layout derived from it at load time: torch's tinygemm int4 kernels on CUDA
+(`_weight_int4pack_mm`, as torchao's Int4WeightOnlyConfig) and on CPU
+(`_weight_int4pack_mm_for_cpu`). The CPU packed layout depends on the host's vector width, so it is
+never saved. Other widths dequantize and matmul. Act-order runs on the kernels by permuting the
+input, not the weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.affine import AffineWeight
+from quantkit.formats.packing import pack, unpack
+
+log = logging.getLogger(__name__)
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels accept
+
+
+def tinygemm_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype) -> torch.Tensor:
+    """(K/g, N, 2) for tinygemm, whose convention is w = (q - 8) * scale + zero_float.
+
+    An integer zero point z converts exactly: (q - z) * s = (q - 8) * s + (8 - z) * s.
+    """
+    zero_float = (8 - zero.to(torch.float32)) * scale.to(torch.float32)
+    return torch.stack([scale.to(dtype), zero_float.to(dtype)], dim=-1).transpose(0, 1).contiguous()
+
+
+def act_order_permutation(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """Column order that makes every group contiguous (groups of exactly group_size), or None if impossible."""
+    perm = torch.argsort(g_idx.long(), stable=True)
+    expected = torch.arange(g_idx.numel(), device=g_idx.device) // group_size
+    return perm if torch.equal(g_idx.long()[perm], expected) else None
+
+
+class AffineLinear(nn.Module):
+    """y = x @ W^T (+ b), W = (q - zero) * scale per group; see the module docstring."""
+
+    def __init__(self, w: AffineWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.out_features, self.in_features = w.shape
+        self.bits, self.group_size, self.symmetric, self.dtype = w.bits, w.group_size, w.symmetric, dtype
+        self.register_buffer("weight_packed", pack(w.q, w.bits))  # int32 (N, ceil(K*b/32))
+        self.register_buffer("weight_scale", w.scale.to(dtype))  # (N, G)
+        self.register_buffer("weight_zero_point", w.zero.to(torch.int32))  # (N, G)
+        self.register_buffer("weight_g_idx", None if w.g_idx is None else w.g_idx.to(torch.int32))
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+        self._kernel_device = None
+        self.use_int4_kernel = self._int4_kernel_fits()
+
+    # -- the portable state ----------------------------------------------------------------------
+
+    def affine_weight(self) -> AffineWeight:
+        q = unpack(self.weight_packed, self.bits, self.in_features)
+        return AffineWeight(q=q, scale=self.weight_scale, zero=self.weight_zero_point, bits=self.bits,
+                            group_size=self.group_size, symmetric=self.symmetric, g_idx=self.weight_g_idx)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.affine_weight().dequantize(self.dtype)
+
+    # -- the int4 kernel layout, built at load time for the device it runs on ------------------
+
+    def _int4_kernel_fits(self) -> bool:
+        if self.bits != 4 or self.group_size not in INT4_GROUP_SIZES or self.out_features % 16:
+            return False
+        return self.weight_g_idx is None or act_order_permutation(self.weight_g_idx, self.group_size) is not None
+
+    def _build_kernel(self, device: torch.device):
+        w = self.affine_weight()
+        q, scale, zero = w.q.to(torch.int32), w.scale, w.zero
+        perm = None if w.g_idx is None else act_order_permutation(w.g_idx, self.group_size)
+        if perm is not None:  # columns sorted by group: W[:, perm] has contiguous groups, x[..., perm] matches
+            q = q[:, perm]
+            scale, zero = scale[:, w.g_idx.long()[perm][:: self.group_size]], zero[:, w.g_idx.long()[perm][:: self.group_size]]
+        self.perm = perm
+        if device.type == "cuda":
+            self._build_cuda(q.to(device), scale.to(device), zero.to(device))
+        else:
+            self.kernel_dtype = self.dtype
+            self.int4_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+            self.scales_and_zeros = tinygemm_scales_and_zeros(scale, zero, self.dtype)
+        self._kernel_device = device
+
+    def _build_cuda(self, q, scale, zero):
+        # As torchao's Int4TilePackedTo4dTensor: bf16, K padded to 1024, N to 8, nibble pairs, inner_k_tiles 8.
+        n_pad, k_pad = -self.out_features % 8, -self.in_features % 1024
+        q = F.pad(q, (0, k_pad, 0, n_pad))
+        groups_pad = k_pad // self.group_size
+        scale = F.pad(scale, (0, groups_pad, 0, n_pad), value=1.0)
+        zero = F.pad(zero, (0, groups_pad, 0, n_pad), value=8)
+        self.kernel_dtype, self.k_pad = torch.bfloat16, k_pad
+        paired = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        self.int4_weight = torch.ops.aten._convert_weight_to_int4pack(paired.contiguous(), 8)
+        self.scales_and_zeros = tinygemm_scales_and_zeros(scale, zero, torch.bfloat16)
+
+    def _int4_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_device != x.device:
+            self._build_kernel(x.device)
+        if self.perm is not None:
+            x = x[..., self.perm]
+        x2 = x.reshape(-1, self.in_features).to(self.kernel_dtype)  # the kernels take (M, K)
+        if x.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(F.pad(x2, (0, self.k_pad)), self.int4_weight, self.group_size,
+                                                   self.scales_and_zeros)[:, : self.out_features]
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.int4_weight, self.group_size,
+                                                           self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def forward(self, x):
+        y = self._int4_matmul(x) if self.use_int4_kernel else F.linear(x, self.dequantize().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        kernel = "int4 tinygemm" if self.use_int4_kernel else "dequantize+matmul"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, symmetric={self.symmetric}, act_order={self.weight_g_idx is not None}, "
+                f"kernel={kernel}")

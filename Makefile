@@ -16,12 +16,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+QK := $(VENV)/bin/quantkit
+EVAL := --dataset $(DEMO)/test.txt --seq-len 256 --dtype fp32 --batch-size 8
+
 demo: $(STAMP)
-	$(VENV)/bin/quantkit generate $(DEMO) "The list type" --max-new-tokens 40
-	$(VENV)/bin/quantkit eval $(DEMO) --dataset $(DEMO)/test.txt --seq-len 256 --dtype fp32 --batch-size 8
+	$(QK) generate $(DEMO) "The list type" --max-new-tokens 40
+	$(QK) quantize $(DEMO) --method int4 --group-size 128 -o out/demo-int4 --force
+	$(QK) generate out/demo-int4 "The list type" --max-new-tokens 40
+	$(QK) eval $(DEMO) $(EVAL)
+	$(QK) eval out/demo-int4 $(EVAL)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache out

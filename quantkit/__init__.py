@@ -22,5 +22,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return Tokenizer(path if path.endswith(".model") else resolve_model_dir(path))
 
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "QuantkitError", "SamplingConfig", "Tokenizer", "generate", "load",
+# The quantization API imports torchao (slow, and noisy on CPU builds): load it on first use.
+_LAZY = {"quantize": "quantkit.backends", "Recipe": "quantkit.backends", "BACKENDS": "quantkit.backends",
+         "quantize_checkpoint": "quantkit.pipeline", "save_quantized": "quantkit.export"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'quantkit' has no attribute {name!r}")
+
+
+__all__ = ["BACKENDS", "Recipe", "quantize", "quantize_checkpoint", "save_quantized", "LlamaConfig", "LlamaForCausalLM", "QuantkitError", "SamplingConfig", "Tokenizer", "generate", "load",
            "load_tokenizer", "save_model"]

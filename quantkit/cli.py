@@ -33,6 +33,9 @@ class QuantkitGroup(click.Group):
 def main(verbose: bool):
     """Quantize Llama 2 models and measure what it cost."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # CPU builds of torchao warn at import about CUDA-only extensions: noise for a user
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @main.command()
@@ -90,5 +93,89 @@ def eval_command(model, dataset, seq_len, batch_size, dtype, as_json):
     if as_json:
         click.echo(json.dumps({"model": str(model), "dataset": str(dataset), **result.to_dict()}, indent=2))
     else:
-        click.echo(f"perplexity {result.ppl:.4f} over {result.n_tokens} tokens "
-                   f"({result.n_windows} windows of {result.seq_len}) on {dataset}")
+        click.echo(f"{model}: perplexity {result.ppl:.4f} over {result.n_tokens} tokens "
+                   f"({result.n_windows} windows of {result.seq_len}) of {dataset}")
+
+
+def build_config(method: str, options: dict):
+    """A backend config from the method name and the method options the user gave on the command line."""
+    import dataclasses
+
+    from quantkit.backends import BACKENDS
+
+    cls = BACKENDS.get(method).config_cls
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in options.items() if v is not None}
+    wrong = sorted(set(given) - fields)
+    if wrong:
+        flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
+        known = ", ".join("--" + f.replace("_", "-") for f in sorted(fields)) or "none"
+        raise click.UsageError(f"{flags} does not apply to --method {method} (its options: {known})")
+    return cls(**given)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--method", help="Quantization method (see `quantkit backends`); or use --recipe.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="JSON/YAML recipe mapping module patterns to configs.")
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq", "bnb"]),
+              help="Export format [default: the method's first].")
+@click.option("--bits", type=int, help="Bits per weight (rtn, gptq).")
+@click.option("--group-size", type=int, help="Input columns per scale; -1 = per channel.")
+@click.option("--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric (rtn, gptq).")
+@click.option("--threshold", type=float, help="LLM.int8 outlier threshold (bnb-int8).")
+@click.option("--double-quant/--no-double-quant", default=None, help="Quantize the absmax too (bnb-nf4/fp4).")
+@click.option("--blocksize", type=int, help="Block size (bnb-nf4/fp4).")
+@click.option("--compute-dtype", type=DTYPE_CHOICE, help="Compute dtype (bnb-nf4/fp4).")
+@click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="dtype of what stays unquantized [default: the checkpoint's].")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, force, as_json, **options):
+    """Quantize MODEL layer by layer and write it to OUTPUT in an export format."""
+    from quantkit.backends import Recipe
+    from quantkit.pipeline import quantize_checkpoint
+
+    if (method is None) == (recipe is None):
+        raise click.UsageError("give exactly one of --method and --recipe")
+    if recipe is not None:
+        if any(v is not None for v in options.values()):
+            raise click.UsageError("method options (--bits, --group-size, ...) go into the recipe file with --recipe")
+        config = Recipe.from_file(recipe)
+    else:
+        config = build_config(method, options)
+    summary = quantize_checkpoint(model, config, output, format=fmt, ignore=tuple(ignore), dtype=dtype,
+                                  max_shard_size=max_shard_size, overwrite=force)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    mb = 1e6
+    click.echo(f"wrote {summary.output} ({summary.format}, {summary.layers} layers) in {summary.seconds:.1f} s: "
+               f"{summary.bytes_before / mb:.1f} MB -> {summary.bytes_after / mb:.1f} MB "
+               f"({summary.bytes_before / max(summary.bytes_after, 1):.2f}x smaller), "
+               f"{summary.bits_per_weight:.2f} bits per quantized weight")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def backends(as_json):
+    """List the quantization methods, what they need, and whether they are usable here."""
+    from quantkit.backends import BACKENDS
+
+    rows = [{"method": b.name, "calibration": b.needs_calibration, "devices": list(b.devices),
+             "formats": list(b.formats), "usable": b.unusable_reason() is None,
+             "why_not": b.unusable_reason(), "description": b.description} for b in BACKENDS.all()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        status = "usable" if r["usable"] else f"NOT usable: {r['why_not']}"
+        click.echo(f"{r['method']:<10} calibration={'yes' if r['calibration'] else 'no ':<3}  "
+                   f"devices={','.join(r['devices']):<8}  formats={','.join(r['formats']):<25}  {status}")
+        click.echo(f"{'':<10} {r['description']}")
+
+
+if __name__ == "__main__":
+    main()

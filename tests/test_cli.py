@@ -94,3 +94,63 @@ def test_cli_eval_text_too_short(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("flag, value, needle", [("--top-p", 0, "top_p=0.0"), ("--temperature", -1, "temperature")])
 def test_cli_bad_sampling_flags(tiny_model_dir, flag, value, needle):
     assert_one_line_error(run("generate", tiny_model_dir, "x", flag, value), needle)
+
+
+# -- quantize and backends -------------------------------------------------------------------------
+
+@pytest.fixture
+def kernel_model_dir(tmp_path, tokenizer_file):
+    """A tiny model whose shapes fit the int4 kernels (hidden 128)."""
+    out = tmp_path / "src"
+    model = random_model(tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4))
+    save_model(model, out, tokenizer_dir=tokenizer_file.parent, dtype="fp16")
+    return out
+
+
+def test_quantize_end_to_end(kernel_model_dir, tmp_path):
+    out = tmp_path / "q"
+    result = run("quantize", kernel_model_dir, "--method", "int4", "--group-size", 32, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "MB ->" in result.output and "bits per quantized weight" in result.output
+    assert run("generate", out, "Hi", "--max-new-tokens", 3).exit_code == 0
+
+
+def test_quantize_json_and_recipe(kernel_model_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("default: {method: int4, group_size: 32}\n"
+                      "rules:\n  - {pattern: 'down_proj$', config: {method: rtn, bits: 8, group_size: -1}}\n")
+    result = run("quantize", kernel_model_dir, "--recipe", recipe, "--ignore", "layers\\.0\\.", "-o", tmp_path / "q",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["format"] == "compressed-tensors" and summary["layers"] == 2
+    assert summary["recipe"]["ignore"] == ["layers\\.0\\."] and summary["bytes_after"] < summary["bytes_before"]
+
+
+def test_backends_lists_usability():
+    result = run("backends", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(result.output)}
+    assert rows["int4"]["usable"] and rows["int4"]["formats"][0] == "compressed-tensors"
+    assert not rows["rtn"]["calibration"]
+
+
+def test_cli_quantize_output_exists(kernel_model_dir, tmp_path):
+    (tmp_path / "q").mkdir()
+    assert_one_line_error(run("quantize", kernel_model_dir, "--method", "int4", "-o", tmp_path / "q"),
+                          tmp_path / "q", "--force")
+
+
+def test_cli_quantize_unknown_method(kernel_model_dir, tmp_path):
+    assert_one_line_error(run("quantize", kernel_model_dir, "--method", "int3", "-o", tmp_path / "q"),
+                          "unknown method 'int3'", "int4")
+
+
+def test_cli_quantize_unsupported_bits(kernel_model_dir, tmp_path):
+    assert_one_line_error(run("quantize", kernel_model_dir, "--method", "rtn", "--bits", 5, "-o", tmp_path / "q"),
+                          "--bits 5 is not supported")
+
+
+def test_cli_quantize_option_for_another_method(kernel_model_dir, tmp_path):
+    result = run("quantize", kernel_model_dir, "--method", "int4", "--bits", 8, "-o", tmp_path / "q")
+    assert result.exit_code == 2 and "--bits does not apply to --method int4" in result.output

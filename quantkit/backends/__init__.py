@@ -6,10 +6,11 @@ import logging
 
 from torch import nn
 
-from quantkit.backends import int4, rtn  # noqa: F401  (importing registers the built-in backends)
+from quantkit.backends import int4, rtn, bnb  # noqa: F401  (importing registers the built-in backends)
 from quantkit.backends.registry import BACKENDS, Backend, QuantConfig, register_backend
 from quantkit.errors import QuantkitError
-from quantkit.walker import Recipe, decoder_linears, set_module
+from quantkit.backends.recipe import Recipe
+from quantkit.walker import decoder_linears, set_module
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,10 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
         if config_for is None:
             continue
         quantized = BACKENDS.for_config(config_for).handler(linear, config_for, name)
+        quantized.quant_config = config_for  # exporters read it to write quantization_config
         set_module(model, name[len(prefix):], quantized)
         log.debug("quantized %s with %s", name, config_for.describe())
+    model.quant_recipe = recipe.to_dict()  # recorded in config.json by the exporters
     return model
 
 

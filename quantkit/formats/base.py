@@ -13,7 +13,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quantkit.affine import AffineWeight
 from quantkit.errors import QuantkitError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 
 class QuantFormat:
@@ -41,16 +45,58 @@ class QuantFormat:
         """Names of the modules stored quantized, from the checkpoint's tensor names."""
         raise NotImplementedError
 
+    def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, str]:
+        """Files to write beside config.json (file name -> text), e.g. GPTQ's quantize_config.json."""
+        return {}
+
     def load_module(self, name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
                     dtype: torch.dtype) -> nn.Module:
         """A runtime module from one module's tensors (keys relative: 'weight_packed', 'qweight', ...)."""
         raise NotImplementedError
 
 
-def format_for_config(quantization_config: dict[str, Any], formats: dict[str, type[QuantFormat]]) -> QuantFormat:
-    for cls in formats.values():
-        if cls.matches(quantization_config):
-            return cls()
-    method = quantization_config.get("quant_method")
-    raise QuantkitError(f"quantization_config with quant_method={method!r} is not a format quantkit reads: "
-                        f"known formats are {', '.join(formats)}")
+# -- checks shared by the formats -------------------------------------------------------------
+
+def affine_of(name: str, module: nn.Module, format_name: str) -> AffineWeight:
+    """The canonical quantized weight of a module, or a QuantkitError if it is not an integer-affine linear."""
+    from quantkit.modules import AffineLinear  # modules imports formats.packing: import here, not at the top
+
+    if not isinstance(module, AffineLinear):
+        raise QuantkitError(f"{name}: a {type(module).__name__} is not an integer-affine quantized linear: "
+                            f"the {format_name} format writes int4, rtn and gptq modules only")
+    return module.affine_weight()
+
+
+def trivial_g_idx(g_idx: torch.Tensor | None, group_size: int) -> bool:
+    """Whether g_idx is absent or just column // group_size (no act-order permutation)."""
+    return g_idx is None or torch.equal(g_idx.long(), torch.arange(g_idx.numel(), device=g_idx.device) // group_size)
+
+
+def check_tensor(name: str, key: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
+                 dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    """tensors[key], checked for presence, shape and dtype; the error names module.key."""
+    if key not in tensors:
+        raise QuantkitError(f"{name}.{key}: missing from the checkpoint: re-export the model")
+    t = tensors[key]
+    if tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
+        want = "/".join(str(d).removeprefix("torch.") for d in dtypes)
+        got = f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+        raise QuantkitError(f"{name}.{key}: is {got}, expected {want} {list(shape)}: the checkpoint does not "
+                            f"match its quantization_config; re-export it")
+    return t
+
+
+def check_g_idx(name: str, key: str, tensors: dict[str, torch.Tensor], k: int, groups: int) -> torch.Tensor:
+    """An int (K,) group index whose values all name one of the `groups` groups."""
+    g_idx = check_tensor(name, key, tensors, (k,), (torch.int32, torch.int64)).to(torch.int32)
+    if k and not (0 <= int(g_idx.min()) and int(g_idx.max()) < groups):
+        raise QuantkitError(f"{name}.{key}: group indices outside [0, {groups}): re-export the model")
+    return g_idx
+
+
+def check_known(name: str, tensors: dict[str, torch.Tensor], known: tuple[str, ...]):
+    """Refuse tensors the format does not define (e.g. input_scale of activation quantization)."""
+    unknown = sorted(set(tensors) - set(known))
+    if unknown:
+        raise QuantkitError(f"{name}: unexpected tensor(s) {', '.join(unknown)}: this checkpoint uses features "
+                            f"quantkit does not read (activation quantization?)")

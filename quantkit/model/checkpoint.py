@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.model.config import DTYPES, LlamaConfig, parse_dtype
-from quantkit.model.llama import LlamaForCausalLM
+from quantkit.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+from quantkit.model.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, write_safetensors
+from quantkit.walker import set_module
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "generation_config.json")
@@ -96,7 +96,29 @@ class Checkpoint:
         self.config = LlamaConfig.from_file(self.dir / "config.json")
         self.shapes = expected_shapes(self.config)  # tensor name -> shape, in model order
         self.weight_map = self._index()  # tensor name -> file name
+        self.quantization_config = self.config.extra.get("quantization_config")
+        self.format, self.quantized_modules = None, set()
+        if self.quantization_config:
+            self._index_quantized()
         self._validate()
+
+    def _index_quantized(self):
+        """Find the format and which linears it stores quantized; their tensors replace .weight/.bias."""
+        from quantkit.formats import format_for  # formats import backends: keep plain loading light
+
+        self.format = format_for(self.quantization_config)
+        self.quantized_modules = self.format.quantized_modules(set(self.weight_map))
+        for module in self.quantized_modules:
+            self.shapes.pop(f"{module}.weight", None)
+            self.shapes.pop(f"{module}.bias", None)
+
+    def _is_quantized_tensor(self, name: str) -> bool:
+        module = name
+        while "." in module:
+            module = module.rpartition(".")[0]
+            if module in self.quantized_modules:
+                return True
+        return False
 
     # -- indexing ----------------------------------------------------------------------------
 
@@ -149,7 +171,8 @@ class Checkpoint:
         if missing:
             raise QuantkitError(f"{self.dir}: tensor {missing[0]} is missing ({len(missing)} missing in all): "
                                 f"the checkpoint is incomplete or not a Llama model")
-        unexpected = [n for n in self.weight_map if n not in expected and not IGNORED_TENSORS.search(n)]
+        unexpected = [n for n in self.weight_map if n not in expected and not IGNORED_TENSORS.search(n)
+                      and not self._is_quantized_tensor(n)]
         if unexpected and not (self.config.tie_word_embeddings and unexpected == ["lm_head.weight"]):
             raise QuantkitError(f"{self.dir / self.weight_map[unexpected[0]]}: unexpected tensor {unexpected[0]} "
                                 f"for this config.json: is this a quantized or non-Llama checkpoint?")
@@ -209,9 +232,22 @@ class Checkpoint:
         prefix = f"model.layers.{index}."
         return {name[len(prefix):]: t for name, t in self.read(self.layer_names(index), dtype)}
 
+    def layer_module(self, index: int, dtype: torch.dtype | None = None) -> LlamaDecoderLayer:
+        """Decoder layer `index` as a module holding only its own weights."""
+        with torch.device("meta"):
+            layer = LlamaDecoderLayer(self.config, index)
+        for name, t in self.layer(index, dtype or self.default_dtype()).items():
+            _set_tensor(layer, name, t)
+        return layer.eval().requires_grad_(False)
+
     def layers(self, dtype: torch.dtype | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         for index in range(self.config.num_hidden_layers):
             yield index, self.layer(index, dtype)
+
+    def module_tensors(self, module: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """A quantized module's stored tensors, keyed relative to the module ('weight_packed', ...)."""
+        names = [n for n in self.weight_map if n.startswith(module + ".") and self._is_quantized_tensor(n)]
+        return {name[len(module) + 1:]: t for name, t in self.read(names, dtype)}
 
     def non_layer_names(self) -> list[str]:
         """Embedding, final norm and lm_head: what surrounds the decoder layers."""
@@ -219,7 +255,8 @@ class Checkpoint:
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+    """Float tensors to dtype; integer (packed, quantized) tensors stay as stored."""
+    return t if dtype is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
 
 def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
@@ -230,6 +267,9 @@ def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device =
         model = LlamaForCausalLM(ckpt.config)
     for name, t in ckpt.read(ckpt.shapes, dtype):
         _set_tensor(model, name, t.to(device))
+    for module in sorted(ckpt.quantized_modules):  # their stored tensors are kept as stored (packed ints)
+        quantized = ckpt.format.load_module(module, ckpt.module_tensors(module), ckpt.quantization_config, dtype)
+        set_module(model, module, quantized.to(device))
     model.tie_weights()
     model.eval().requires_grad_(False)
     model.source_dir = ckpt.dir
@@ -242,54 +282,6 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor):
 
 
 # -- saving ---------------------------------------------------------------------------------------
-
-def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / '10KiB' / 123 -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
-    if m is None:
-        raise QuantkitError(f"shard size {size!r} is not a size: write e.g. 5GB, 500MB or a number of bytes")
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
-
-
-def shard_tensors(tensors: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
-    """Split in order into shards of at most max_shard_size bytes (a bigger tensor gets a shard of its own)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str = "5GB",
-                      metadata: dict[str, str] | None = None):
-    """Write model.safetensors, or model-0000i-of-0000n.safetensors shards plus the index."""
-    shards = shard_tensors(tensors, parse_size(max_shard_size))
-    metadata = {"format": "pt", **(metadata or {})}
-    if len(shards) == 1:
-        save_file(_contiguous(shards[0]), out_dir / SAFETENSORS_SINGLE, metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(_contiguous(shard), out_dir / file_name, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, file_name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
 
 def copy_tokenizer_files(src_dir: Path | None, out_dir: Path):
     if src_dir is None:

@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 import quantkit
 from quantkit.errors import QuantkitError
 from quantkit.model import Checkpoint, save_model
-from quantkit.model.checkpoint import parse_size, resolve_model_dir
+from quantkit.model.checkpoint import resolve_model_dir
+from quantkit.model.shards import parse_size
 from tests.conftest import random_model, tiny_config
 
 

@@ -1,0 +1,166 @@
+"""GPTQ in AutoGPTQ's v1 layout, read by transformers (optimum + gptqmodel), vLLM and ExLlama.
+
+Per quantized linear (N out, K in, b bits, G groups):
+
+- `qweight` int32 (ceil(K*b/32), N): q packed along K (dim 0), dense LSB first; for 3 bits this is
+  AutoGPTQ's 32-values-in-3-words layout.
+- `qzeros` int32 (G, ceil(N*b/32)): (z - 1) & (2^b - 1) packed along N. v1 stores z - 1 and loaders
+  compute (stored + 1) & mask, so z = 0 survives in AutoGPTQ's own dequantization but not in
+  kernels that add 1 without the mask (ExLlama): such groups are logged at export.
+- `scales` fp16 (G, N); `g_idx` int32 (K,), always written (column // group_size without act-order);
+  `bias` fp16 (N,) when the linear has one.
+
+One file holds one scheme (bits, group size, symmetry, GPTQ options): mixed precision is refused.
+Linears inside the decoder layers may stay in full precision only if the same ones do in every layer
+(they are left out of `modules_in_block_to_quantize`, which optimum reads); outside the layers
+(lm_head) nothing is quantized anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantkit.affine import AffineWeight
+from quantkit.errors import QuantkitError
+from quantkit.formats.base import (FLOAT_DTYPES, QuantFormat, affine_of, check_g_idx, check_known, check_tensor,
+                                   trivial_g_idx)
+from quantkit.formats.packing import pack, packed_size, unpack
+from quantkit.modules import AffineLinear
+
+log = logging.getLogger(__name__)
+
+TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+LAYER_NAME = re.compile(r"^(.*?\.?layers\.\d+)\.(.+)$")  # -> (block, name inside the block)
+# quantization_config key -> (QuantConfig attribute, default when the config has none)
+OPTIONS = {"desc_act": ("desc_act", False), "damp_percent": ("damp_percent", 0.01),
+           "true_sequential": ("true_sequential", True), "static_groups": ("static_groups", False)}
+
+
+def scheme_of(config: Any) -> dict[str, Any]:
+    """The quantization_config fields one QuantConfig determines; int4 (no `symmetric`) is asymmetric."""
+    scheme = {"bits": config.bits, "group_size": config.group_size, "sym": getattr(config, "symmetric", False)}
+    scheme.update({key: getattr(config, attr, default) for key, (attr, default) in OPTIONS.items()})
+    return scheme
+
+
+def describe(scheme: dict[str, Any], names: list[str]) -> str:
+    example = names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+    return ", ".join(f"{k}={v}" for k, v in scheme.items()) + f" ({example})"
+
+
+def block_modules(quantized: list[str], ignored: list[str]) -> list[str] | None:
+    """Names inside a decoder layer that are quantized, when some in-layer linears are not; None if all are."""
+    per_block: dict[str, set[str]] = {}
+    for name in quantized:
+        m = LAYER_NAME.match(name)
+        if m is None:
+            raise QuantkitError(f"{name}: gptq quantizes linears inside the decoder layers only: "
+                                f"leave it in full precision or use --format compressed-tensors")
+        per_block.setdefault(m.group(1), set()).add(m.group(2))
+    ignored_blocks = {m.group(1) for n in ignored if (m := LAYER_NAME.match(n))}
+    if not ignored_blocks:
+        return None
+    if len({frozenset(s) for s in per_block.values()}) != 1 or not ignored_blocks <= set(per_block):
+        raise QuantkitError("gptq: the full-precision linears differ between decoder layers, which one gptq "
+                            "config cannot express: ignore the same modules in every layer, or use "
+                            "--format compressed-tensors")
+    return sorted(next(iter(per_block.values())))
+
+
+class GPTQFormat(QuantFormat):
+    name = "gptq"
+    methods = ("int4", "rtn", "gptq")
+
+    def export_module(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        w = affine_of(name, module, self.name)
+        config = getattr(module, "quant_config", None)
+        if config is not None and not getattr(config, "desc_act", False) and not trivial_g_idx(w.g_idx, w.group_size):
+            raise QuantkitError(f"{name}: has an act-order g_idx but its config says desc_act=False, so loaders "
+                                f"would ignore g_idx: quantize it again")
+        mask = 2**w.bits - 1
+        zero_count = int((w.zero == 0).sum())
+        if zero_count:
+            log.warning("%s: %d group(s) have zero point 0, stored as %d by the v1 convention: AutoGPTQ and "
+                        "quantkit read them back, kernels that add 1 without masking (ExLlama) do not",
+                        name, zero_count, mask)
+        scales = w.scale.t().to(torch.float16).contiguous()  # (G, N): the v1 kernels take fp16
+        if not bool(torch.isfinite(scales).all()):
+            raise QuantkitError(f"{name}: scales overflow float16, which gptq stores: use --format compressed-tensors")
+        out = {"qweight": pack(w.q.t(), w.bits, dim=0),  # int32 (ceil(K*b/32), N)
+               "qzeros": pack(((w.zero - 1) & mask).t().to(torch.uint8), w.bits, dim=1),  # int32 (G, ceil(N*b/32))
+               "scales": scales,
+               "g_idx": w.group_index().to(torch.int32)}  # (K,)
+        if module.bias is not None:
+            out["bias"] = module.bias.to(torch.float16)
+        return {f"{name}.{key}": t.contiguous() for key, t in out.items()}
+
+    def quantization_config(self, configs: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
+        by_scheme: dict[str, tuple[dict[str, Any], list[str]]] = {}
+        for module_name, config in configs.items():
+            scheme = scheme_of(config)
+            by_scheme.setdefault(json.dumps(scheme, sort_keys=True), (scheme, []))[1].append(module_name)
+        if not by_scheme:
+            raise QuantkitError("gptq: no quantized modules to describe: quantize the model first")
+        if len(by_scheme) > 1:
+            schemes = "; ".join(describe(s, names) for s, names in by_scheme.values())
+            raise QuantkitError(f"gptq: one file holds one quantization scheme, but the recipe uses "
+                                f"{len(by_scheme)}: {schemes}: use --format compressed-tensors for mixed precision")
+        scheme = next(iter(by_scheme.values()))[0]
+        qc = {"quant_method": "gptq", **scheme, "checkpoint_format": "gptq"}
+        in_block = block_modules(list(configs), ignored)
+        if in_block is not None:
+            qc["modules_in_block_to_quantize"] = [in_block]
+        return qc
+
+    def extra_files(self, quantization_config: dict[str, Any]) -> dict[str, str]:
+        """AutoGPTQ's quantize_config.json, which older loaders read instead of config.json."""
+        return {"quantize_config.json": json.dumps(quantization_config, indent=2) + "\n"}
+
+    @classmethod
+    def matches(cls, quantization_config: dict[str, Any]) -> bool:
+        fmt = quantization_config.get("checkpoint_format", quantization_config.get("format", "gptq"))
+        return quantization_config.get("quant_method") == "gptq" and fmt in ("gptq", "gptq_v2")
+
+    def quantized_modules(self, tensor_names: set[str]) -> set[str]:
+        return {n.removesuffix(".qweight") for n in tensor_names if n.endswith(".qweight")}
+
+    def load_module(self, name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
+                    dtype: torch.dtype) -> nn.Module:
+        qc = quantization_config
+        bits, group_size, sym = qc.get("bits"), qc.get("group_size", -1), bool(qc.get("sym", True))
+        if bits not in (2, 3, 4, 8) or not isinstance(group_size, int) or not (group_size > 0 or group_size == -1):
+            raise QuantkitError(f"gptq quantization_config: bits={bits!r} group_size={group_size!r} are not a gptq "
+                                f"scheme (bits 2, 3, 4 or 8; group_size positive or -1): fix config.json")
+        # v1 stores z - 1; gptqmodel's v2 stores z.
+        zero_offset = 0 if qc.get("checkpoint_format", qc.get("format")) == "gptq_v2" else 1
+        check_known(name, tensors, TENSORS)
+        w = self._affine(name, tensors, bits, group_size, sym, zero_offset)
+        n = w.shape[0]
+        bias = check_tensor(name, "bias", tensors, (n,), FLOAT_DTYPES) if "bias" in tensors else None
+        return AffineLinear(w, bias, dtype=dtype)
+
+    @staticmethod
+    def _affine(name: str, tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
+                zero_offset: int) -> AffineWeight:
+        if "qweight" not in tensors or tensors["qweight"].dim() != 2:
+            raise QuantkitError(f"{name}.qweight: missing or not 2-D: re-export the model")
+        n = tensors["qweight"].shape[1]
+        # K: from g_idx, which AutoGPTQ always writes; else from qweight, exact when K*b is a multiple of 32.
+        k = tensors["g_idx"].numel() if "g_idx" in tensors else tensors["qweight"].shape[0] * 32 // bits
+        group_size = k if group_size == -1 else group_size
+        g = -(-k // group_size)
+        qweight = check_tensor(name, "qweight", tensors, (packed_size(k, bits), n), (torch.int32,))
+        qzeros = check_tensor(name, "qzeros", tensors, (g, packed_size(n, bits)), (torch.int32,))
+        scales = check_tensor(name, "scales", tensors, (g, n), FLOAT_DTYPES)
+        g_idx = check_g_idx(name, "g_idx", tensors, k, g) if "g_idx" in tensors else None
+        mask = 2**bits - 1
+        zero = (unpack(qzeros, bits, n, dim=1).to(torch.int32) + zero_offset) & mask  # (G, N)
+        return AffineWeight(q=unpack(qweight, bits, k, dim=0).t().contiguous(), scale=scales.t().contiguous(),
+                            zero=zero.t().contiguous(), bits=bits, group_size=group_size, symmetric=sym,
+                            g_idx=None if trivial_g_idx(g_idx, group_size) else g_idx)

@@ -1,0 +1,102 @@
+"""The registry: configs validate and round-trip to JSON, lookup by type and name, third-party plugins."""
+
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from quantkit.backends import BACKENDS, QuantConfig, Recipe, quantize
+from quantkit.backends.int4 import Int4Config
+from quantkit.backends.registry import Registry
+from quantkit.backends.rtn import RTNConfig
+from quantkit.errors import QuantkitError
+from tests.conftest import random_model, tiny_config
+
+CONFIGS = [Int4Config(), Int4Config(group_size=32), RTNConfig(), RTNConfig(bits=3, group_size=-1, symmetric=True)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
+def test_config_json_round_trip(config):
+    import json
+
+    assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Int4Config(group_size=48), "--group-size 48 is not supported"),
+    (lambda: RTNConfig(bits=5), "--bits 5 is not supported"),
+    (lambda: RTNConfig(group_size=0), "--group-size 0 must be positive"),
+    (lambda: QuantConfig.from_dict({"method": "int4", "bits": 4}), "unknown option"),
+    (lambda: QuantConfig.from_dict({"method": "int3"}), "unknown method 'int3': known methods are int4, rtn"),
+])
+def test_bad_configs(make, message):
+    with pytest.raises(QuantkitError, match=message):
+        make()
+
+
+def test_lookup_by_type_and_name():
+    assert BACKENDS.for_config(Int4Config()).name == "int4"
+    assert BACKENDS.get("rtn").config_cls is RTNConfig
+    assert not BACKENDS.get("int4").needs_calibration
+
+
+def test_quantize_dispatches_and_respects_ignore_and_recipes():
+    model = random_model(tiny_config(hidden_size=128, intermediate_size=256))
+    recipe = Recipe(default=Int4Config(32), rules=[(r"mlp\.down_proj$", RTNConfig(8, -1))], ignore=[r"layers\.1\."])
+    quantize(model, recipe)
+    layer0, layer1 = model.model.layers
+    assert layer0.self_attn.q_proj.quant_config == Int4Config(32)
+    assert layer0.mlp.down_proj.bits == 8
+    assert type(layer1.mlp.up_proj) is nn.Linear and type(model.lm_head) is nn.Linear
+    with pytest.raises(QuantkitError, match="already quantized"):  # layer 0 has no plain linear left
+        quantize(model.model.layers[0], Int4Config(32), prefix="model.layers.0.")
+
+
+def test_missing_package_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(QuantkitError, match="method int4 is not usable here: needs torchao: pip install torchao"):
+        quantize(random_model(tiny_config()), Int4Config(32))
+
+
+def test_third_party_plugin_through_entry_points(tmp_path, monkeypatch):
+    """A toy package installed (a dist-info on sys.path) registers `toy` through `quantkit.backends`."""
+    (tmp_path / "toy_quant.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        import torch
+        from torch import nn
+        from quantkit.backends.registry import QuantConfig
+
+        @dataclass
+        class ToyConfig(QuantConfig):
+            scale: float = 0.5
+
+        class Halved(nn.Module):
+            def __init__(self, linear, scale):
+                super().__init__()
+                self.register_buffer("weight", linear.weight.data * scale)
+            def forward(self, x):
+                return x @ self.weight.T
+
+        def register(registry):
+            @registry.register("toy", ToyConfig, description="halves weights")
+            def handle(linear, config, name):
+                return Halved(linear, config.scale)
+    '''))
+    dist = tmp_path / "toy_quant-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-quant\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[quantkit.backends]\ntoy = toy_quant:register\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry()
+    backend = registry.get("toy")
+    assert backend.description == "halves weights" and backend.unusable_reason() is None
+    config = backend.config_cls(scale=0.25)
+    linear = nn.Linear(8, 4, bias=False)
+    module = backend.handler(linear, config, "x")
+    torch.testing.assert_close(module(torch.ones(1, 8)), linear(torch.ones(1, 8)) * 0.25)
+    sys.modules.pop("toy_quant", None)

@@ -1,0 +1,53 @@
+"""AffineLinear: the int4 kernel path against dequantize-then-matmul."""
+
+import pytest
+import torch
+
+from quantkit.affine import AffineWeight, quantize_weight
+from quantkit.modules import AffineLinear
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to max |y|
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("shape", [(64, 256), (256, 512)])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_int4_kernel_equals_dequantize_matmul(dtype, group_size, shape, batch):
+    torch.manual_seed(0)
+    w = quantize_weight(torch.randn(shape, dtype=dtype) * 0.02, 4, group_size, symmetric=False)
+    m = AffineLinear(w, dtype=dtype)
+    assert m.use_int4_kernel
+    x = torch.randn(batch, 3, shape[1], dtype=dtype)
+    ref = x.float() @ w.dequantize().float().T
+    y = m(x)
+    assert y.dtype == dtype and y.shape == (batch, 3, shape[0])
+    assert (y.float() - ref).abs().max() <= TOLERANCE[dtype] * ref.abs().max()
+
+
+def test_act_order_runs_on_the_kernel_by_permuting_the_input():
+    torch.manual_seed(0)
+    base = quantize_weight(torch.randn(64, 256), 4, 32, symmetric=False)
+    perm = torch.randperm(256)
+    g_idx = (torch.arange(256) // 32)[perm].int()  # what act-order leaves: groups scattered over columns
+    w = AffineWeight(q=base.q[:, perm], scale=base.scale, zero=base.zero, bits=4, group_size=32, symmetric=False,
+                     g_idx=g_idx)
+    m = AffineLinear(w, dtype=torch.float32)
+    assert m.use_int4_kernel
+    x = torch.randn(5, 256)
+    torch.testing.assert_close(m(x), x @ w.dequantize().T, atol=1e-4, rtol=1e-4)  # fp32 summation order
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_other_widths_dequantize(bits):
+    w = quantize_weight(torch.randn(32, 128), bits, 64, symmetric=True)
+    m = AffineLinear(w, bias=torch.randn(32), dtype=torch.float32)
+    assert not m.use_int4_kernel
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(m(x), x @ w.dequantize().T + m.bias)
+
+
+def test_portable_state_round_trips():
+    w = quantize_weight(torch.randn(48, 128), 3, 32, symmetric=False)
+    back = AffineLinear(w, dtype=torch.float32).affine_weight()
+    assert torch.equal(back.q, w.q) and torch.equal(back.zero, w.zero) and torch.equal(back.scale, w.scale)

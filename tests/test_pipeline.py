@@ -1,0 +1,163 @@
+"""Streaming quantization and export: round trips for every valid method x format x options, bad input."""
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import quantkit
+from quantkit.backends import QuantConfig, Recipe, quantize
+from quantkit.backends.int4 import Int4Config
+from quantkit.backends.rtn import RTNConfig
+from quantkit.errors import QuantkitError
+from quantkit.export import save_quantized
+from quantkit.model import save_model
+from quantkit.pipeline import quantize_checkpoint
+from tests.conftest import random_model, tiny_config
+
+SHAPES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+AFFINE_CASES = ([Int4Config(g) for g in (32, 64, 128)]
+                + [RTNConfig(b, g, s) for b in (2, 3, 4, 8) for g in (32, 128, -1) for s in (False, True)])
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer_file):
+    out = tmp_path / "src"
+    save_model(random_model(tiny_config(**SHAPES)), out, tokenizer_dir=tokenizer_file.parent, dtype="fp16")
+    return out
+
+
+def in_memory(model_dir, config):
+    return quantize(quantkit.load(model_dir), config)
+
+
+IDS = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("config", AFFINE_CASES, ids=lambda c: c.describe())
+def test_quantize_save_load_same_logits(model_dir, tmp_path, config, fmt):
+    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", format=fmt, progress=False)
+    reloaded = quantkit.load(tmp_path / "q")  # no flags: everything is in config.json
+    expected = in_memory(model_dir, config)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS), expected(IDS))
+    assert summary.format == fmt and summary.bytes_after < summary.bytes_before
+    bits = config.bits
+    assert bits < summary.bits_per_weight < bits + 1.5  # scales and zeros cost a little more
+
+
+BNB_CASES = ["bnb-int8", "bnb-nf4", "bnb-fp4"]
+
+
+@pytest.mark.parametrize("options", [{}, {"double_quant": False, "blocksize": 128}], ids=["default", "no-dq-128"])
+@pytest.mark.parametrize("method", BNB_CASES)
+def test_bnb_quantize_save_load_same_logits(model_dir, tmp_path, method, options):
+    if method == "bnb-int8":
+        options = {"threshold": 0.0} if options else {}
+    config = QuantConfig.from_dict({"method": method, **options})
+    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", progress=False)
+    assert summary.format == "bnb"
+    with torch.no_grad():
+        assert torch.equal(quantkit.load(tmp_path / "q")(IDS), in_memory(model_dir, config)(IDS))
+
+
+def test_streamed_and_in_memory_exports_are_identical(model_dir, tmp_path):
+    config = Recipe(Int4Config(32), rules=[(r"down_proj$", RTNConfig(8, -1))], ignore=[r"layers\.1\.self_attn"])
+    quantize_checkpoint(model_dir, config, tmp_path / "streamed", progress=False)
+    save_quantized(in_memory(model_dir, config), tmp_path / "memory")
+    from tests.model.test_checkpoint import file_tensors
+
+    a, b = file_tensors(tmp_path / "streamed"), file_tensors(tmp_path / "memory")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert cfg["quantkit"]["recipe"] == config.to_dict()
+    assert (tmp_path / "streamed" / "tokenizer.model").exists()
+    reloaded = quantkit.load(tmp_path / "streamed")
+    assert type(reloaded.model.layers[1].self_attn.q_proj) is torch.nn.Linear  # ignored stays full precision
+    assert reloaded.model.layers[0].mlp.down_proj.bits == 8
+
+
+def test_sharded_output(model_dir, tmp_path):
+    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", max_shard_size="200KB", progress=False)
+    assert len(list((tmp_path / "q").glob("model-*-of-*.safetensors"))) > 1
+    assert (tmp_path / "q" / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert torch.equal(quantkit.load(tmp_path / "q")(IDS), in_memory(model_dir, Int4Config(32))(IDS))
+
+
+def test_one_layer_in_memory_at_a_time(model_dir, tmp_path, monkeypatch):
+    from quantkit.model.checkpoint import Checkpoint
+
+    alive, most = [], [0]
+    original = Checkpoint.layer_module
+
+    def tracked(self, index, dtype=None):
+        gc.collect()
+        live = [r for r in alive if r() is not None]
+        most[0] = max(most[0], len(live))
+        layer = original(self, index, dtype)
+        alive.append(weakref.ref(layer))
+        return layer
+
+    monkeypatch.setattr(Checkpoint, "layer_module", tracked)
+    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+    assert len(alive) == 2 and most[0] == 0  # when a layer is read, the previous one is gone
+
+
+def test_generate_and_perplexity_on_a_quantized_directory(model_dir, tmp_path):
+    from eval import perplexity
+
+    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+    model, tok = quantkit.load(tmp_path / "q"), quantkit.load_tokenizer(tmp_path / "q")
+    out = quantkit.generate(model, [tok.encode("Hello")], quantkit.SamplingConfig(max_new_tokens=4))
+    assert len(out[0]) == 4
+    assert perplexity(model, tok, "some text to score " * 20, seq_len=32, progress=False).ppl > 1
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def test_output_exists_is_refused_and_untouched(model_dir, tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "mine.txt").write_text("keep")
+    with pytest.raises(QuantkitError, match="already exists.*--force"):
+        quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+    assert (tmp_path / "q" / "mine.txt").read_text() == "keep"
+    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", overwrite=True, progress=False)
+    assert not (tmp_path / "q" / "mine.txt").exists()
+
+
+def test_already_quantized_source(model_dir, tmp_path):
+    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+    with pytest.raises(QuantkitError, match="already quantized"):
+        quantize_checkpoint(tmp_path / "q", Int4Config(32), tmp_path / "qq", progress=False)
+
+
+def test_nan_weight_names_the_tensor_and_writes_nothing(model_dir, tmp_path):
+    from tests.model.test_checkpoint import file_tensors
+
+    tensors = file_tensors(model_dir)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, model_dir / "model.safetensors")
+    with pytest.raises(QuantkitError, match="model.layers.1.mlp.up_proj: contains NaN or Inf"):
+        quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
+
+
+def test_group_size_that_does_not_divide(model_dir, tmp_path):
+    with pytest.raises(QuantkitError, match="group size 96 does not divide in_features=128"):
+        quantize_checkpoint(model_dir, RTNConfig(4, 96), tmp_path / "q", progress=False)
+
+
+def test_format_that_cannot_hold_the_method(model_dir, tmp_path):
+    with pytest.raises(QuantkitError, match="--format bnb cannot hold method int4: use --format compressed-tensors, gptq"):
+        quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", format="bnb", progress=False)
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(QuantkitError, match="unknown method 'awq': known methods are int4, rtn"):
+        QuantConfig.from_dict({"method": "awq"})

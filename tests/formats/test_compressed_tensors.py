@@ -310,11 +310,11 @@ def test_targets_name_single_modules_exactly():
 # -- transformers interop -------------------------------------------------------------------------
 
 IDS = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(1))
-# Logits agree to fp32 rounding: the weights are bit-identical (checked first); what differs is fp32
-# accumulation order and tinygemm's (q - 8) * s + (8 - z) * s form of the 4-bit weights, ~1e-6 here.
-# 1e-4 is the repo's transformers-parity tolerance. (In this random model the std-1 embeddings dominate
-# the residual stream: one group off by one step moves the logits only ~2e-4, hence the weight check.)
-ATOL = 1e-4
+# The weights are bit-identical (checked first, and the real test: in this random model the std-1
+# embeddings dominate the residual stream, so one group off by one step moves the logits only ~2e-4).
+# The logits then agree to bf16 rounding: quantkit's int4 kernels compute in bf16 (modules.py), while
+# transformers runs the decompressed weights in fp32. Tolerance: bf16's epsilon relative to max |logit|.
+BF16_EPS = 2.0**-8
 
 
 def saved(tmp_path, recipe, seed=0):
@@ -323,14 +323,14 @@ def saved(tmp_path, recipe, seed=0):
 
 
 def assert_matches(hf: nn.Module, model: nn.Module):
-    """Every quantized linear's weight bit-identical, and the logits within ATOL."""
+    """Every quantized linear's weight bit-identical, and the logits within bf16 rounding."""
     with torch.no_grad():
         logits = hf(IDS).logits  # the first forward decompresses modules transformers kept compressed
         expected = model(IDS)
     for name, module in model.named_modules():
         if isinstance(module, AffineLinear):
             assert torch.equal(hf.get_submodule(name).weight, module.dequantize()), name
-    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+    assert (logits - expected).abs().max() <= BF16_EPS * expected.abs().max()
 
 
 def from_pretrained(path, **kwargs) -> nn.Module:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from quantkit.backends import BACKENDS, QuantConfig, Recipe, quantize
+from quantkit.backends import QuantConfig, Recipe, quantize, runnable_recipe
 from quantkit.errors import QuantkitError
 from quantkit.export import ExportRecord, choose_format, module_tensors, quantized_config_json, write_quantized_dir
 from quantkit.model.checkpoint import Checkpoint, atomic_output_dir
@@ -52,12 +52,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     if ckpt.quantization_config:
         raise QuantkitError(f"{ckpt.dir / 'config.json'}: the source is already quantized "
                             f"({ckpt.quantization_config.get('quant_method')}): start from the fp16/bf16 checkpoint")
-    recipe = Recipe.of(config, ignore)
-    for c in recipe.configs():
-        backend = BACKENDS.for_config(c)
-        backend.check_usable()
-        if backend.needs_calibration:
-            raise QuantkitError(f"method {backend.name} needs calibration data, which this pipeline does not take")
+    recipe = runnable_recipe(config, ignore)  # checked before any work
     fmt = choose_format(recipe.configs(), format)
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
     record = ExportRecord()

@@ -45,9 +45,14 @@ def test_group_size_must_divide():
         quantize_weight(torch.randn(4, 256), 4, 96, False, name="layer.w")
 
 
+@pytest.mark.parametrize("method", ["int4", "rtn", "bnb-nf4", "bnb-int8"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_or_inf_names_the_tensor(bad):
-    w = torch.randn(4, 64)
-    w[1, 3] = bad
+def test_nan_or_inf_names_the_tensor_for_every_backend(bad, method):
+    from quantkit.backends import QuantConfig, quantize
+    from tests.conftest import random_model, tiny_config
+
+    model = random_model(tiny_config(hidden_size=128, intermediate_size=256))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[1, 3] = bad
     with pytest.raises(QuantkitError, match="model.layers.0.mlp.up_proj: contains NaN or Inf"):
-        quantize_weight(w, 4, 32, False, name="model.layers.0.mlp.up_proj")
+        quantize(model, QuantConfig.from_dict({"method": method}))

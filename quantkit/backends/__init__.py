@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from quantkit.backends import int4, rtn, bnb  # noqa: F401  (importing registers the built-in backends)
@@ -15,18 +16,24 @@ from quantkit.walker import decoder_linears, set_module
 log = logging.getLogger(__name__)
 
 
+def runnable_recipe(config: QuantConfig | Recipe, ignore: tuple[str, ...] = ()) -> Recipe:
+    """The recipe for a config (or recipe) plus ignore patterns, once every backend in it is checked usable."""
+    recipe = Recipe.of(config, ignore)
+    for c in recipe.configs():
+        backend = BACKENDS.for_config(c)
+        backend.check_usable()
+        if backend.needs_calibration:
+            raise QuantkitError(f"method {backend.name} needs calibration data, which this entry point does not take")
+    return recipe
+
+
 def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, ...] = (), prefix: str = "") -> nn.Module:
     """Quantize `model`'s decoder linears in place by the config (or recipe) and return it.
 
     `prefix` is prepended to module names, for quantizing a single decoder layer that lives at
     `model.layers.N.` in the full model.
     """
-    recipe = Recipe.of(config, ignore)
-    for c in recipe.configs():
-        backend = BACKENDS.for_config(c)
-        backend.check_usable()
-        if backend.needs_calibration:
-            raise QuantkitError(f"method {backend.name} needs calibration data: use its own entry point")
+    recipe = runnable_recipe(config, ignore)
     targets = list(decoder_linears(model, prefix))
     if not targets:
         raise QuantkitError("nothing to quantize: the model has no full-precision decoder linears "
@@ -35,6 +42,8 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
         config_for = recipe.config_for(name)
         if config_for is None:
             continue
+        if not torch.isfinite(linear.weight).all():  # checked here once, for every backend
+            raise QuantkitError(f"{name}: contains NaN or Inf: the checkpoint is damaged; fix or re-download it")
         quantized = BACKENDS.for_config(config_for).handler(linear, config_for, name)
         quantized.quant_config = config_for  # exporters read it to write quantization_config
         set_module(model, name[len(prefix):], quantized)
@@ -43,4 +52,4 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
     return model
 
 
-__all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "quantize", "register_backend"]
+__all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "quantize", "register_backend", "runnable_recipe"]

@@ -7,7 +7,7 @@ import transformers
 
 from quantkit.errors import QuantkitError
 from quantkit.model import LlamaForCausalLM, SamplingConfig, generate
-from tests.conftest import random_model, tiny_config
+from tests.conftest import SHARED_MODEL, random_model, tiny_config
 
 VOCAB = 512
 CONFIGS = {
@@ -157,3 +157,22 @@ def test_meta_construction_allocates_nothing():
     with torch.device("meta"):
         model = LlamaForCausalLM(tiny_config())
     assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.skipif(not SHARED_MODEL.is_dir(), reason="../shared/models/tiny-llama2-mha is not present")
+def test_matches_transformers_on_the_shared_checkpoint():
+    """A checkpoint written by transformers 5 (its config dialect, its save_pretrained), both loaders."""
+    import quantkit
+
+    ours = quantkit.load(SHARED_MODEL, dtype="fp32")
+    hf = transformers.LlamaForCausalLM.from_pretrained(SHARED_MODEL, dtype=torch.float32).eval()
+    tok = quantkit.load_tokenizer(SHARED_MODEL)
+    ids = torch.tensor([tok.encode((SHARED_MODEL / "test.txt").read_text()[:3000])[:256]])
+    with torch.no_grad():
+        diff = (ours(ids) - hf(ids).logits).abs().max().item()
+        assert diff < 1e-4
+        prompt = torch.tensor([tok.encode("The list type")])
+        want = hf.generate(prompt, max_new_tokens=32, do_sample=False, attention_mask=torch.ones_like(prompt),
+                           pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    got = generate(ours, [prompt[0].tolist()], SamplingConfig(max_new_tokens=32), eos_id=tok.eos_id)[0]
+    assert got == want[: len(got)] and len(got) == len(want)

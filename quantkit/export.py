@@ -98,6 +98,12 @@ def quantized_config_json(config: LlamaConfig, fmt: QuantFormat, record: ExportR
     return d
 
 
+def shard_metadata(fmt: QuantFormat, recipe: dict[str, Any] | None) -> dict[str, str]:
+    """quantkit's record in every shard's safetensors metadata (string values only)."""
+    return {"quantkit_version": quantkit.__version__, "quantkit_format": fmt.name,
+            "quantkit_recipe": json.dumps(recipe)}
+
+
 def write_quantized_dir(tmp: Path, config_json: dict[str, Any], fmt: QuantFormat, tokenizer_dir):
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     for file_name, text in fmt.extra_files(config_json["quantization_config"]).items():
@@ -117,7 +123,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, format: str | N
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
     record = ExportRecord()
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_size, metadata={"quantkit_format": fmt.name})
+        writer = ShardWriter(tmp, max_shard_size, metadata=shard_metadata(fmt, recipe))
         for name, t in module_tensors(model, fmt, record, skip=skip):
             writer.add(name, t)
         writer.close()

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from quantkit.backends import QuantConfig, Recipe, quantize, runnable_recipe
 from quantkit.errors import QuantkitError
-from quantkit.export import ExportRecord, choose_format, module_tensors, quantized_config_json, write_quantized_dir
+from quantkit.export import (ExportRecord, choose_format, module_tensors, quantized_config_json, shard_metadata,
+                             write_quantized_dir)
 from quantkit.model.checkpoint import Checkpoint, atomic_output_dir
 from quantkit.model.config import parse_dtype
 from quantkit.model.shards import ShardWriter
@@ -57,7 +58,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
     record = ExportRecord()
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_size, metadata={"quantkit_format": fmt.name})
+        writer = ShardWriter(tmp, max_shard_size, metadata=shard_metadata(fmt, recipe.to_dict()))
         for name, t in ckpt.read(ckpt.non_layer_names(), dtype):
             record.n_params += t.numel()
             writer.add(name, t)

@@ -76,6 +76,10 @@ def test_streamed_and_in_memory_exports_are_identical(model_dir, tmp_path):
     cfg = json.loads((tmp_path / "streamed" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
     assert cfg["quantkit"]["recipe"] == config.to_dict()
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "streamed" / "model.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["quantkit_recipe"]) == config.to_dict()
     assert (tmp_path / "streamed" / "tokenizer.model").exists()
     reloaded = quantkit.load(tmp_path / "streamed")
     assert type(reloaded.model.layers[1].self_attn.q_proj) is torch.nn.Linear  # ignored stays full precision

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import quantkit.backends.bnb  # noqa: F401  (registers bnb-* until quantkit.backends imports it)
 from quantkit.backends import BACKENDS, QuantConfig, quantize
 from quantkit.backends.bnb import BnbFP4Config, BnbInt8Config, BnbNF4Config
 from quantkit.errors import QuantkitError

@@ -100,3 +100,18 @@ def test_third_party_plugin_through_entry_points(tmp_path, monkeypatch):
     module = backend.handler(linear, config, "x")
     torch.testing.assert_close(module(torch.ones(1, 8)), linear(torch.ones(1, 8)) * 0.25)
     sys.modules.pop("toy_quant", None)
+
+
+def test_gpu_only_backend_says_where_it_runs(monkeypatch):
+    from dataclasses import dataclass
+
+    @dataclass
+    class CudaOnlyConfig(QuantConfig):
+        pass
+
+    registry = Registry()
+    registry.register("cuda-only", CudaOnlyConfig, devices=("cuda",))(lambda linear, config, name: linear)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(QuantkitError, match="method cuda-only is not usable here: runs on cuda only, "
+                                            "and no GPU is available here"):
+        registry.get("cuda-only").check_usable()

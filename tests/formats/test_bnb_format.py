@@ -2,20 +2,22 @@
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+
 from bitsandbytes.utils import unpack_tensor_to_dict
 from torch import nn
 
-import quantkit.backends.bnb  # noqa: F401  (registers bnb-* until quantkit.backends imports it)
+import quantkit
 from quantkit.backends import quantize
 from quantkit.backends.bnb import BnbFP4Config, BnbInt8Config, BnbNF4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
+from quantkit.export import save_quantized
 from quantkit.formats import get_format
 from quantkit.formats.bnb import BnbFormat
+from quantkit.model import save_model
 from tests.backends.test_bnb import CONFIGS, SHAPES, quantize_linear, toy_linear
 from tests.conftest import random_model, tiny_config
 
@@ -203,28 +205,6 @@ def transformers_bnb(monkeypatch):
     return transformers
 
 
-def write_hf_dir(model: nn.Module, out: Path) -> Path:
-    """config.json + model.safetensors as quantkit exports them (the format's tensors, the rest as is)."""
-    from safetensors.torch import save_file
-
-    fmt = BnbFormat()
-    quantized = {name: m for name, m in model.named_modules() if hasattr(m, "quant_config")}
-    tensors = {}
-    for name, m in quantized.items():
-        tensors.update(fmt.export_module(name, m))
-    for name, m in model.named_modules():
-        if name not in quantized and not any(name.startswith(q + ".") for q in quantized):
-            for pname, p in m.named_parameters(prefix=name, recurse=False):
-                tensors[pname] = p.detach()
-    out.mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    config = model.config.to_hf_dict()
-    config["quantization_config"] = fmt.quantization_config({n: m.quant_config for n, m in quantized.items()},
-                                                            ["lm_head"])
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
-
-
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("config", ONE_OF_EACH, ids=lambda c: c.method)
 def test_transformers_loads_it_on_cpu_with_identical_logits(transformers_bnb, tmp_path, config, dtype):
@@ -235,10 +215,28 @@ def test_transformers_loads_it_on_cpu_with_identical_logits(transformers_bnb, tm
     quantize(model, config)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     ours = run(model, ids)  # run before exporting: the export must not depend on bitsandbytes' CPU repack
-    hf = transformers_bnb.AutoModelForCausalLM.from_pretrained(write_hf_dir(model, tmp_path / "q")).eval()
+    hf = transformers_bnb.AutoModelForCausalLM.from_pretrained(save_quantized(model, tmp_path / "q")).eval()
     bnb_cls = bnb.nn.Linear8bitLt if config.method == "bnb-int8" else bnb.nn.Linear4bit
     assert type(hf.model.layers[1].mlp.down_proj) is bnb_cls and type(hf.lm_head) is nn.Linear
     assert hf.dtype == getattr(torch, dtype)
     with torch.no_grad():
         theirs = hf(ids).logits
     assert torch.equal(theirs, ours)  # same modules, same kernels: exact
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_quantkit_loads_what_transformers_quantized_and_saved(transformers_bnb, tmp_path, kind):
+    """The other direction: transformers quantizes with its BitsAndBytesConfig and save_pretrained writes."""
+    fp = random_model(tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                  num_key_value_heads=2, torch_dtype="float16")).half()
+    save_model(fp, tmp_path / "fp16")
+    bnb_config = (transformers_bnb.BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else
+                  transformers_bnb.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                                      bnb_4bit_compute_dtype=torch.float16))
+    hf = transformers_bnb.AutoModelForCausalLM.from_pretrained(tmp_path / "fp16", quantization_config=bnb_config,
+                                                               dtype=torch.float16).eval()
+    hf.save_pretrained(tmp_path / "hf-bnb")
+    ours = quantkit.load(tmp_path / "hf-bnb")
+    ids = torch.randint(0, fp.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), hf(ids).logits)

@@ -80,8 +80,8 @@ class AffineLinear(nn.Module):
         q, scale, zero = w.q.to(torch.int32), w.scale, w.zero
         perm = None if w.g_idx is None else act_order_permutation(w.g_idx, self.group_size)
         if perm is not None:  # columns sorted by group: W[:, perm] has contiguous groups, x[..., perm] matches
-            q = q[:, perm]
-            scale, zero = scale[:, w.g_idx.long()[perm][:: self.group_size]], zero[:, w.g_idx.long()[perm][:: self.group_size]]
+            groups = w.g_idx.long()[perm][:: self.group_size]  # the group of each contiguous block, in order
+            q, scale, zero = q[:, perm], scale[:, groups], zero[:, groups]
         self.perm = perm
         if device.type == "cuda":
             self._build_cuda(q.to(device), scale.to(device), zero.to(device))

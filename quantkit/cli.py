@@ -97,6 +97,14 @@ def eval_command(model, dataset, seq_len, batch_size, dtype, as_json):
                    f"({result.n_windows} windows of {result.seq_len}) of {dataset}")
 
 
+FLAGS = {"desc_act": "--act-order", "damp_percent": "--damp", "symmetric": "--sym/--asym",
+         "double_quant": "--double-quant/--no-double-quant", "true_sequential": "--true-sequential/--no-true-sequential"}
+
+
+def flag(field_name: str) -> str:
+    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
 def build_config(method: str, options: dict):
     """A backend config from the method name and the method options the user gave on the command line."""
     import dataclasses
@@ -108,9 +116,8 @@ def build_config(method: str, options: dict):
     given = {k: v for k, v in options.items() if v is not None}
     wrong = sorted(set(given) - fields)
     if wrong:
-        flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
-        known = ", ".join("--" + f.replace("_", "-") for f in sorted(fields)) or "none"
-        raise click.UsageError(f"{flags} does not apply to --method {method} (its options: {known})")
+        known = ", ".join(flag(f) for f in sorted(fields) if f != "block_size") or "none"
+        raise click.UsageError(f"{', '.join(map(flag, wrong))} does not apply to --method {method} (its options: {known})")
     return cls(**given)
 
 
@@ -128,14 +135,26 @@ def build_config(method: str, options: dict):
 @click.option("--double-quant/--no-double-quant", default=None, help="Quantize the absmax too (bnb-nf4/fp4).")
 @click.option("--blocksize", type=int, help="Block size (bnb-nf4/fp4).")
 @click.option("--compute-dtype", type=DTYPE_CHOICE, help="Compute dtype (bnb-nf4/fp4).")
+@click.option("--act-order", "desc_act", is_flag=True, default=None, help="GPTQ: columns by decreasing Hessian diagonal.")
+@click.option("--static-groups", is_flag=True, default=None, help="GPTQ: qparams fixed per group before act-order.")
+@click.option("--damp", "damp_percent", type=float, help="GPTQ: dampening, fraction of the mean Hessian diagonal [0.01].")
+@click.option("--true-sequential/--no-true-sequential", default=None, help="GPTQ: q/k/v, o, gate/up, down in turn [on].")
+@click.option("--mse", is_flag=True, default=None, help="GPTQ: search each group's clipping range.")
+@click.option("--calib", help="Calibration data for GPTQ: wikitext2, c4, ptb, a text/jsonl/parquet/csv file, "
+              "a saved dataset directory, or a .pt/.safetensors token tensor.")
+@click.option("--n-samples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling the windows.")
+@click.option("--device", default="cpu", show_default=True, help="Where each layer is calibrated (cpu, cuda).")
 @click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
 @click.option("--dtype", type=DTYPE_CHOICE, default=None, help="dtype of what stays unquantized [default: the checkpoint's].")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, force, as_json, **options):
+def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, force, as_json, calib, n_samples,
+             seq_len, seed, device, **options):
     """Quantize MODEL layer by layer and write it to OUTPUT in an export format."""
-    from quantkit.backends import Recipe
+    from quantkit.backends import Recipe, needs_calibration
     from quantkit.pipeline import quantize_checkpoint
 
     if (method is None) == (recipe is None):
@@ -146,8 +165,12 @@ def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, 
         config = Recipe.from_file(recipe)
     else:
         config = build_config(method, options)
+    calibrated = needs_calibration(Recipe.of(config))
+    if calib is not None and not calibrated:
+        raise click.UsageError("--calib applies to calibrated methods (gptq) only")
     summary = quantize_checkpoint(model, config, output, format=fmt, ignore=tuple(ignore), dtype=dtype,
-                                  max_shard_size=max_shard_size, overwrite=force)
+                                  max_shard_size=max_shard_size, overwrite=force, calibration=calib,
+                                  n_samples=n_samples, seq_len=seq_len, seed=seed, device=device)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -156,6 +179,11 @@ def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, 
                f"{summary.bytes_before / mb:.1f} MB -> {summary.bytes_after / mb:.1f} MB "
                f"({summary.bytes_before / max(summary.bytes_after, 1):.2f}x smaller), "
                f"{summary.bits_per_weight:.2f} bits per quantized weight")
+    if summary.errors:
+        worst = max(summary.errors, key=lambda e: e["relative_error"] or 0)
+        click.echo(f"relative output error per linear: mean "
+                   f"{sum(e['relative_error'] or 0 for e in summary.errors) / len(summary.errors):.4f}, "
+                   f"worst {worst['relative_error']:.4f} ({worst['name']}); --json lists them all")
 
 
 @main.command()

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from quantkit.backends import QuantConfig, Recipe, quantize, runnable_recipe
+from quantkit.backends import QuantConfig, Recipe, needs_calibration, quantize, runnable_recipe
+from quantkit.calibrated import LayerCalibrator
 from quantkit.errors import QuantkitError
 from quantkit.export import (ExportRecord, choose_format, module_tensors, quantized_config_json, shard_metadata,
                              write_quantized_dir)
@@ -38,6 +39,7 @@ class QuantizeSummary:
     bytes_after: int  # everything written to the safetensors shards
     bits_per_weight: float  # stored bits per weight of the quantized linears (scales and zeros included)
     seconds: float
+    errors: list = field(default_factory=list)  # per calibrated linear: name, method, relative output error
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,25 +47,38 @@ class QuantizeSummary:
 
 def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, out_dir: str | os.PathLike,
                         format: str | None = None, ignore: tuple[str, ...] = (), dtype=None,
-                        max_shard_size: int | str = "5GB", overwrite: bool = False,
-                        progress: bool = True) -> QuantizeSummary:
-    """Quantize the checkpoint at `src` layer by layer into `out_dir` in an export format."""
+                        max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
+                        calibration=None, n_samples: int = 128, seq_len: int = 2048, seed: int = 0,
+                        batch_size: int = 8, device: str = "cpu") -> QuantizeSummary:
+    """Quantize the checkpoint at `src` layer by layer into `out_dir` in an export format.
+
+    Calibrated methods (gptq) need `calibration`: a LongTensor (n, seq_len) of token ids, or a
+    source for `calibrate.calibration_tokens` (wikitext2, c4, ptb, a file, a list of strings), sampled
+    into n_samples windows of seq_len with `seed`. `device` is where each layer is calibrated.
+    """
     start = time.perf_counter()
     ckpt = Checkpoint(src)
     if ckpt.quantization_config:
         raise QuantkitError(f"{ckpt.dir / 'config.json'}: the source is already quantized "
                             f"({ckpt.quantization_config.get('quant_method')}): start from the fp16/bf16 checkpoint")
-    recipe = runnable_recipe(config, ignore)  # checked before any work
+    recipe = runnable_recipe(config, ignore, calibrated=calibration is not None)  # checked before any work
     fmt = choose_format(recipe.configs(), format)
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
     record = ExportRecord()
+    calibrator = None
+    if needs_calibration(recipe):
+        tokens = calibration_tensor(calibration, ckpt, n_samples, seq_len, seed)
+        calibrator = LayerCalibrator(ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe,
+                                     batch_size, device, progress)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size, metadata=shard_metadata(fmt, recipe.to_dict()))
         for name, t in ckpt.read(ckpt.non_layer_names(), dtype):
             record.n_params += t.numel()
             writer.add(name, t)
         for index in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=not progress):
-            layer = quantize(ckpt.layer_module(index, dtype), recipe, prefix=f"model.layers.{index}.")
+            prefix = f"model.layers.{index}."
+            layer = ckpt.layer_module(index, dtype)
+            layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
             for name, t in module_tensors(layer, fmt, record, prefix=f"model.layers.{index}."):
                 writer.add(name, t)
             del layer  # the next layer replaces it: memory stays at one layer
@@ -73,4 +88,21 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     before = sum(torch.Size(s).numel() for s in ckpt.shapes.values()) * ckpt.default_dtype().itemsize
     return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe.to_dict(),
                            layers=ckpt.config.num_hidden_layers, bytes_before=before, bytes_after=writer.total_size,
-                           bits_per_weight=record.bits_per_weight(), seconds=time.perf_counter() - start)
+                           bits_per_weight=record.bits_per_weight(), seconds=time.perf_counter() - start,
+                           errors=[asdict(r) for r in calibrator.reports] if calibrator else [])
+
+
+def calibration_tensor(calibration, ckpt: Checkpoint, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Token ids (n, seq_len) from a tensor as is, or from a source through calibrate/."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise QuantkitError(f"calibration tensor must be integer token ids (n, seq_len), got "
+                                f"{calibration.dtype} {list(calibration.shape)}")
+        if int(calibration.max()) >= ckpt.config.vocab_size or int(calibration.min()) < 0:
+            raise QuantkitError(f"calibration tensor has token ids outside [0, {ckpt.config.vocab_size}): "
+                                f"it was made with another tokenizer")
+        return calibration.long()
+    from calibrate import calibration_tokens
+    from quantkit.model.tokenizer import Tokenizer
+
+    return calibration_tokens(calibration, Tokenizer(ckpt.dir), n_samples=n_samples, seq_len=seq_len, seed=seed)

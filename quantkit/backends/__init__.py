@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from quantkit.backends import int4, rtn, bnb  # noqa: F401  (importing registers the built-in backends)
+from quantkit.backends import int4, rtn, bnb, gptq  # noqa: F401  (importing registers the built-in backends)
 from quantkit.backends.registry import BACKENDS, Backend, QuantConfig, register_backend
 from quantkit.errors import QuantkitError
 from quantkit.backends.recipe import Recipe
@@ -16,15 +16,29 @@ from quantkit.walker import decoder_linears, set_module
 log = logging.getLogger(__name__)
 
 
-def runnable_recipe(config: QuantConfig | Recipe, ignore: tuple[str, ...] = ()) -> Recipe:
-    """The recipe for a config (or recipe) plus ignore patterns, once every backend in it is checked usable."""
+def runnable_recipe(config: QuantConfig | Recipe, ignore: tuple[str, ...] = (), calibrated: bool = False) -> Recipe:
+    """The recipe for a config (or recipe) plus ignore patterns, once every backend in it is checked usable.
+
+    calibrated: whether the caller feeds calibration data (else methods that need it are refused).
+    """
     recipe = Recipe.of(config, ignore)
     for c in recipe.configs():
         backend = BACKENDS.for_config(c)
         backend.check_usable()
-        if backend.needs_calibration:
-            raise QuantkitError(f"method {backend.name} needs calibration data, which this entry point does not take")
+        if backend.needs_calibration and not calibrated:
+            raise QuantkitError(f"method {backend.name} needs calibration data: pass --calib "
+                                f"(or calibration= to quantkit.quantize_checkpoint / quantize_calibrated)")
     return recipe
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    return any(BACKENDS.for_config(c).needs_calibration for c in recipe.configs())
+
+
+def check_finite(name: str, weight: torch.Tensor):
+    """Every backend's inputs pass here: a NaN or Inf weight is a damaged checkpoint, named."""
+    if not torch.isfinite(weight).all():
+        raise QuantkitError(f"{name}: contains NaN or Inf: the checkpoint is damaged; fix or re-download it")
 
 
 def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, ...] = (), prefix: str = "") -> nn.Module:
@@ -42,8 +56,7 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
         config_for = recipe.config_for(name)
         if config_for is None:
             continue
-        if not torch.isfinite(linear.weight).all():  # checked here once, for every backend
-            raise QuantkitError(f"{name}: contains NaN or Inf: the checkpoint is damaged; fix or re-download it")
+        check_finite(name, linear.weight)
         quantized = BACKENDS.for_config(config_for).handler(linear, config_for, name)
         quantized.quant_config = config_for  # exporters read it to write quantization_config
         set_module(model, name[len(prefix):], quantized)
@@ -52,4 +65,5 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
     return model
 
 
-__all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "quantize", "register_backend", "runnable_recipe"]
+__all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "check_finite", "needs_calibration", "quantize", "register_backend",
+           "runnable_recipe"]

@@ -44,6 +44,14 @@ def rope_inv_freq(config: LlamaConfig, seq_len: torch.Tensor, device) -> torch.T
     return inv_freq
 
 
+def rotary_embedding(config: LlamaConfig, positions: torch.Tensor, dtype):
+    """cos, sin (B, 1, T, D) for integer positions (B, T), computed in fp32 as transformers does."""
+    inv_freq = rope_inv_freq(config, positions.max() + 1, positions.device)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -197,11 +205,7 @@ class LlamaForCausalLM(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
 
     def rotary(self, positions: torch.Tensor, dtype):
-        """cos, sin (B, 1, T, D) for integer positions (B, T), computed in fp32 as transformers does."""
-        inv_freq = rope_inv_freq(self.config, positions.max() + 1, positions.device)
-        freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        return rotary_embedding(self.config, positions, dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -142,6 +142,9 @@ def build_config(method: str, options: dict):
 @click.option("--mse", is_flag=True, default=None, help="GPTQ: search each group's clipping range.")
 @click.option("--calib", help="Calibration data for GPTQ: wikitext2, c4, ptb, a text/jsonl/parquet/csv file, "
               "a saved dataset directory, or a .pt/.safetensors token tensor.")
+@click.option("--calib-mode", type=click.Choice(["random", "document"]), default=None,
+              help="Windows at random offsets of the joined text (GPTQ; default) or one per document (c4's default).")
+@click.option("--calib-field", default="text", show_default=True, help="Text field of .jsonl/.parquet/.csv sources.")
 @click.option("--n-samples", default=128, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, help="Seed for sampling the windows.")
@@ -151,8 +154,8 @@ def build_config(method: str, options: dict):
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, force, as_json, calib, n_samples,
-             seq_len, seed, device, **options):
+def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, force, as_json, calib, calib_mode,
+             calib_field, n_samples, seq_len, seed, device, **options):
     """Quantize MODEL layer by layer and write it to OUTPUT in an export format."""
     from quantkit.backends import Recipe, needs_calibration
     from quantkit.pipeline import quantize_checkpoint
@@ -170,7 +173,8 @@ def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, 
         raise click.UsageError("--calib applies to calibrated methods (gptq) only")
     summary = quantize_checkpoint(model, config, output, format=fmt, ignore=tuple(ignore), dtype=dtype,
                                   max_shard_size=max_shard_size, overwrite=force, calibration=calib,
-                                  n_samples=n_samples, seq_len=seq_len, seed=seed, device=device)
+                                  n_samples=n_samples, seq_len=seq_len, seed=seed, calib_mode=calib_mode,
+                                  calib_field=calib_field, device=device)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return

@@ -49,12 +49,14 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
                         format: str | None = None, ignore: tuple[str, ...] = (), dtype=None,
                         max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
                         calibration=None, n_samples: int = 128, seq_len: int = 2048, seed: int = 0,
-                        batch_size: int = 8, device: str = "cpu") -> QuantizeSummary:
+                        calib_mode: str | None = None, calib_field: str = "text", batch_size: int = 8,
+                        device: str = "cpu") -> QuantizeSummary:
     """Quantize the checkpoint at `src` layer by layer into `out_dir` in an export format.
 
     Calibrated methods (gptq) need `calibration`: a LongTensor (n, seq_len) of token ids, or a
     source for `calibrate.calibration_tokens` (wikitext2, c4, ptb, a file, a list of strings), sampled
-    into n_samples windows of seq_len with `seed`. `device` is where each layer is calibrated.
+    into n_samples windows of seq_len with `seed` (`calib_mode`, `calib_field`: see calibrate/).
+    `device` is where each layer is calibrated.
     """
     start = time.perf_counter()
     ckpt = Checkpoint(src)
@@ -67,7 +69,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     record = ExportRecord()
     calibrator = None
     if needs_calibration(recipe):
-        tokens = calibration_tensor(calibration, ckpt, n_samples, seq_len, seed)
+        tokens = calibration_tensor(calibration, ckpt, n_samples, seq_len, seed, calib_mode, calib_field)
         calibrator = LayerCalibrator(ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe,
                                      batch_size, device, progress)
     with atomic_output_dir(out_dir, overwrite) as tmp:
@@ -92,17 +94,15 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
                            errors=[asdict(r) for r in calibrator.reports] if calibrator else [])
 
 
-def calibration_tensor(calibration, ckpt: Checkpoint, n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Token ids (n, seq_len) from a tensor as is, or from a source through calibrate/."""
-    if isinstance(calibration, torch.Tensor):
-        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-            raise QuantkitError(f"calibration tensor must be integer token ids (n, seq_len), got "
-                                f"{calibration.dtype} {list(calibration.shape)}")
-        if int(calibration.max()) >= ckpt.config.vocab_size or int(calibration.min()) < 0:
-            raise QuantkitError(f"calibration tensor has token ids outside [0, {ckpt.config.vocab_size}): "
-                                f"it was made with another tokenizer")
-        return calibration.long()
+def calibration_tensor(calibration, ckpt: Checkpoint, n_samples: int, seq_len: int, seed: int,
+                       mode: str | None = None, text_field: str = "text") -> torch.Tensor:
+    """Token ids (n, seq_len): a tensor is used as is (after calibrate's checks); a source is sampled."""
     from calibrate import calibration_tokens
+    from calibrate.sources import check_token_tensor
     from quantkit.model.tokenizer import Tokenizer
 
-    return calibration_tokens(calibration, Tokenizer(ckpt.dir), n_samples=n_samples, seq_len=seq_len, seed=seed)
+    if isinstance(calibration, torch.Tensor):
+        check_token_tensor(calibration, ckpt.config.vocab_size, "calibration tensor")
+        return calibration.long()
+    return calibration_tokens(calibration, Tokenizer(ckpt.dir), n_samples=n_samples, seq_len=seq_len, seed=seed,
+                              mode=mode, text_field=text_field)

@@ -88,9 +88,9 @@ def test_gptq_without_calibration(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("tokens, message", [
-    (torch.randint(0, 10, (4,)), "integer token ids \\(n, seq_len\\)"),
-    (torch.rand(4, 8), "integer token ids"),
-    (torch.full((2, 8), 5000), "outside \\[0, 4096\\)"),
+    (torch.randint(0, 10, (4,)), "must be 2-D \\[n_samples, seq_len\\]"),
+    (torch.rand(4, 8), "must be integers"),
+    (torch.full((2, 8), 5000), "token id 5000 is outside the tokenizer's vocabulary \\[0, 4096\\)"),
 ])
 def test_bad_calibration_tensor(model_dir, tmp_path, tokens, message):
     with pytest.raises(QuantkitError, match=message):

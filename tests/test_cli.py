@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from quantkit.cli import main
 from quantkit.model import save_model
-from tests.conftest import random_model, tiny_config
+from tests.conftest import REPO, random_model, tiny_config
 
 
 def run(*args):
@@ -154,3 +154,34 @@ def test_cli_quantize_unsupported_bits(kernel_model_dir, tmp_path):
 def test_cli_quantize_option_for_another_method(kernel_model_dir, tmp_path):
     result = run("quantize", kernel_model_dir, "--method", "int4", "--bits", 8, "-o", tmp_path / "q")
     assert result.exit_code == 2 and "--bits does not apply to --method int4" in result.output
+
+
+def test_quantize_gptq_with_a_local_calibration_file(kernel_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    calib = tmp_path / "calib.txt"
+    calib.write_text((REPO / "demo" / "model" / "train.txt").read_text()[:60000])
+    result = run("quantize", kernel_model_dir, "--method", "gptq", "--bits", 4, "--group-size", 32, "--act-order",
+                 "--calib", calib, "--n-samples", 4, "--seq-len", 64, "-o", tmp_path / "q", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["format"] == "gptq" and len(summary["errors"]) == 14
+    assert all(0 < e["relative_error"] < 1 for e in summary["errors"])
+    assert run("generate", tmp_path / "q", "Hi", "--max-new-tokens", 3).exit_code == 0
+
+
+def test_cli_gptq_without_calibration(kernel_model_dir, tmp_path):
+    assert_one_line_error(run("quantize", kernel_model_dir, "--method", "gptq", "-o", tmp_path / "q"),
+                          "needs calibration data: pass --calib")
+
+
+def test_cli_gptq_offline_hub_dataset(kernel_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    result = run("quantize", kernel_model_dir, "--method", "gptq", "--calib", "wikitext2", "-o", tmp_path / "q")
+    assert_one_line_error(result, "wikitext2", "pass a local file")
+    assert not (tmp_path / "q").exists()

@@ -71,14 +71,20 @@ def group_qparams(w: torch.Tensor, bits: int, symmetric: bool, mse: bool):
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "weight", max_tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; dampening grows 10x on failure."""
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; dampening grows 10x on failure.
+
+    H is dampened in place (callers pass their own copy): at 70B's down_proj (K = 28672) each
+    fp32 K x K matrix is 3.3 GB, so intermediates are freed as soon as they are used.
+    """
     mean_diag = torch.mean(torch.diag(H)).item()
-    for attempt in range(max_tries):
-        damped = H.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
+    added = 0.0
+    for _ in range(max_tries):
+        H.diagonal().add_(damp * mean_diag - added)
+        added = damp * mean_diag
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
                 return U
@@ -103,9 +109,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     N, K = W.shape
     g = resolve_group_size(group_size, K, name)
     maxq = 2**bits - 1
-    W0 = W.float()
+    W0, H0 = W.float(), H.float()  # the caller's: the output error is measured against them
     W = W0.clone()
-    H = H.float().clone()
+    H = H0.clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, choose 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -114,8 +120,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     static = [group_qparams(W[:, c:c + g], bits, symmetric, mse) for c in range(0, K, g)] if static_groups else None
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = inverse_hessian_cholesky(H, damp, name)
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_hessian_cholesky(H, damp, name)  # dampens our copy of H in place
+    del H
 
     Q = torch.zeros(N, K, dtype=torch.uint8, device=W.device)  # grid values, permuted order
     groups: list[tuple[torch.Tensor, torch.Tensor]] = []  # qparams (N, 1) of each group as it is reached
@@ -146,9 +154,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of everything after the block
 
-    weight = _affine_weight(Q[:, torch.argsort(perm)], static or groups, perm, bits, g, symmetric,
+    del Hinv, W
+    weight = _affine_weight(Q[:, torch.argsort(perm)] if act_order else Q, static or groups, perm, bits, g, symmetric,
                             scattered=act_order and not static_groups)
-    return GPTQResult(weight, losses.sum().item(), _relative_error(W0, weight.dequantize(torch.float32), H, perm))
+    return GPTQResult(weight, losses.sum().item(), _relative_error(W0, weight.dequantize(torch.float32), H0))
 
 
 def _affine_weight(q, groups, perm, bits, g, symmetric, scattered: bool) -> AffineWeight:
@@ -166,10 +175,9 @@ def _affine_weight(q, groups, perm, bits, g, symmetric, scattered: bool) -> Affi
     return AffineWeight(q=q, scale=scale, zero=zero, bits=bits, group_size=g, symmetric=symmetric, g_idx=g_idx)
 
 
-def _relative_error(W: torch.Tensor, Wq: torch.Tensor, H_perm: torch.Tensor, perm: torch.Tensor) -> float:
-    H = torch.empty_like(H_perm)
-    H[perm[:, None], perm[None, :]] = H_perm  # back to the original column order
+def _relative_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """sqrt(tr(dW H dW^T) / tr(W H W^T)) = ||(W - Q) X|| / ||W X||, with H = 2 X X^T / n as given."""
     dW = Wq - W
-    num = torch.einsum("nk,kl,nl->", dW, H, dW).clamp(min=0).item()
-    den = torch.einsum("nk,kl,nl->", W, H, W).item()
+    num = ((dW @ H) * dW).sum().clamp(min=0).item()
+    den = ((W @ H) * W).sum().item()
     return math.sqrt(num / den) if den > 0 else 0.0

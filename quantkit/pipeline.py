@@ -98,11 +98,15 @@ def calibration_tensor(calibration, ckpt: Checkpoint, n_samples: int, seq_len: i
                        mode: str | None = None, text_field: str = "text") -> torch.Tensor:
     """Token ids (n, seq_len): a tensor is used as is (after calibrate's checks); a source is sampled."""
     from calibrate import calibration_tokens
-    from calibrate.sources import check_token_tensor
+    from calibrate.sampling import ready_windows
+    from calibrate.sources import check_token_tensor, is_token_source, load_tokens
     from quantkit.model.tokenizer import Tokenizer
 
     if isinstance(calibration, torch.Tensor):
         check_token_tensor(calibration, ckpt.config.vocab_size, "calibration tensor")
         return calibration.long()
+    if is_token_source(calibration):  # a .pt/.safetensors of token ids: no tokenizer needed
+        tokens, name = load_tokens(calibration)
+        return ready_windows(tokens, name, ckpt.config.vocab_size, n_samples, seq_len)
     return calibration_tokens(calibration, Tokenizer(ckpt.dir), n_samples=n_samples, seq_len=seq_len, seed=seed,
                               mode=mode, text_field=text_field)

@@ -106,3 +106,11 @@ def test_bad_calibration_tensor(model_dir, tmp_path, tokens, message):
 def test_bad_gptq_options(make, message):
     with pytest.raises(QuantkitError, match=message):
         make()
+
+
+def test_token_file_needs_no_tokenizer(model_dir, tmp_path):
+    (model_dir / "tokenizer.model").unlink()
+    torch.save(TOKENS, tmp_path / "tokens.pt")
+    summary = quantize_checkpoint(model_dir, GPTQConfig(4, 32), tmp_path / "q", calibration=str(tmp_path / "tokens.pt"),
+                                  n_samples=8, seq_len=32, progress=False)
+    assert len(summary.errors) == 14

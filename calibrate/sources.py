@@ -271,6 +271,13 @@ def _corpus_from_hub(key: str) -> Corpus:
     except _hub_errors() as e:
         raise QuantkitError(f"calibration source {key} needs the Hugging Face hub, which is unreachable "
                             f"({type(e).__name__}: {e}): pass a local file instead, e.g. --calib path/to/text.txt") from e
+    except RuntimeError as e:
+        if "scripts are no longer supported" not in str(e):
+            raise
+        # ptb_text_only is a script dataset, which datasets >= 4 refuses to run.
+        raise QuantkitError(f"calibration source {key} ({spec.path}) is a script dataset that datasets "
+                            f"{datasets.__version__} no longer runs: save its text to a local file and pass "
+                            f"that instead, e.g. --calib ptb.txt") from e
     details = {"hub": spec.path, "config": spec.config, "split": spec.split, "data_files": spec.data_files}
     return _corpus_from_dataset(ds, spec.field, key, spec.joiner, spec.mode, details)
 

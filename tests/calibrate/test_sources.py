@@ -329,3 +329,12 @@ def test_unreadable_token_files(tmp_path, tok):
         calibration_tokens(tmp_path / "junk.pt", tok, n_samples=1, seq_len=16)
     with pytest.raises(QuantkitError, match=r"junk.safetensors: not a readable safetensors file"):
         calibration_tokens(tmp_path / "junk.safetensors", tok, n_samples=1, seq_len=16)
+
+
+def test_script_dataset_refused_by_datasets_is_a_clear_error(monkeypatch, tokenizer_file):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Dataset scripts are no longer supported, but found ptb_text_only.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    with pytest.raises(QuantkitError, match="calibration source ptb .*script dataset.*pass that instead"):
+        calibration_tokens("ptb", quantkit.load_tokenizer(tokenizer_file.parent), n_samples=2, seq_len=16)

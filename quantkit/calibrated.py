@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantkit.backends import BACKENDS, Recipe, check_finite
+from quantkit.backends import BACKENDS, Recipe, replace_linear
 from quantkit.gptq import HessianAccumulator
 from quantkit.model.config import LlamaConfig
 from quantkit.model.llama import rotary_embedding
-from quantkit.walker import set_module
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +76,11 @@ class LayerCalibrator:
         finally:
             for hook in hooks:
                 hook.remove()
-        for n, linear in targets.items():
-            full = prefix + n
-            check_finite(full, linear.weight)
-            config = self.recipe.config_for(full)
-            backend = BACKENDS.for_config(config)
+        for n in targets:
+            config = self.recipe.config_for(prefix + n)
             extra = {"hessian": hessians[n].H} if n in hessians else {}
-            module = backend.handler(linear, config, full, **extra)
-            module.quant_config = config
-            set_module(layer, n, module)
-            self.reports.append(LinearReport(full, backend.name, getattr(module, "quant_error", None)))
+            module = replace_linear(layer, n, prefix + n, config, **extra)
+            self.reports.append(LinearReport(prefix + n, config.method, getattr(module, "quant_error", None)))
 
 
 def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: tuple[str, ...] = (),

@@ -48,7 +48,6 @@ class ExportRecord:
     ignored: list[str] = field(default_factory=list)  # linears kept in full precision
     quantized_weights: int = 0  # parameters of the quantized linears
     quantized_bytes: int = 0  # bytes of their stored tensors
-    n_params: int = 0  # parameters of the full-precision model
 
     def bits_per_weight(self) -> float:
         return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
@@ -67,7 +66,6 @@ def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, pr
         record.configs[prefix + name] = m.quant_config
         record.quantized_weights += m.out_features * m.in_features
         record.quantized_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        record.n_params += m.out_features * m.in_features
         yield from tensors.items()
     skip = set(skip)
     for name, m in module.named_modules():
@@ -78,7 +76,6 @@ def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, pr
         for tensor_name, t in _own_tensors(m):
             full = f"{name}.{tensor_name}" if name else tensor_name
             if full not in skip and t is not None:
-                record.n_params += t.numel() if t.is_floating_point() else 0
                 yield prefix + full, t.detach()
 
 

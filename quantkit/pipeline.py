@@ -67,28 +67,28 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     fmt = choose_format(recipe.configs(), format)
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
     record = ExportRecord()
+    recipe_dict = recipe.to_dict()
     calibrator = None
     if needs_calibration(recipe):
         tokens = calibration_tensor(calibration, ckpt, n_samples, seq_len, seed, calib_mode, calib_field)
         calibrator = LayerCalibrator(ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe,
                                      batch_size, device, progress)
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_size, metadata=shard_metadata(fmt, recipe.to_dict()))
+        writer = ShardWriter(tmp, max_shard_size, metadata=shard_metadata(fmt, recipe_dict))
         for name, t in ckpt.read(ckpt.non_layer_names(), dtype):
-            record.n_params += t.numel()
             writer.add(name, t)
         for index in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=not progress):
             prefix = f"model.layers.{index}."
             layer = ckpt.layer_module(index, dtype)
             layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
-            for name, t in module_tensors(layer, fmt, record, prefix=f"model.layers.{index}."):
+            for name, t in module_tensors(layer, fmt, record, prefix=prefix):
                 writer.add(name, t)
             del layer  # the next layer replaces it: memory stays at one layer
         writer.close()
-        config_json = quantized_config_json(ckpt.config, fmt, record, recipe.to_dict(), dtype)
+        config_json = quantized_config_json(ckpt.config, fmt, record, recipe_dict, dtype)
         write_quantized_dir(tmp, config_json, fmt, ckpt.dir)
     before = sum(torch.Size(s).numel() for s in ckpt.shapes.values()) * ckpt.default_dtype().itemsize
-    return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe.to_dict(),
+    return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe_dict,
                            layers=ckpt.config.num_hidden_layers, bytes_before=before, bytes_after=writer.total_size,
                            bits_per_weight=record.bits_per_weight(), seconds=time.perf_counter() - start,
                            errors=[asdict(r) for r in calibrator.reports] if calibrator else [])

@@ -41,6 +41,21 @@ def check_finite(name: str, weight: torch.Tensor):
         raise QuantkitError(f"{name}: contains NaN or Inf: the checkpoint is damaged; fix or re-download it")
 
 
+def replace_linear(model: nn.Module, name: str, full_name: str, config: QuantConfig, **handler_kwargs) -> nn.Module:
+    """Swap the nn.Linear at `name` in `model` for its quantized module; `full_name` is its name in the full model.
+
+    The one place every backend's handler is called from: NaN/Inf check, handler, the config recorded
+    on the module (exporters read it to write quantization_config).
+    """
+    linear = model.get_submodule(name)
+    check_finite(full_name, linear.weight)
+    quantized = BACKENDS.for_config(config).handler(linear, config, full_name, **handler_kwargs)
+    quantized.quant_config = config
+    set_module(model, name, quantized)
+    log.debug("quantized %s with %s", full_name, config.describe())
+    return quantized
+
+
 def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, ...] = (), prefix: str = "") -> nn.Module:
     """Quantize `model`'s decoder linears in place by the config (or recipe) and return it.
 
@@ -52,18 +67,13 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
     if not targets:
         raise QuantkitError("nothing to quantize: the model has no full-precision decoder linears "
                             "(is it already quantized?)")
-    for name, linear in targets:
+    for name, _ in targets:
         config_for = recipe.config_for(name)
-        if config_for is None:
-            continue
-        check_finite(name, linear.weight)
-        quantized = BACKENDS.for_config(config_for).handler(linear, config_for, name)
-        quantized.quant_config = config_for  # exporters read it to write quantization_config
-        set_module(model, name[len(prefix):], quantized)
-        log.debug("quantized %s with %s", name, config_for.describe())
+        if config_for is not None:
+            replace_linear(model, name[len(prefix):], name, config_for)
     model.quant_recipe = recipe.to_dict()  # recorded in config.json by the exporters
     return model
 
 
 __all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "check_finite", "needs_calibration", "quantize", "register_backend",
-           "runnable_recipe"]
+           "replace_linear", "runnable_recipe"]

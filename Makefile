@@ -18,13 +18,18 @@ install: $(STAMP)
 
 QK := $(VENV)/bin/quantkit
 EVAL := --dataset $(DEMO)/test.txt --seq-len 256 --dtype fp32 --batch-size 8
+CALIB := --calib $(DEMO)/train.txt --n-samples 64 --seq-len 256
 
+# Generate, quantize four ways, generate again, then one table (and out/demo-report.html) comparing them.
 demo: $(STAMP)
 	$(QK) generate $(DEMO) "The list type" --max-new-tokens 40
 	$(QK) quantize $(DEMO) --method int4 --group-size 128 -o out/demo-int4 --force
+	$(QK) quantize $(DEMO) --method bnb-nf4 -o out/demo-nf4 --force
+	$(QK) quantize $(DEMO) --method rtn --bits 4 --group-size 128 --sym -o out/demo-rtn --force
+	$(QK) quantize $(DEMO) --method gptq --bits 4 --group-size 128 $(CALIB) -o out/demo-gptq --force
 	$(QK) generate out/demo-int4 "The list type" --max-new-tokens 40
-	$(QK) eval $(DEMO) $(EVAL)
-	$(QK) eval out/demo-int4 $(EVAL)
+	$(QK) compare $(DEMO) out/demo-int4 out/demo-nf4 out/demo-rtn out/demo-gptq $(EVAL) --tp auto --tp-windows 16 \
+		--report out/demo-report.html --report out/demo-report.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -62,6 +62,21 @@ KNOWN_DATASETS: dict[str, HubDataset] = {
 }
 
 # suffix -> the `datasets.load_dataset` builder that reads it (.txt is read directly: one document)
+@dataclass(frozen=True)
+class SourceRole:
+    """Who reads a text source: messages name it, hub names resolve in `known`, DatasetDicts use `splits`.
+
+    calibrate/ reads train splits for GPTQ; eval/ reads the same kinds of sources for its test text.
+    """
+
+    what: str  # "calibration source", "dataset"
+    flag: str  # the command-line flag that takes the source
+    known: dict[str, HubDataset]
+    splits: tuple[str, ...]  # preferred split of a save_to_disk DatasetDict, in order
+
+
+CALIBRATION = SourceRole("calibration source", "--calib", KNOWN_DATASETS, ("train",))
+
 DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 TOKEN_SUFFIXES = (".pt", ".safetensors")
 SUPPORTED = ".txt, .jsonl, .json, .parquet, .csv, a datasets save_to_disk directory, .pt or .safetensors token ids"
@@ -110,11 +125,11 @@ class Corpus:
         """Content hash of the documents (framed, so that document boundaries count)."""
         return hash_documents(self.docs)
 
-    def check_not_empty(self) -> None:
+    def check_not_empty(self, role: "SourceRole") -> None:
         if len(self.docs) == 0:
-            raise QuantkitError(f"calibration source {self.name} is empty (no rows): give it some text")
+            raise QuantkitError(f"{role.what} {self.name} is empty (no rows): give it some text")
         if not any(doc.strip() for doc in self.docs):
-            raise QuantkitError(f"calibration source {self.name} has {len(self.docs)} rows but no text "
+            raise QuantkitError(f"{role.what} {self.name} has {len(self.docs)} rows but no text "
                                 f"(all empty or whitespace): give it some text")
 
 
@@ -127,12 +142,12 @@ def hash_documents(docs: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def load_text(source, text_field: str = "text") -> list[str]:
+def load_text(source, text_field: str = "text", role: SourceRole = CALIBRATION) -> list[str]:
     """The documents of a text source (a dataset name, a file, a save_to_disk directory, a list of strings).
 
     Hub datasets use their recipe's field (KNOWN_DATASETS); `text_field` names the column of local files.
     """
-    return list(open_corpus(source, text_field).docs)
+    return list(open_corpus(source, text_field, role).docs)
 
 
 def is_token_source(source) -> bool:
@@ -145,19 +160,19 @@ def is_token_source(source) -> bool:
     return False
 
 
-def open_corpus(source, text_field: str = "text") -> Corpus:
+def open_corpus(source, text_field: str = "text", role: SourceRole = CALIBRATION) -> Corpus:
     if isinstance(source, torch.Tensor):
         raise QuantkitError("a token tensor is not text: pass it to calibration_tokens, which samples it as is")
     if isinstance(source, (list, tuple)):
         corpus = _corpus_from_list(source)
-    elif isinstance(source, str) and source in KNOWN_DATASETS:
-        corpus = _corpus_from_hub(source)
+    elif isinstance(source, str) and source in role.known:
+        corpus = _corpus_from_hub(source, role)
     elif isinstance(source, (str, os.PathLike)):
-        corpus = _corpus_from_path(Path(source), text_field)
+        corpus = _corpus_from_path(Path(source), text_field, role)
     else:
-        raise QuantkitError(f"calibration source of type {type(source).__name__} is not supported: pass a dataset "
-                            f"name ({', '.join(KNOWN_DATASETS)}), a path, a list of strings or a token tensor")
-    corpus.check_not_empty()
+        raise QuantkitError(f"{role.what} of type {type(source).__name__} is not supported: pass a dataset "
+                            f"name ({', '.join(role.known)}), a path, a list of strings or a token tensor")
+    corpus.check_not_empty(role)
     return corpus
 
 
@@ -169,34 +184,34 @@ def _corpus_from_list(source) -> Corpus:
     return Corpus(f"a list of {len(source)} strings", list(source))
 
 
-def _corpus_from_path(path: Path, text_field: str) -> Corpus:
+def _corpus_from_path(path: Path, text_field: str, role: SourceRole) -> Corpus:
     if not path.exists():
-        raise QuantkitError(f"calibration source {str(path)!r} is neither a known dataset ({', '.join(KNOWN_DATASETS)}) "
+        raise QuantkitError(f"{role.what} {str(path)!r} is neither a known dataset ({', '.join(role.known)}) "
                             f"nor an existing file or directory: pass one of those names or a path ({SUPPORTED})")
     if path.is_dir():
-        return _corpus_from_disk(path, text_field)
+        return _corpus_from_disk(path, text_field, role)
     suffix = path.suffix.lower()
     if suffix in TOKEN_SUFFIXES:
         raise QuantkitError(f"{path} holds token ids, not text: pass it to calibration_tokens")
     if suffix == ".txt":
-        return _corpus_from_txt(path)
+        return _corpus_from_txt(path, role)
     if suffix in DATASET_BUILDERS:
-        return _corpus_from_file(path, DATASET_BUILDERS[suffix], text_field)
-    raise QuantkitError(f"{path}: unsupported calibration file type {suffix or '(none)'!r}: use {SUPPORTED}")
+        return _corpus_from_file(path, DATASET_BUILDERS[suffix], text_field, role)
+    raise QuantkitError(f"{path}: unsupported {role.what} file type {suffix or '(none)'!r}: use {SUPPORTED}")
 
 
-def _corpus_from_txt(path: Path) -> Corpus:
+def _corpus_from_txt(path: Path, role: SourceRole) -> Corpus:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise QuantkitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
     if not text.strip():
-        raise QuantkitError(f"calibration source {path} is empty (no text): give it some text")
+        raise QuantkitError(f"{role.what} {path} is empty (no text): give it some text")
     return Corpus(str(path), [text])
 
 
-def _corpus_from_file(path: Path, builder: str, text_field: str) -> Corpus:
-    _check_has_rows(path, builder)
+def _corpus_from_file(path: Path, builder: str, text_field: str, role: SourceRole) -> Corpus:
+    _check_has_rows(path, builder, role)
     datasets = _import_datasets()
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -207,7 +222,7 @@ def _corpus_from_file(path: Path, builder: str, text_field: str) -> Corpus:
     return _corpus_from_dataset(ds, text_field, str(path))
 
 
-def _check_has_rows(path: Path, builder: str) -> None:
+def _check_has_rows(path: Path, builder: str, role: SourceRole) -> None:
     """datasets cannot build a zero-row split (it raises StopIteration or 'corresponds to no data'): say so first."""
     if builder == "parquet":
         import pyarrow.parquet as pq
@@ -217,7 +232,7 @@ def _check_has_rows(path: Path, builder: str) -> None:
         needed = 2 if builder == "csv" else 1  # csv: a header line and at least one row
         empty = _count_nonblank_lines(path, stop_at=needed) < needed
     if empty:
-        raise QuantkitError(f"calibration source {path} is empty (no rows): give it some text")
+        raise QuantkitError(f"{role.what} {path} is empty (no rows): give it some text")
 
 
 def _count_nonblank_lines(path: Path, stop_at: int) -> int:
@@ -230,8 +245,8 @@ def _count_nonblank_lines(path: Path, stop_at: int) -> int:
     return count
 
 
-def _corpus_from_disk(path: Path, text_field: str) -> Corpus:
-    _check_disk_has_rows(path)
+def _corpus_from_disk(path: Path, text_field: str, role: SourceRole) -> Corpus:
+    _check_disk_has_rows(path, role)
     datasets = _import_datasets()
     try:
         ds = datasets.load_from_disk(str(path))
@@ -239,14 +254,15 @@ def _corpus_from_disk(path: Path, text_field: str) -> Corpus:
         raise QuantkitError(f"{path}: a directory, but not one written by datasets' save_to_disk ({e}): "
                             f"pass a file ({SUPPORTED})") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds and len(ds) != 1:
-            raise QuantkitError(f"{path}: a DatasetDict with splits {', '.join(ds)} and no 'train': "
-                                f"save the split to calibrate on with Dataset.save_to_disk")
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        split = next((s for s in role.splits if s in ds), None)
+        if split is None and len(ds) != 1:
+            raise QuantkitError(f"{path}: a DatasetDict with splits {', '.join(ds)} and none of "
+                                f"{', '.join(role.splits)}: save the split to use with Dataset.save_to_disk")
+        ds = ds[split] if split else next(iter(ds.values()))
     return _corpus_from_dataset(ds, text_field, str(path))
 
 
-def _check_disk_has_rows(path: Path) -> None:
+def _check_disk_has_rows(path: Path, role: SourceRole) -> None:
     """save_to_disk writes a zero-row Dataset with no arrow shard, which load_from_disk (datasets 5.2) fails
     to read with an IndexError: recognise it from state.json's empty shard list."""
     state = path / "state.json"
@@ -257,11 +273,11 @@ def _check_disk_has_rows(path: Path) -> None:
     except json.JSONDecodeError as e:
         raise QuantkitError(f"{state}: not valid JSON ({e}): save the dataset again with save_to_disk") from None
     if shards == []:
-        raise QuantkitError(f"calibration source {path} is empty (no rows): give it some text")
+        raise QuantkitError(f"{role.what} {path} is empty (no rows): give it some text")
 
 
-def _corpus_from_hub(key: str) -> Corpus:
-    spec = KNOWN_DATASETS[key]
+def _corpus_from_hub(key: str, role: SourceRole) -> Corpus:
+    spec = role.known[key]
     datasets = _import_datasets()
     kwargs = {"split": spec.split}
     if spec.data_files:
@@ -269,15 +285,15 @@ def _corpus_from_hub(key: str) -> Corpus:
     try:
         ds = datasets.load_dataset(spec.path, spec.config, **kwargs)
     except _hub_errors() as e:
-        raise QuantkitError(f"calibration source {key} needs the Hugging Face hub, which is unreachable "
-                            f"({type(e).__name__}: {e}): pass a local file instead, e.g. --calib path/to/text.txt") from e
+        raise QuantkitError(f"{role.what} {key} needs the Hugging Face hub, which is unreachable "
+                            f"({type(e).__name__}: {e}): pass a local file instead, e.g. {role.flag} path/to/text.txt") from e
     except RuntimeError as e:
         if "scripts are no longer supported" not in str(e):
             raise
         # ptb_text_only is a script dataset, which datasets >= 4 refuses to run.
-        raise QuantkitError(f"calibration source {key} ({spec.path}) is a script dataset that datasets "
+        raise QuantkitError(f"{role.what} {key} ({spec.path}) is a script dataset that datasets "
                             f"{datasets.__version__} no longer runs: save its text to a local file and pass "
-                            f"that instead, e.g. --calib ptb.txt") from e
+                            f"that instead, e.g. {role.flag} ptb.txt") from e
     details = {"hub": spec.path, "config": spec.config, "split": spec.split, "data_files": spec.data_files}
     return _corpus_from_dataset(ds, spec.field, key, spec.joiner, spec.mode, details)
 

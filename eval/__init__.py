@@ -1,5 +1,14 @@
-"""Evaluation: perplexity (and, as the project grows, logit fidelity and reports)."""
+"""Evaluation: perplexity, logit fidelity against a base model, the pretraining_tp noise floor, reports.
 
-from eval.perplexity import PerplexityResult, perplexity, token_windows
+    >>> data = eval_data(tokenizer, "wikitext2", seq_len=2048)          # or a local file
+    >>> result = evaluate(quantized, data, base=fp16_model)             # or base=BaseLogits("base.qkl")
+    >>> result.perplexity.ppl, result.fidelity["kl"]["mean"]
+"""
 
-__all__ = ["PerplexityResult", "perplexity", "token_windows"]
+from eval.base_logits import BaseLogits, MemoryBaseLogits, save_base_logits
+from eval.data import EvalData, eval_data, text_data, token_windows
+from eval.evaluate import EvalResult, evaluate
+from eval.perplexity import PerplexityResult, perplexity, perplexity_of
+
+__all__ = ["BaseLogits", "EvalData", "EvalResult", "MemoryBaseLogits", "PerplexityResult", "eval_data", "evaluate",
+           "perplexity", "perplexity_of", "save_base_logits", "text_data", "token_windows"]

@@ -1,8 +1,9 @@
-"""Perplexity with the GPTQ/AWQ protocol: one BOS, non-overlapping windows, exp(mean token NLL).
+"""Perplexity: exp(mean NLL of the scored tokens), with its standard error.
 
-The text is tokenized whole with a single BOS at the start, cut into windows of seq_len tokens (the
-last partial window is dropped), and each window predicts its seq_len - 1 next tokens. This is how
-the Llama 2 quantization papers report WikiText-2 perplexity at seq_len 2048.
+Windows come from eval/data.py: the GPTQ/AWQ protocol (one BOS, non-overlapping windows: what the
+Llama 2 quantization papers report for WikiText-2 at seq_len 2048) or the sliding-window one.
+The standard error is llama.cpp's: that of the mean NLL, carried to the perplexity by the delta
+method (d exp(x) = exp(x) dx).
 """
 
 from __future__ import annotations
@@ -11,47 +12,61 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from quantkit.errors import QuantkitError
+from eval.data import EvalData, text_data
+from eval.runner import target_logprobs, window_logprobs
 
 
 @dataclass
 class PerplexityResult:
     ppl: float
+    ppl_stderr: float
     nll: float  # mean NLL per scored token, nats
-    n_tokens: int  # scored (predicted) tokens: n_windows * (seq_len - 1)
+    nll_stderr: float
+    n_tokens: int  # scored (predicted) tokens
     n_windows: int
     seq_len: int
+    stride: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def token_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
-    """(n_windows, seq_len) ids: BOS + the whole text's tokens, cut without overlap, remainder dropped."""
-    if seq_len < 2:
-        raise QuantkitError(f"seq_len={seq_len}: a window needs at least 2 tokens")
-    ids = tokenizer.encode(text, bos=True)
-    n_windows = len(ids) // seq_len
-    if n_windows == 0:
-        raise QuantkitError(f"the text has {len(ids)} tokens, fewer than one window of seq_len={seq_len}: "
-                            f"use more text or a smaller --seq-len")
-    return torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)
+    def report(self) -> dict:
+        """The report schema's perplexity object."""
+        return {"ppl": self.ppl, "ppl_stderr": self.ppl_stderr, "nll": self.nll, "nll_stderr": self.nll_stderr,
+                "n_tokens": self.n_tokens}
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1,
-               progress: bool = True) -> PerplexityResult:
-    windows = token_windows(tokenizer, text, seq_len)
-    device = next(model.parameters()).device
-    total_nll = 0.0
-    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        logits = model(batch)[:, :-1].float()  # (B, T-1, vocab): position t predicts token t+1
-        total_nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-    n_tokens = windows.shape[0] * (seq_len - 1)
-    nll = total_nll / n_tokens
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_tokens, n_windows=windows.shape[0],
-                            seq_len=seq_len)
+def mean_stderr(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error, sqrt(var / (n - 1)) as llama.cpp computes it."""
+    x = x.double()
+    mean = x.mean().item()
+    if x.numel() < 2:
+        return mean, 0.0
+    var = (x * x).mean().item() - mean * mean
+    return mean, math.sqrt(max(var, 0.0) / (x.numel() - 1))
+
+
+def perplexity_from_nll(nll: torch.Tensor, data: EvalData) -> PerplexityResult:
+    """From per-token NLLs (n_tokens,) of `data`'s scored tokens."""
+    mean, stderr = mean_stderr(nll)
+    ppl = math.exp(mean)
+    return PerplexityResult(ppl=ppl, ppl_stderr=ppl * stderr, nll=mean, nll_stderr=stderr, n_tokens=nll.numel(),
+                            n_windows=len(data.windows), seq_len=data.seq_len, stride=data.stride)
+
+
+def token_nll(model, data: EvalData, batch_size: int = 1, progress: bool = True) -> torch.Tensor:
+    """(n_tokens,) NLL of every scored token, in window order."""
+    nll = [-target_logprobs(lp, data.targets(w)) for w, lp in window_logprobs(model, data, batch_size, progress,
+                                                                              desc="perplexity")]
+    return torch.cat(nll)
+
+
+def perplexity_of(model, data: EvalData, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
+    return perplexity_from_nll(token_nll(model, data, batch_size, progress), data)
+
+
+def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1, progress: bool = True,
+               stride: int | None = None) -> PerplexityResult:
+    """Perplexity of `model` on `text` (a string): non-overlapping windows, or sliding with `stride`."""
+    return perplexity_of(model, text_data(tokenizer, text, seq_len, stride), batch_size, progress)

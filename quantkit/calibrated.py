@@ -34,7 +34,14 @@ SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 class LinearReport:
     name: str
     method: str
-    relative_error: float | None  # ||(W - Q) X|| / ||W X|| on the calibration inputs (GPTQ), else None
+    relative_error: float | None
+    kind: str  # "output": ||(W - Q) X|| / ||W X|| on the calibration inputs (GPTQ); "weight": ||W - Q|| / ||W||
+
+
+def linear_reports(module: nn.Module, prefix: str = "") -> list[LinearReport]:
+    """The error replace_linear recorded on each quantized linear inside `module`."""
+    return [LinearReport(prefix + name, m.quant_config.method, m.quant_error, m.quant_error_kind)
+            for name, m in module.named_modules() if hasattr(m, "quant_config")]
 
 
 class LayerCalibrator:
@@ -56,10 +63,14 @@ class LayerCalibrator:
     def step(self, layer: nn.Module, prefix: str) -> nn.Module:
         """Quantize one decoder layer in place on the current activations, then advance them through it."""
         layer.to(self.device)
+        # Hessians come from forward hooks on the linears, which pretraining_tp's slicing bypasses: calibrate at tp=1.
+        tp = layer.self_attn.pretraining_tp
+        layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = 1
         groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
         for names in tqdm(groups, desc=prefix.rstrip("."), leave=False, disable=not self.progress):
             self._quantize_group(layer, prefix, names)
         self.hidden = self._run(layer)
+        layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = tp
         return layer
 
     def _quantize_group(self, layer: nn.Module, prefix: str, names: tuple[str, ...]):
@@ -77,10 +88,9 @@ class LayerCalibrator:
             for hook in hooks:
                 hook.remove()
         for n in targets:
-            config = self.recipe.config_for(prefix + n)
             extra = {"hessian": hessians[n].H} if n in hessians else {}
-            module = replace_linear(layer, n, prefix + n, config, **extra)
-            self.reports.append(LinearReport(prefix + n, config.method, getattr(module, "quant_error", None)))
+            module = replace_linear(layer, n, prefix + n, self.recipe.config_for(prefix + n), **extra)
+            self.reports += linear_reports(module, prefix + n)
 
 
 def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: tuple[str, ...] = (),

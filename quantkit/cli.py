@@ -73,28 +73,130 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, syst
     click.echo()
 
 
+def dataset_options(f):
+    """--dataset/--text-field/--seq-len/--stride/--batch-size/--dtype, shared by eval and compare."""
+    for option in reversed([
+        click.option("--dataset", default="wikitext2", show_default=True,
+                     help="wikitext2 (test split), c4 (validation, GPTQ's c4-new), or a local .txt/.jsonl/.json/"
+                          ".parquet/.csv file or datasets save_to_disk directory."),
+        click.option("--text-field", default="text", show_default=True, help="Text field of .jsonl/.parquet/.csv."),
+        click.option("--seq-len", default=2048, show_default=True, help="Window length in tokens."),
+        click.option("--stride", type=int, help="Sliding windows every STRIDE tokens (Hugging Face protocol) "
+                                                "[default: non-overlapping windows, the GPTQ protocol]."),
+        click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass."),
+        click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Compute dtype [default: the checkpoint's]."),
+        click.option("--tp", "tps", multiple=True, help="pretraining_tp comparison (the noise floor): N (repeatable), "
+                                                        "or 'auto' for those of 2, 4, 8 that divide the shapes."),
+        click.option("--tp-windows", type=int, help="Windows in the tp comparison [default: what fits 1 GiB of logits]."),
+        click.option("--speed/--no-speed", default=True, show_default=True, help="Measure decode tokens/s."),
+        click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                     help="Write the report: .json, .md or .html (repeatable)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]):
+        f = option(f)
+    return f
+
+
+def parse_tps(tps: tuple[str, ...]) -> list[int] | None:
+    if not tps:
+        return None
+    if tps == ("auto",):
+        return []
+    try:
+        return [int(tp) for tp in tps]
+    except ValueError:
+        raise click.BadParameter(f"{', '.join(tps)}: give integers or 'auto'", param_hint="--tp") from None
+
+
+def load_eval_data(model, dataset, text_field, seq_len, stride, reports=()):
+    """The evaluation windows, once the report paths are known to be writable (fail before the work)."""
+    from eval import eval_data
+    from eval.report import check_report_path
+
+    for path in reports:
+        check_report_path(path)
+
+    return eval_data(quantkit.load_tokenizer(model), dataset, seq_len=seq_len, stride=stride, text_field=text_field)
+
+
+def emit_report(report: dict, reports, as_json: bool):
+    from eval.report import to_json, to_markdown, write_report
+
+    for path in reports:
+        write_report(report, path)
+    click.echo(to_json(report) if as_json else to_markdown(report))
+    if reports and not as_json:
+        click.echo(f"report written to {', '.join(map(str, reports))}")
+
+
 @main.command("eval")
 @click.argument("model")
-@click.option("--dataset", "dataset", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="A local text file to measure perplexity on.")
-@click.option("--seq-len", default=2048, show_default=True, help="Window length in tokens.")
-@click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass.")
-@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Compute dtype [default: the checkpoint's].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_command(model, dataset, seq_len, batch_size, dtype, as_json):
-    """Perplexity of MODEL on a text file (GPTQ protocol: one BOS, non-overlapping windows)."""
-    from eval import perplexity
+@click.option("--base", help="Reference model (normally the fp16 original): adds KL, top-1, delta-p against it.")
+@click.option("--base-logits", type=click.Path(dir_okay=False, path_type=Path),
+              help="The reference's log-probs saved with --save-logits, instead of --base (one model in memory).")
+@click.option("--save-logits", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save MODEL's log-probs on this dataset to FILE (.qkl), a --base-logits for later runs.")
+@click.option("--top-k", type=int, help="With --save-logits: keep the top K log-probs and the rest's mass only "
+                                        "(~100x smaller; KL becomes a lower bound) [default: all, 16-bit].")
+@click.option("--sensitivity", type=click.Choice(["layer", "linear"]),
+              help="Quantize one decoder layer (or one linear type) at a time with --method and report its KL.")
+@click.option("--method", help="Method for --sensitivity (see `quantkit backends`).")
+@click.option("--bits", type=int, help="--sensitivity: bits per weight (rtn, gptq).")
+@click.option("--group-size", type=int, help="--sensitivity: input columns per scale; -1 = per channel.")
+@click.option("--sym/--asym", "symmetric", default=None, help="--sensitivity: symmetric or asymmetric (rtn, gptq).")
+@click.option("--calib", help="--sensitivity with gptq: calibration data (as for quantize).")
+@click.option("--n-samples", default=128, show_default=True, help="--sensitivity with gptq: calibration windows.")
+@dataset_options
+def eval_command(model, base, base_logits, save_logits, top_k, sensitivity, method, calib, n_samples, dataset,
+                 text_field, seq_len, stride, batch_size, dtype, tps, tp_windows, speed, reports, as_json, **method_options):
+    """Perplexity of MODEL and, against --base or --base-logits, its logit fidelity (KL, top-1, delta-p)."""
+    from eval.compare import EvalOptions, run_eval
 
-    if not dataset.is_file():
-        raise click.BadParameter(f"{dataset}: no such file", param_hint="--dataset")
-    text = dataset.read_text(encoding="utf-8")
-    result = perplexity(quantkit.load(model, dtype=dtype), quantkit.load_tokenizer(model), text,
-                        seq_len=seq_len, batch_size=batch_size)
-    if as_json:
-        click.echo(json.dumps({"model": str(model), "dataset": str(dataset), **result.to_dict()}, indent=2))
-    else:
-        click.echo(f"{model}: perplexity {result.ppl:.4f} over {result.n_tokens} tokens "
-                   f"({result.n_windows} windows of {result.seq_len}) of {dataset}")
+    if top_k is not None and save_logits is None:
+        raise click.UsageError("--top-k applies to --save-logits")
+    if (sensitivity is None) != (method is None):
+        raise click.UsageError("--sensitivity and --method go together")
+    data = load_eval_data(model, dataset, text_field, seq_len, stride, reports)
+    options = EvalOptions(dtype=dtype, batch_size=batch_size, speed=speed, tps=parse_tps(tps), tp_windows=tp_windows,
+                          command=" ".join(["quantkit"] + sys.argv[1:]))
+    if sensitivity:
+        options.sensitivity = sensitivity_options(model, sensitivity, method, method_options, calib, n_samples, seq_len)
+    report = run_eval(model, data, base=base, base_logits=base_logits, save_logits=save_logits, top_k=top_k,
+                      options=options)
+    if save_logits is not None and not as_json:
+        click.echo(f"saved {model}'s log-probs to {save_logits}")
+    emit_report(report, reports, as_json)
+
+
+def sensitivity_options(model, unit, method, method_options, calib, n_samples, seq_len) -> dict:
+    from quantkit.backends import Recipe, needs_calibration
+    from quantkit.model.checkpoint import Checkpoint
+    from quantkit.pipeline import calibration_tensor
+
+    config = build_config(method, method_options)
+    calibration = None
+    if needs_calibration(Recipe.of(config)):
+        if calib is None:
+            raise click.UsageError(f"--sensitivity with --method {method} needs --calib")
+        calibration = calibration_tensor(calib, Checkpoint(model), n_samples, seq_len, seed=0)
+    return {"unit": unit, "config": config, "calibration": calibration}
+
+
+@main.command()
+@click.argument("base")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--base-logits", type=click.Path(dir_okay=False, path_type=Path),
+              help="BASE's log-probs saved with `quantkit eval BASE --save-logits`: BASE is then not run.")
+@dataset_options
+def compare(base, models, base_logits, dataset, text_field, seq_len, stride, batch_size, dtype, tps, tp_windows,
+            speed, reports, as_json):
+    """Compare quantized MODELS with BASE in one table: size, bits/weight, perplexity, KL, top-1, tokens/s."""
+    from eval.compare import EvalOptions, run_compare
+
+    data = load_eval_data(base, dataset, text_field, seq_len, stride, reports)
+    options = EvalOptions(dtype=dtype, batch_size=batch_size, speed=speed, tps=parse_tps(tps), tp_windows=tp_windows,
+                          command=" ".join(["quantkit"] + sys.argv[1:]))
+    emit_report(run_compare(base, list(models), data, base_logits=base_logits, options=options), reports, as_json)
 
 
 FLAGS = {"desc_act": "--act-order", "damp_percent": "--damp", "symmetric": "--sym/--asym",
@@ -183,10 +285,11 @@ def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, 
                f"{summary.bytes_before / mb:.1f} MB -> {summary.bytes_after / mb:.1f} MB "
                f"({summary.bytes_before / max(summary.bytes_after, 1):.2f}x smaller), "
                f"{summary.bits_per_weight:.2f} bits per quantized weight")
-    if summary.errors:
-        worst = max(summary.errors, key=lambda e: e["relative_error"] or 0)
-        click.echo(f"relative output error per linear: mean "
-                   f"{sum(e['relative_error'] or 0 for e in summary.errors) / len(summary.errors):.4f}, "
+    errors = [e for e in summary.errors if e["relative_error"] is not None]
+    if errors:
+        worst = max(errors, key=lambda e: e["relative_error"])
+        kinds = " and ".join(sorted({e["kind"] for e in errors}))
+        click.echo(f"relative {kinds} error per linear: mean {sum(e['relative_error'] for e in errors) / len(errors):.4f}, "
                    f"worst {worst['relative_error']:.4f} ({worst['name']}); --json lists them all")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,16 @@ from torch import nn
 
 import quantkit
 from quantkit.backends import BACKENDS, QuantConfig
+from quantkit.calibrated import linear_reports
 from quantkit.errors import QuantkitError
 from quantkit.formats import QuantFormat, get_format
 from quantkit.model.checkpoint import atomic_output_dir, copy_tokenizer_files
 from quantkit.model.config import LlamaConfig
 from quantkit.model.shards import ShardWriter
 from quantkit.walker import DECODER_LINEAR
+
+
+ERRORS_FILE = "quantkit_errors.json"  # per quantized linear: name, method, relative_error, kind
 
 
 def choose_format(configs: Iterable[QuantConfig], name: str | None = None) -> QuantFormat:
@@ -101,8 +105,12 @@ def shard_metadata(fmt: QuantFormat, recipe: dict[str, Any] | None) -> dict[str,
             "quantkit_recipe": json.dumps(recipe)}
 
 
-def write_quantized_dir(tmp: Path, config_json: dict[str, Any], fmt: QuantFormat, tokenizer_dir):
+def write_quantized_dir(tmp: Path, config_json: dict[str, Any], fmt: QuantFormat, tokenizer_dir,
+                        errors: list[dict] | None = None):
+    """config.json, the format's extra files, the tokenizer, and the per-linear errors (read by `quantkit eval`)."""
     (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    if errors:
+        (tmp / ERRORS_FILE).write_text(json.dumps(errors, indent=1) + "\n")
     for file_name, text in fmt.extra_files(config_json["quantization_config"]).items():
         (tmp / file_name).write_text(text)
     copy_tokenizer_files(tokenizer_dir, tmp)
@@ -124,5 +132,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, format: str | N
         for name, t in module_tensors(model, fmt, record, skip=skip):
             writer.add(name, t)
         writer.close()
-        write_quantized_dir(tmp, quantized_config_json(model.config, fmt, record, recipe, dtype), fmt, tokenizer_dir)
+        errors = [asdict(r) for r in linear_reports(model)]
+        write_quantized_dir(tmp, quantized_config_json(model.config, fmt, record, recipe, dtype), fmt, tokenizer_dir,
+                            errors)
     return Path(out_dir)

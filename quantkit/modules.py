@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.affine import AffineWeight
+from quantkit.errors import QuantkitError
+from quantkit.formats.base import trivial_g_idx
 from quantkit.formats.packing import pack, unpack
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,64 @@ class AffineLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.affine_weight().dequantize(self.dtype)
 
+    # -- pretraining_tp slices: modules computing row or column slices of this one --------------
+
+    def _split_problem(self, tp: int, dim: int) -> str | None:
+        """Why `split(tp, dim)` is impossible (one line, with the fix), or None."""
+        if dim not in (0, 1):
+            raise ValueError(f"dim={dim}: split slices rows (0) or columns (1)")
+        size = (self.out_features, self.in_features)[dim]
+        if tp < 1 or size % tp:
+            return f"{('out', 'in')[dim]}_features={size} is not divisible by tp={tp}"
+        width, groups = self.in_features // tp, self.weight_scale.shape[1]
+        if dim == 0 or groups == 1:  # row slices keep whole rows; one group per row spans any column slice
+            return None
+        if not trivial_g_idx(self.weight_g_idx, self.group_size):
+            return (f"act-order groups (weight_g_idx) scatter over the columns, so a slice of {width} columns "
+                    f"does not hold whole groups: re-quantize with static groups (or without act-order), "
+                    f"or use pretraining_tp=1")
+        if width % self.group_size:
+            return (f"group size {self.group_size} does not divide the column slice width {width} "
+                    f"(in_features={self.in_features} / tp={tp}): use a pretraining_tp whose slices hold whole "
+                    f"groups, or re-quantize with a group size dividing {width}")
+        return None
+
+    def split(self, tp: int, dim: int) -> list[AffineLinear]:
+        """tp modules over bit-exact slices of this one's quantized state (no re-quantization).
+
+        dim=0: each holds out_features/tp rows (concatenate their outputs); dim=1: each holds
+        in_features/tp columns (sum their outputs, each fed its slice of the input). No bias: the caller
+        adds it once after combining. Each part picks its own kernel: tinygemm where it fits and this
+        module uses it, dequantize+matmul otherwise (e.g. out_features/tp not a multiple of 16).
+        """
+        problem = self._split_problem(tp, dim)
+        if problem is not None:
+            raise QuantkitError(f"cannot split a {self.bits}-bit AffineLinear into {tp} {('row', 'column')[dim]} "
+                                f"slices: {problem}")
+        w = self.affine_weight()
+        return [self._part(w, i, tp, dim) for i in range(tp)]
+
+    def _part(self, w: AffineWeight, i: int, tp: int, dim: int) -> AffineLinear:
+        """Part i of split(tp, dim), from the unpacked weight w (N, K)."""
+        rows, cols, groups, group_size, g_idx = slice(None), slice(None), slice(None), w.group_size, w.g_idx
+        if dim == 0:  # rows [i*n, (i+1)*n) with all their groups
+            n = self.out_features // tp
+            rows = slice(i * n, (i + 1) * n)
+        else:  # columns [i*k, (i+1)*k): whole groups, or every row's one per-channel group
+            k = self.in_features // tp
+            cols = slice(i * k, (i + 1) * k)
+            if w.scale.shape[1] == 1:
+                group_size = k
+            else:
+                groups = slice(i * k // group_size, (i + 1) * k // group_size)
+            g_idx = None if g_idx is None else g_idx[cols] - (groups.start or 0)  # sorted (checked): rebased to 0
+        part_w = AffineWeight(q=w.q[rows, cols], scale=w.scale[rows, groups].clone(), zero=w.zero[rows, groups].clone(),
+                              bits=w.bits, group_size=group_size, symmetric=w.symmetric,
+                              g_idx=None if g_idx is None else g_idx.clone())
+        part = AffineLinear(part_w, dtype=self.dtype)
+        part.use_int4_kernel = part.use_int4_kernel and self.use_int4_kernel  # follow this module's choice
+        return part
+
     # -- the int4 kernel layout, built at load time for the device it runs on ------------------
 
     def _int4_kernel_fits(self) -> bool:
@@ -108,7 +168,7 @@ class AffineLinear(nn.Module):
             self._build_kernel(x.device)
         if self.perm is not None:
             x = x[..., self.perm]
-        x2 = x.reshape(-1, self.in_features).to(self.kernel_dtype)  # the kernels take (M, K)
+        x2 = x.reshape(-1, self.in_features).to(self.kernel_dtype).contiguous()  # the kernels take (M, K), contiguous
         if x.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(F.pad(x2, (0, self.k_pad)), self.int4_weight, self.group_size,
                                                    self.scales_and_zeros)[:, : self.out_features]

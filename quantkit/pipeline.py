@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantkit.backends import QuantConfig, Recipe, needs_calibration, quantize, runnable_recipe
-from quantkit.calibrated import LayerCalibrator
+from quantkit.calibrated import LayerCalibrator, linear_reports
 from quantkit.errors import QuantkitError
 from quantkit.export import (ExportRecord, choose_format, module_tensors, quantized_config_json, shard_metadata,
                              write_quantized_dir)
@@ -39,7 +39,7 @@ class QuantizeSummary:
     bytes_after: int  # everything written to the safetensors shards
     bits_per_weight: float  # stored bits per weight of the quantized linears (scales and zeros included)
     seconds: float
-    errors: list = field(default_factory=list)  # per calibrated linear: name, method, relative output error
+    errors: list = field(default_factory=list)  # per quantized linear: name, method, relative_error, kind
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +68,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
     record = ExportRecord()
     recipe_dict = recipe.to_dict()
-    calibrator = None
+    calibrator, reports = None, []
     if needs_calibration(recipe):
         tokens = calibration_tensor(calibration, ckpt, n_samples, seq_len, seed, calib_mode, calib_field)
         calibrator = LayerCalibrator(ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe,
@@ -80,18 +80,22 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
         for index in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=not progress):
             prefix = f"model.layers.{index}."
             layer = ckpt.layer_module(index, dtype)
-            layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
+            if calibrator:
+                layer = calibrator.step(layer, prefix).cpu()
+            else:
+                reports += linear_reports(quantize(layer, recipe, prefix=prefix), prefix)
             for name, t in module_tensors(layer, fmt, record, prefix=prefix):
                 writer.add(name, t)
             del layer  # the next layer replaces it: memory stays at one layer
         writer.close()
+        reports = [asdict(r) for r in (calibrator.reports if calibrator else reports)]
         config_json = quantized_config_json(ckpt.config, fmt, record, recipe_dict, dtype)
-        write_quantized_dir(tmp, config_json, fmt, ckpt.dir)
+        write_quantized_dir(tmp, config_json, fmt, ckpt.dir, reports)
     before = sum(torch.Size(s).numel() for s in ckpt.shapes.values()) * ckpt.default_dtype().itemsize
     return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe_dict,
                            layers=ckpt.config.num_hidden_layers, bytes_before=before, bytes_after=writer.total_size,
                            bits_per_weight=record.bits_per_weight(), seconds=time.perf_counter() - start,
-                           errors=[asdict(r) for r in calibrator.reports] if calibrator else [])
+                           errors=reports)
 
 
 def calibration_tensor(calibration, ckpt: Checkpoint, n_samples: int, seq_len: int, seed: int,

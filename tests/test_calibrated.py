@@ -114,3 +114,13 @@ def test_token_file_needs_no_tokenizer(model_dir, tmp_path):
     summary = quantize_checkpoint(model_dir, GPTQConfig(4, 32), tmp_path / "q", calibration=str(tmp_path / "tokens.pt"),
                                   n_samples=8, seq_len=32, progress=False)
     assert len(summary.errors) == 14
+
+
+def test_gptq_calibrates_a_model_with_pretraining_tp(model_dir):
+    """pretraining_tp slices bypass the linears' forward hooks: calibration must run at tp=1, not see zero Hessians."""
+    model = quantkit.load(model_dir, dtype="fp32")
+    model.set_pretraining_tp(2)
+    reports = quantize_calibrated(model, GPTQConfig(4, 32), TOKENS, progress=False)
+    assert all(0 < r.relative_error < 1 and r.kind == "output" for r in reports)
+    assert model.model.layers[0].self_attn.pretraining_tp == 2
+    assert model.model.layers[0].self_attn.q_proj.dequantize().abs().sum() > 0

@@ -34,7 +34,9 @@ def test_eval_json(tiny_model_dir, tmp_path):
     result = run("eval", tiny_model_dir, "--dataset", text, "--seq-len", 64, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
-    assert report["seq_len"] == 64 and report["n_tokens"] == report["n_windows"] * 63 and report["ppl"] > 1
+    dataset, ppl = report["dataset"], report["models"][0]["perplexity"]
+    assert dataset["seq_len"] == 64 and dataset["n_tokens"] == dataset["n_windows"] * 63 == ppl["n_tokens"]
+    assert ppl["ppl"] > 1 and ppl["ppl_stderr"] > 0
 
 
 def assert_one_line_error(result, *needles):

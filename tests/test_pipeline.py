@@ -165,3 +165,21 @@ def test_format_that_cannot_hold_the_method(model_dir, tmp_path):
 def test_unknown_method_lists_known_ones():
     with pytest.raises(QuantkitError, match="unknown method 'awq': known methods are int4, rtn"):
         QuantConfig.from_dict({"method": "awq"})
+
+
+@pytest.mark.parametrize("config", [Int4Config(group_size=32), RTNConfig(bits=3, group_size=32)], ids=lambda c: c.method)
+def test_per_linear_weight_errors_are_written_and_exact(model_dir, tmp_path, config):
+    """Every quantized linear's ||W - Q|| / ||W|| goes to quantkit_errors.json, the same streamed or in memory."""
+    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", progress=False)
+    written = json.loads((tmp_path / "q" / "quantkit_errors.json").read_text())
+    assert written == summary.errors and len(written) == 14 and {e["kind"] for e in written} == {"weight"}
+    dense = quantkit.load(model_dir, dtype="fp32")
+    quantized = quantkit.load(tmp_path / "q", dtype="fp32")
+    for e in written:
+        w, q = dense.get_submodule(e["name"]).weight, quantized.get_submodule(e["name"]).dequantize().float()
+        assert e["relative_error"] == pytest.approx(((q - w).norm() / w.norm()).item(), rel=1e-4)
+    save_quantized(quantize(quantkit.load(model_dir, dtype="fp32"), config), tmp_path / "m")
+    in_memory = json.loads((tmp_path / "m" / "quantkit_errors.json").read_text())
+    assert [e["name"] for e in in_memory] == [e["name"] for e in written]
+    # the pipeline quantizes in the checkpoint dtype, this in fp32: the qparams round a little differently
+    assert [e["relative_error"] for e in in_memory] == pytest.approx([e["relative_error"] for e in written], rel=1e-3)

@@ -51,9 +51,24 @@ def replace_linear(model: nn.Module, name: str, full_name: str, config: QuantCon
     check_finite(full_name, linear.weight)
     quantized = BACKENDS.for_config(config).handler(linear, config, full_name, **handler_kwargs)
     quantized.quant_config = config
+    if getattr(quantized, "quant_error", None) is not None:  # the handler measured ||(W - Q) X|| / ||W X||
+        quantized.quant_error_kind = "output"
+    else:
+        quantized.quant_error, quantized.quant_error_kind = weight_error(linear.weight, quantized), "weight"
     set_module(model, name, quantized)
     log.debug("quantized %s with %s", full_name, config.describe())
     return quantized
+
+
+def weight_error(weight: torch.Tensor, quantized: nn.Module) -> float | None:
+    """||W - Q||_F / ||W||_F: the output error for isotropic inputs; None for modules quantkit cannot dequantize."""
+    from quantkit.backends.bnb import dense_weight
+
+    dense = quantized.dequantize() if callable(getattr(quantized, "dequantize", None)) else dense_weight(quantized)
+    if dense is None:
+        return None
+    w = weight.detach().float()
+    return ((dense.float().to(w.device) - w).norm() / w.norm().clamp(min=1e-30)).item()
 
 
 def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, ...] = (), prefix: str = "") -> nn.Module:
@@ -76,4 +91,4 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
 
 
 __all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "check_finite", "needs_calibration", "quantize", "register_backend",
-           "replace_linear", "runnable_recipe"]
+           "replace_linear", "runnable_recipe", "weight_error"]

@@ -192,6 +192,21 @@ def portable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return module.state_dict()  # not repacked: bitsandbytes' own state_dict is the portable layout
 
 
+def dense_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (N, K) weight a bitsandbytes linear computes with, in fp32; None for other modules.
+
+    Read before any CPU forward (bitsandbytes' AVX512 repack changes the 4-bit layout in place).
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    if isinstance(module, bnb.nn.Linear4bit) and not _repacked_for_cpu(module):
+        return bf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt) and getattr(module.weight, "SCB", None) is not None:
+        return module.weight.data.float() * module.weight.SCB.float()[:, None] / 127  # LLM.int8 row-wise absmax
+    return None
+
+
 # -- the registered backends --------------------------------------------------------------------
 
 

@@ -271,6 +271,12 @@ def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device =
         quantized = ckpt.format.load_module(module, ckpt.module_tensors(module), ckpt.quantization_config, dtype)
         set_module(model, module, quantized.to(device))
     model.tie_weights()
+    if ckpt.quantized_modules and ckpt.config.pretraining_tp > 1:  # slice the quantized modules now, naming any that cannot
+        try:
+            model.set_pretraining_tp(ckpt.config.pretraining_tp)
+        except QuantkitError as e:
+            raise QuantkitError(f"{ckpt.dir / 'config.json'} sets pretraining_tp={ckpt.config.pretraining_tp}, "
+                                f"which this model cannot run ({e}); set it to 1 there (transformers 5 ignores it)") from None
     model.eval().requires_grad_(False)
     model.source_dir = ckpt.dir
     return model
@@ -331,8 +337,8 @@ def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_di
     tensors = {k: _cast(v, dtype) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # as transformers does: the embedding is the lm_head
-    if dtype is not None:
-        config = dataclasses.replace(config, torch_dtype=str(dtype).removeprefix("torch."))
+    saved_dtype = dtype or model.model.embed_tokens.weight.dtype  # what the files hold, not what config said
+    config = dataclasses.replace(config, torch_dtype=str(saved_dtype).removeprefix("torch."))
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         write_safetensors(tensors, tmp, max_shard_size)

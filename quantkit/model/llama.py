@@ -62,15 +62,23 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def linear_split_rows(x, linear: nn.Linear, tp: int):
+# pretraining_tp slices these linears by output rows (dim 0) or input columns (dim 1).
+TP_SPLIT_DIMS = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
+                 "mlp.gate_proj": 0, "mlp.up_proj": 0, "mlp.down_proj": 1}
+
+
+def linear_split_rows(x, linear: nn.Module, tp: int):
     """transformers 4.x pretraining_tp for q/k/v, gate/up and lm_head: slice output rows, concatenate."""
     if tp == 1:
         return linear(x)
-    y = torch.cat([F.linear(x, w) for w in linear.weight.chunk(tp, dim=0)], dim=-1)
-    return y if linear.bias is None else y + linear.bias
+    if type(linear) is nn.Linear:  # weight views, as 4.x did (bnb's modules subclass nn.Linear: not them)
+        y = torch.cat([F.linear(x, w) for w in linear.weight.chunk(tp, dim=0)], dim=-1)
+    else:
+        y = torch.cat([part(x) for part in linear_parts(linear, tp, 0)], dim=-1)
+    return add_bias(y, linear)
 
 
-def linear_split_cols(x, linear: nn.Linear, tp: int):
+def linear_split_cols(x, linear: nn.Module, tp: int):
     """transformers 4.x pretraining_tp for o_proj and down_proj: slice input columns, sum partial products.
 
     The partial products are added in order, as `sum()` did there: this changes the rounding, which is
@@ -78,9 +86,63 @@ def linear_split_cols(x, linear: nn.Linear, tp: int):
     """
     if tp == 1:
         return linear(x)
-    parts = [F.linear(xi, wi) for xi, wi in zip(x.chunk(tp, dim=-1), linear.weight.chunk(tp, dim=1))]
-    y = sum(parts)
-    return y if linear.bias is None else y + linear.bias
+    if type(linear) is nn.Linear:
+        parts = [F.linear(xi, wi) for xi, wi in zip(x.chunk(tp, dim=-1), linear.weight.chunk(tp, dim=1))]
+    else:
+        parts = [part(xi) for xi, part in zip(x.chunk(tp, dim=-1), linear_parts(linear, tp, 1))]
+    return add_bias(sum(parts), linear)
+
+
+def add_bias(y, linear: nn.Module):
+    """The bias once, after combining the slices (the parts carry none)."""
+    bias = getattr(linear, "bias", None)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def linear_parts(linear: nn.Module, tp: int, dim: int) -> list[nn.Module]:
+    """`linear.split(tp, dim)`, built once per (tp, dim) and kept in `linear.__dict__`.
+
+    Not registered as submodules: state_dict, named_modules, exporters and `.to()` never see them. So a
+    stamp of the module's own tensors (device, dtype, storage, in-place version) and kernel choice is kept
+    with them, and they are rebuilt when it changes (after `.to()`, `load_state_dict`, ...).
+    """
+    if not callable(getattr(linear, "split", None)):
+        raise QuantkitError(unsliceable("this module", linear, tp))
+    cache = linear.__dict__.setdefault("_tp_parts", {})  # (tp, dim) -> (stamp, parts)
+    stamp = _state_stamp(linear)
+    if (tp, dim) not in cache or cache[(tp, dim)][0] != stamp:
+        cache[(tp, dim)] = (stamp, linear.split(tp, dim))
+    return cache[(tp, dim)][1]
+
+
+def _state_stamp(linear: nn.Module) -> tuple:
+    """What the parts were built from: each own tensor's device, dtype, storage and in-place version."""
+    tensors = [t for t in (*linear._parameters.values(), *linear._buffers.values()) if t is not None]
+    stamp = tuple((t.device, t.dtype, t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+    return stamp + (getattr(linear, "use_int4_kernel", None),)  # AffineLinear's parts follow its kernel choice
+
+
+def drop_linear_parts(linear: nn.Module, keep_tp: int | None = None):
+    """Forget cached parts, except those for `keep_tp` (one tp's parts in memory at a time)."""
+    cache = linear.__dict__.get("_tp_parts", {})
+    for key in [k for k in cache if k[0] != keep_tp]:
+        del cache[key]
+
+
+def unsliceable(name: str, linear: nn.Module, tp: int) -> str:
+    """The one-line error for a linear that pretraining_tp cannot slice (bitsandbytes, unknown modules)."""
+    config = getattr(linear, "quant_config", None)
+    kind = type(linear).__name__ + (f" ({config.method})" if getattr(config, "method", "") else "")
+    return (f"pretraining_tp={tp}: {name} is a {kind}, which cannot be sliced (it has no split(tp, dim)): "
+            f"use pretraining_tp=1, or a dense or integer-affine (int4/rtn/gptq) model")
+
+
+def indivisible_dims(config: LlamaConfig, tp: int) -> list[str]:
+    """The dimensions ('hidden_size=4096', ...) that pretraining_tp=tp does not divide."""
+    c = config
+    dims = {"q_proj rows": c.num_attention_heads * c.head_dim, "k/v_proj rows": c.num_key_value_heads * c.head_dim,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size}
+    return [f"{k}={v}" for k, v in dims.items() if tp < 1 or v % tp]
 
 
 class KVCache:
@@ -188,17 +250,43 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_pretraining_tp(self, tp: int):
-        """Switch transformers 4.x's sliced computation on (tp > 1) or off (tp = 1), no reload needed."""
-        c = self.config
-        dims = {"q_proj rows": c.num_attention_heads * c.head_dim, "k/v_proj rows": c.num_key_value_heads * c.head_dim,
-                "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size}
-        bad = [f"{k}={v}" for k, v in dims.items() if v % tp]
+        """Switch transformers 4.x's sliced computation on (tp > 1) or off (tp = 1), no reload needed.
+
+        Quantized linears are sliced through their `split(tp, dim)`; the parts are built here, so a
+        module that cannot be sliced is an error now (naming it), and the model's tp is left unchanged.
+        """
+        bad = indivisible_dims(self.config, tp)
         if tp < 1 or bad:
             raise QuantkitError(f"pretraining_tp={tp} does not divide {', '.join(bad) or 'anything'}: "
                                 f"choose a positive divisor of every dimension")
+        if tp > 1:
+            self._build_tp_parts(tp)
+        for _, linear, _ in self.tp_linears():
+            drop_linear_parts(linear, keep_tp=tp)
         for layer in self.model.layers:
             layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = tp
         self.pretraining_tp = tp
+
+    def tp_linears(self):
+        """(name, module, dim) of every linear pretraining_tp slices: dim 0 by rows, dim 1 by columns."""
+        for i, layer in enumerate(self.model.layers):
+            for name, dim in TP_SPLIT_DIMS.items():
+                yield f"model.layers.{i}.{name}", layer.get_submodule(name), dim
+        yield "lm_head", self.lm_head, 0
+
+    def _build_tp_parts(self, tp: int):
+        """Every non-nn.Linear's parts for tp, or a QuantkitError naming the first module that cannot be split."""
+        quantized = [(n, m, d) for n, m, d in self.tp_linears() if type(m) is not nn.Linear]
+        for name, linear, _ in quantized:  # up front, before building anything
+            if not callable(getattr(linear, "split", None)):
+                raise QuantkitError(unsliceable(name, linear, tp))
+        for name, linear, dim in quantized:
+            try:
+                linear_parts(linear, tp, dim)
+            except QuantkitError as e:
+                for _, built, _ in quantized:  # keep the current tp's parts only
+                    drop_linear_parts(built, keep_tp=getattr(self, "pretraining_tp", 1))
+                raise QuantkitError(f"pretraining_tp={tp}: {name}: {e}") from e
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -36,6 +37,10 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.GetPieceSize()
+
+    def fingerprint(self) -> str:
+        """Hash of the sentencepiece model: equal fingerprints tokenize identically."""
+        return hashlib.blake2b(self.sp.serialized_model_proto(), digest_size=16).hexdigest()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.sp.Encode(text)

@@ -114,7 +114,7 @@ def test_datasetdict_on_disk_uses_train(tmp_path):
     datasets.DatasetDict({"test": test, "train": train}).save_to_disk(str(tmp_path / "dd"))
     assert load_text(tmp_path / "dd") == PARAGRAPHS[:3]
     datasets.DatasetDict({"test": test, "validation": test}).save_to_disk(str(tmp_path / "no-train"))
-    with pytest.raises(QuantkitError, match="splits test, validation and no 'train'"):
+    with pytest.raises(QuantkitError, match="splits test, validation and none of train"):
         load_text(tmp_path / "no-train")
 
 
@@ -246,7 +246,7 @@ def test_unknown_source_string(tok):
 
 def test_unsupported_file_type_and_object(tmp_path, tok):
     (tmp_path / "calib.xml").write_text("<text>hello</text>")
-    with pytest.raises(QuantkitError, match=r"unsupported calibration file type '.xml'"):
+    with pytest.raises(QuantkitError, match=r"unsupported calibration source file type '.xml'"):
         load_text(tmp_path / "calib.xml")
     with pytest.raises(QuantkitError, match=r"type dict is not supported"):
         load_text({"text": "hello"})

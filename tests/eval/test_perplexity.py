@@ -42,7 +42,7 @@ def test_perplexity_equals_a_hand_computation():
 
 
 def test_text_shorter_than_one_window():
-    with pytest.raises(QuantkitError, match="fewer than one window of seq_len=2048"):
+    with pytest.raises(QuantkitError, match="fewer than one window of --seq-len 2048"):
         perplexity(random_model(tiny_config(vocab_size=64)), ToyTokenizer(), "short", seq_len=2048)
 
 

@@ -1,0 +1,147 @@
+"""`quantkit eval` and `quantkit compare` as library calls: load, check, evaluate, assemble the report.
+
+One model in memory at a time besides the base; with saved base logits (`base_logits=`), none
+besides the evaluated one, which is what makes a 70B comparison possible on one machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import quantkit
+from eval.base_logits import BaseLogits, save_base_logits
+from eval.data import EvalData
+from eval.evaluate import (EvalResult, base_entry, build_report, check_same_tokenizer, check_same_vocabulary,
+                           decode_tokens_per_s, evaluate, layer_errors, model_entry, model_info)
+from eval.tp import choose_tps, tp_comparison
+from quantkit.errors import QuantkitError
+from quantkit.model.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOptions:
+    dtype: str | None = None
+    batch_size: int = 1
+    speed: bool = True  # measure decode tokens/s
+    tps: list[int] | None = None  # pretraining_tp comparison: None = off, [] = the divisors of 2, 4, 8
+    tp_windows: int | None = None
+    progress: bool = True
+    command: str | None = None  # recorded in the report
+    sensitivity: dict = field(default_factory=dict)  # unit, config, calibration: see eval.sensitivity
+
+
+def _load(path, tokenizer, options: EvalOptions, base_name: str):
+    """The model at `path` after checking that it shares the base's `tokenizer`."""
+    check_same_tokenizer(quantkit.load_tokenizer(path), tokenizer, str(path), base_name)
+    return quantkit.load(path, dtype=options.dtype)
+
+
+def _speed(model, tokenizer, options: EvalOptions) -> float | None:
+    return decode_tokens_per_s(model, tokenizer) if options.speed else None
+
+
+def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vocab_size: int, options: EvalOptions):
+    """(reference for evaluate, its report entry or None)."""
+    if base is not None and base_logits is not None:
+        raise QuantkitError("give --base or --base-logits, not both")
+    if base_logits is not None:
+        saved = BaseLogits(base_logits)
+        saved.check_matches(data, vocab_size, tokenizer)
+        return saved, saved.model_info or None
+    if base is None:
+        return None, None
+    check_same_tokenizer(tokenizer, quantkit.load_tokenizer(base), str(model_path), str(base))
+    model = quantkit.load(base, dtype=options.dtype)
+    return model, {**model_info(base), "tokens_per_s": _speed(model, tokenizer, options)}
+
+
+def _with_base(info: dict | None, result: EvalResult) -> dict | None:
+    if info is None or result.base_perplexity is None:
+        return None
+    return base_entry({k: v for k, v in info.items() if k != "tokens_per_s"}, result.base_perplexity,
+                      info.get("tokens_per_s"))
+
+
+def _check_tps(path, options: EvalOptions) -> None:
+    """A --tp that does not divide the shapes fails before any evaluation."""
+    if options.tps:
+        choose_tps(Checkpoint(path).config, options.tps)
+
+
+def _tp_section(path, data: EvalData, options: EvalOptions) -> dict | None:
+    if options.tps is None:
+        return None
+    return tp_comparison(path, data, options.tps, batch_size=options.batch_size, max_windows=options.tp_windows,
+                         progress=options.progress)
+
+
+def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logits=None, top_k: int | None = None,
+             options: EvalOptions | None = None) -> dict:
+    """The report of one model: perplexity; fidelity against `base` (a path) or `base_logits` (a .qkl file);
+    with `save_logits`, the model's own log-probs saved as a base for later runs."""
+    options = options or EvalOptions()
+    _check_tps(model_path, options)
+    tokenizer = quantkit.load_tokenizer(model_path)
+    model = quantkit.load(model_path, dtype=options.dtype)
+    info = model_info(model_path)
+    reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path, model.config.vocab_size,
+                                                options)
+    if isinstance(reference, quantkit.LlamaForCausalLM):
+        check_same_vocabulary(model, reference, str(model_path), str(base))
+    speed = _speed(model, tokenizer, options)
+    if save_logits is not None:
+        save_base_logits(model, tokenizer, data, save_logits, top_k, options.batch_size, options.progress,
+                         model_info={**info, "tokens_per_s": speed})
+    result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress)
+    del reference
+    sensitivity = _sensitivity(model, data, options)
+    entry = model_entry(info, result, speed, layer_errors(model_path), sensitivity)
+    del model
+    return build_report(data, [entry], _with_base(reference_info, result), _tp_section(model_path, data, options),
+                        options.command)
+
+
+def _sensitivity(model, data: EvalData, options: EvalOptions) -> dict | None:
+    if not options.sensitivity:
+        return None
+    from eval.sensitivity import sensitivity
+
+    s = options.sensitivity
+    return sensitivity(model, data, s["config"], s["unit"], options.batch_size, s.get("calibration"), options.progress)
+
+
+def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
+                options: EvalOptions | None = None) -> dict:
+    """One report: the base, then every model against it (KL etc.), one model in memory at a time."""
+    options = options or EvalOptions()
+    if not model_paths:
+        raise QuantkitError("compare needs at least one model besides the base")
+    _check_tps(base_path, options)
+    tokenizer = quantkit.load_tokenizer(base_path)
+    base_info = model_info(base_path)
+    if base_logits is not None:
+        reference = BaseLogits(base_logits)
+        reference.check_matches(data, Checkpoint(base_path).config.vocab_size, tokenizer)
+        base_speed = None
+    else:
+        reference = quantkit.load(base_path, dtype=options.dtype)
+        base_speed = _speed(reference, tokenizer, options)
+    entries, base_perplexity = [], None
+    for path in model_paths:
+        model = _load(path, tokenizer, options, str(base_path))
+        if isinstance(reference, BaseLogits):
+            reference.check_matches(data, model.config.vocab_size, tokenizer)
+        else:
+            check_same_vocabulary(model, reference, str(path), str(base_path))
+        result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress,
+                          desc=os.path.basename(os.fspath(path).rstrip("/")))
+        base_perplexity = result.base_perplexity
+        entries.append(model_entry(model_info(path), result, _speed(model, tokenizer, options), layer_errors(path)))
+        del model
+    del reference
+    base = base_entry(base_info, base_perplexity, base_speed)
+    return build_report(data, entries, base, _tp_section(base_path, data, options), options.command)

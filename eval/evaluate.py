@@ -1,0 +1,188 @@
+"""One pass of a model over the evaluation windows: perplexity, and fidelity against a base when given one.
+
+The base is another model in memory (its log-probs are computed on the same batch, exactly) or
+saved base logits (`eval.base_logits`: a .qkl file, or the same encoding in memory), read window by
+window. Also here: what a model directory is (method, bits per weight, size on disk) and its decode
+speed, for the report's model entries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from eval.data import EvalData
+from eval.fidelity import FidelityAccumulator, compare_tokens
+from eval.perplexity import PerplexityResult, perplexity_from_nll
+from eval.runner import batch_logprobs, target_logprobs
+from quantkit.errors import QuantkitError
+from quantkit.export import ERRORS_FILE
+from quantkit.model.checkpoint import Checkpoint, expected_shapes
+from quantkit.model.generate import SamplingConfig, generate
+
+LINEAR_TENSOR = re.compile(r"^(.*layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))\.")
+
+
+@dataclass
+class EvalResult:
+    perplexity: PerplexityResult
+    base_perplexity: PerplexityResult | None = None
+    fidelity: dict | None = None
+
+
+def check_same_vocabulary(model, base, model_name: str, base_name: str) -> None:
+    if model.config.vocab_size != base.config.vocab_size:
+        raise QuantkitError(f"{model_name} has a vocabulary of {model.config.vocab_size}, the base {base_name} "
+                            f"{base.config.vocab_size}: compare models that share a tokenizer")
+
+
+def check_same_tokenizer(tokenizer, base_tokenizer, model_name: str, base_name: str) -> None:
+    if tokenizer.fingerprint() != base_tokenizer.fingerprint():
+        raise QuantkitError(f"{model_name} and the base {base_name} have different tokenizer.model files "
+                            f"(another tokenizer): compare models that share a tokenizer")
+
+
+@torch.no_grad()
+def evaluate(model, data: EvalData, base=None, batch_size: int = 1, progress: bool = True,
+             desc: str = "eval") -> EvalResult:
+    """Perplexity of `model`; with `base` (a model, or saved base logits: eval.base_logits) also fidelity against it."""
+    fidelity = FidelityAccumulator()
+    nll = []
+    bar = tqdm(total=len(data.windows), desc=desc, unit="window", disable=not progress)
+    for ids, windows in data.batches(batch_size):
+        logprobs = batch_logprobs(model, ids, windows)
+        base_scores = (batch_logprobs(base, ids, windows) if isinstance(base, nn.Module)
+                       else [base.window(w) for w in windows] if base is not None else [None] * len(windows))
+        for w, lp, base_lp in zip(windows, logprobs, base_scores):
+            targets = data.targets(w)
+            if base_lp is None:
+                nll.append(-target_logprobs(lp, targets))
+            else:
+                fidelity.add(compare_tokens(base_lp, lp, targets))
+        bar.update(len(windows))
+    bar.close()
+    if base is None:
+        return EvalResult(perplexity_from_nll(torch.cat(nll), data))
+    tokens = fidelity.tokens()
+    source = "in-memory" if isinstance(base, nn.Module) else "base-logits"
+    return EvalResult(perplexity_from_nll(tokens["nll"], data), perplexity_from_nll(tokens["base_nll"], data),
+                      fidelity.summary(source, None if isinstance(base, nn.Module) else base.top_k))
+
+
+# -- what a model directory is --------------------------------------------------------------------
+
+
+def model_info(path: str | os.PathLike) -> dict:
+    """name, path, method, bits_per_weight (decoder linears, scales included), size_bytes (weight files)."""
+    ckpt = Checkpoint(path)
+    files = sorted(set(ckpt.weight_map.values()))
+    return {"name": ckpt.dir.name, "path": str(path), "method": method_label(ckpt),
+            "bits_per_weight": linear_bits_per_weight(ckpt, files),
+            "size_bytes": sum((ckpt.dir / f).stat().st_size for f in files)}
+
+
+def method_label(ckpt: Checkpoint) -> str:
+    record = ckpt.config.extra.get("quantkit")
+    if record and record.get("recipe"):
+        from quantkit.backends import Recipe
+
+        recipe = Recipe.from_dict(record["recipe"], source=str(ckpt.dir / "config.json"))
+        return " + ".join(config_label(c) for c in recipe.configs())
+    if ckpt.quantization_config:
+        q = ckpt.quantization_config
+        bits = q.get("bits") or q.get("config_groups", {}).get("group_0", {}).get("weights", {}).get("num_bits")
+        return " ".join(str(x) for x in (q.get("quant_method"), bits and f"w{bits}") if x)
+    return str(ckpt.default_dtype()).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+
+
+def config_label(config) -> str:
+    """A short name for a method's config: 'int4 g128', 'rtn w3 g128 sym', 'gptq w4 g128 act-order', 'bnb-nf4'."""
+    parts = [config.method]
+    if hasattr(config, "bits") and config.method != "int4":
+        parts.append(f"w{config.bits}")
+    if hasattr(config, "group_size"):
+        parts.append("per-channel" if config.group_size == -1 else f"g{config.group_size}")
+    if getattr(config, "symmetric", False):
+        parts.append("sym")
+    if getattr(config, "desc_act", False):
+        parts.append("act-order")
+    return " ".join(parts)
+
+
+def linear_bits_per_weight(ckpt: Checkpoint, files: list[str]) -> float | None:
+    """Stored bits per weight of the decoder linears, from the file headers; None for .bin checkpoints."""
+    if not all(f.endswith(".safetensors") for f in files):
+        return None
+    n_bytes = 0
+    for file_name in files:
+        with safe_open(ckpt.dir / file_name, framework="pt") as f:
+            for name in f.keys():
+                if LINEAR_TENSOR.match(name):
+                    s = f.get_slice(name)
+                    n_bytes += torch.Size(s.get_shape()).numel() * _dtype_size(s.get_dtype())
+    n_weights = sum(torch.Size(shape).numel() for name, shape in expected_shapes(ckpt.config).items()
+                    if name.endswith(".weight") and LINEAR_TENSOR.match(name))
+    return 8 * n_bytes / n_weights
+
+
+def _dtype_size(safetensors_dtype: str) -> int:
+    bits = int(re.sub(r"\D", "", safetensors_dtype) or 8)  # F16 -> 16, U8 -> 8, BOOL -> 8
+    return max(bits // 8, 1)
+
+
+def layer_errors(path: str | os.PathLike) -> list[dict]:
+    """Per-linear errors recorded by `quantkit quantize` in the output directory (empty if none)."""
+    file = Checkpoint(path).dir / ERRORS_FILE
+    if not file.is_file():
+        return []
+    try:
+        rows = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantkitError(f"{file}: not valid JSON ({e}): quantize again to rewrite it") from None
+    return [dict(row, layer=_layer_index(row["name"])) for row in rows if row.get("relative_error") is not None]
+
+
+def _layer_index(name: str) -> int | None:
+    match = re.search(r"layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32, prompt: str = "The") -> float:
+    """Greedy batch-1 decode speed with the KV cache, after a short warm-up (kernels build on first use)."""
+    ids = [tokenizer.encode(prompt)]
+    generate(model, ids, SamplingConfig(max_new_tokens=4))
+    start = time.perf_counter()
+    out = generate(model, ids, SamplingConfig(max_new_tokens=new_tokens))
+    return len(out[0]) / (time.perf_counter() - start)
+
+
+def model_entry(info: dict, result: EvalResult, tokens_per_s: float | None = None,
+                errors: list[dict] | None = None, sensitivity: dict | None = None) -> dict:
+    """A model's entry of the report (see eval/report.schema.json)."""
+    return {**info, "tokens_per_s": tokens_per_s, "perplexity": result.perplexity.report(),
+            "fidelity": result.fidelity, "layer_errors": errors or [], "sensitivity": sensitivity}
+
+
+def base_entry(info: dict, perplexity: PerplexityResult, tokens_per_s: float | None = None) -> dict:
+    return {**info, "tokens_per_s": tokens_per_s, "perplexity": perplexity.report(), "fidelity": None,
+            "layer_errors": [], "sensitivity": None}
+
+
+def build_report(data: EvalData, models: list[dict], base: dict | None = None, tp: dict | None = None,
+                 command: str | None = None) -> dict:
+    import datetime
+
+    import quantkit
+
+    return {"schema": "quantkit-eval-report", "schema_version": 1, "quantkit_version": quantkit.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "dataset": data.describe(), "base": base, "models": models, "tp": tp}

@@ -1,0 +1,102 @@
+"""The pretraining_tp comparison: the numerical noise floor that quantization error is read against.
+
+The same weights run with pretraining_tp = 1 and N (transformers 4.x's sliced q/k/v/o, gate/up/down
+and lm_head; quantkit/model/llama.py) in fp16 and bf16, each against an fp32 pretraining_tp = 1
+reference: max |dlogit|, KL(reference || run), top-1 agreement and perplexity. Rounding alone moves
+the logits this much, so a quantized model whose KL is near these rows is as good as its dtype allows.
+
+The reference logits of every compared window are kept in memory (fp32, windows x scored x vocab),
+so the comparison runs on the first `max_windows` windows: by default as many as fit in 1 GiB.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import quantkit
+from eval.data import EvalData
+from eval.fidelity import FidelityAccumulator, compare_tokens
+from eval.perplexity import perplexity_from_nll
+from eval.runner import batch_logits
+from quantkit.errors import QuantkitError
+from quantkit.model.llama import indivisible_dims
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_TPS = (2, 4, 8)
+REFERENCE_BUDGET = 1 << 30  # bytes of fp32 reference logits
+
+
+def choose_tps(config, requested: list[int] | None) -> list[int]:
+    """The tps to run: those of 2, 4, 8 that divide every dimension, or the requested ones, which must."""
+    if not requested:
+        return [tp for tp in CANDIDATE_TPS if not indivisible_dims(config, tp)]
+    for tp in requested:
+        bad = indivisible_dims(config, tp)
+        if bad:
+            raise QuantkitError(f"--tp {tp} does not divide {', '.join(bad)}: choose a divisor of every "
+                                f"dimension (of 2, 4, 8 these do: {choose_tps(config, None) or 'none'})")
+    return sorted(set(requested) - {1})
+
+
+def subset(data: EvalData, max_windows: int | None, vocab_size: int) -> EvalData:
+    if max_windows is None:
+        per_window = data.seq_len * vocab_size * 4
+        max_windows = max(1, REFERENCE_BUDGET // per_window)
+    return EvalData(data.name, data.ids, data.windows[:max_windows], data.protocol, data.seq_len, data.stride)
+
+
+@torch.no_grad()
+def _logits(model, data: EvalData, batch_size: int) -> list[torch.Tensor]:
+    out = []
+    for ids, windows in data.batches(batch_size):
+        out += batch_logits(model, ids, windows)
+    return out
+
+
+def _row(dtype: str, tp: int, logits: list[torch.Tensor], reference: list[torch.Tensor], data: EvalData) -> dict:
+    fidelity = FidelityAccumulator()
+    max_dlogit = 0.0
+    for w, run, ref in zip(data.windows, logits, reference):
+        max_dlogit = max(max_dlogit, (run - ref).abs().max().item())
+        fidelity.add(compare_tokens(torch.log_softmax(ref, -1), torch.log_softmax(run, -1), data.targets(w)))
+    summary, tokens = fidelity.summary("in-memory"), fidelity.tokens()
+    return {"dtype": dtype, "tp": tp, "max_abs_dlogit": max_dlogit, "kl_mean": summary["kl"]["mean"],
+            "kl_p99": summary["kl"]["p99"], "top1": summary["top1"]["agreement"],
+            "ppl": perplexity_from_nll(tokens["nll"], data).ppl}
+
+
+def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("fp16", "bf16"), batch_size: int = 1,
+                  max_windows: int | None = None, progress: bool = True) -> dict:
+    """The report's tp section for the model at `path` (dense or quantized)."""
+    model = quantkit.load(path, dtype="fp32")
+    tps = choose_tps(model.config, tps)
+    data = subset(data, max_windows, model.config.vocab_size)
+    model.set_pretraining_tp(1)
+    reference = _logits(model, data, batch_size)
+    del model
+    rows, unsupported = [], []
+    for dtype in dtypes:
+        model = quantkit.load(path, dtype=dtype)  # from the file: no fp32 -> dtype double rounding
+        for tp in [1, *tps]:
+            try:
+                model.set_pretraining_tp(tp)
+            except QuantkitError as e:  # a layout that cannot be sliced (bitsandbytes, act-order, group alignment)
+                if tp not in [u["tp"] for u in unsupported]:
+                    unsupported.append({"tp": tp, "reason": str(e)})
+                continue
+            rows.append(_row(dtype, tp, _logits(model, data, batch_size), reference, data))
+            log.info("pretraining_tp %d %s: %s", tp, dtype, rows[-1])
+        del model
+    return {"model": str(path), "reference": f"fp32, pretraining_tp=1, {len(data.windows)} windows of {data.seq_len}",
+            "rows": rows, "unsupported": unsupported}
+
+
+def noise_floor(tp_section: dict | None) -> float | None:
+    """The largest mean KL among the pretraining_tp > 1 runs."""
+    if not tp_section:
+        return None
+    values = [r["kl_mean"] for r in tp_section["rows"] if r["tp"] > 1]
+    return max(values) if values else None

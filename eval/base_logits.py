@@ -136,6 +136,12 @@ class BaseLogits:
         return decode(tensors)
 
 
+    def target_nll(self, data: EvalData) -> torch.Tensor:
+        """(n_tokens,) the base's NLL of every scored token, in window order (exact: stored in fp32)."""
+        with safe_open(str(self.path), framework="pt") as f:
+            return torch.cat([-f.get_tensor(f"{w.start}.target_logprob").double() for w in data.windows])
+
+
 class MemoryBaseLogits:
     """The same encoding kept in memory, for comparing several models against one base run."""
 

@@ -15,6 +15,7 @@ from eval.base_logits import BaseLogits, save_base_logits
 from eval.data import EvalData
 from eval.evaluate import (EvalResult, base_entry, build_report, check_same_tokenizer, check_same_vocabulary,
                            decode_tokens_per_s, evaluate, layer_errors, model_entry, model_info)
+from eval.perplexity import perplexity_from_nll
 from eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import Checkpoint
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalOptions:
     dtype: str | None = None
+    device: str = "cpu"  # where the models run (cpu, cuda)
     batch_size: int = 1
     speed: bool = True  # measure decode tokens/s
     tps: list[int] | None = None  # pretraining_tp comparison: None = off, [] = the divisors of 2, 4, 8
@@ -37,7 +39,7 @@ class EvalOptions:
 def _load(path, tokenizer, options: EvalOptions, base_name: str):
     """The model at `path` after checking that it shares the base's `tokenizer`."""
     check_same_tokenizer(quantkit.load_tokenizer(path), tokenizer, str(path), base_name)
-    return quantkit.load(path, dtype=options.dtype)
+    return quantkit.load(path, dtype=options.dtype, device=options.device)
 
 
 def _speed(model, tokenizer, options: EvalOptions) -> float | None:
@@ -55,7 +57,7 @@ def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vo
     if base is None:
         return None, None
     check_same_tokenizer(tokenizer, quantkit.load_tokenizer(base), str(model_path), str(base))
-    model = quantkit.load(base, dtype=options.dtype)
+    model = quantkit.load(base, dtype=options.dtype, device=options.device)
     return model, {**model_info(base), "tokens_per_s": _speed(model, tokenizer, options)}
 
 
@@ -76,7 +78,7 @@ def _tp_section(path, data: EvalData, options: EvalOptions) -> dict | None:
     if options.tps is None:
         return None
     return tp_comparison(path, data, options.tps, batch_size=options.batch_size, max_windows=options.tp_windows,
-                         progress=options.progress)
+                         progress=options.progress, device=options.device)
 
 
 def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logits=None, top_k: int | None = None,
@@ -86,7 +88,7 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     options = options or EvalOptions()
     _check_tps(model_path, options)
     tokenizer = quantkit.load_tokenizer(model_path)
-    model = quantkit.load(model_path, dtype=options.dtype)
+    model = quantkit.load(model_path, dtype=options.dtype, device=options.device)
     info = model_info(model_path)
     reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path, model.config.vocab_size,
                                                 options)
@@ -96,7 +98,10 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     if save_logits is not None:
         save_base_logits(model, tokenizer, data, save_logits, top_k, options.batch_size, options.progress,
                          model_info={**info, "tokens_per_s": speed})
-    result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress)
+    if save_logits is not None and reference is None:  # the perplexity is in the file: no second pass
+        result = EvalResult(perplexity_from_nll(BaseLogits(save_logits).target_nll(data), data))
+    else:
+        result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress)
     del reference
     sensitivity = _sensitivity(model, data, options)
     entry = model_entry(info, result, speed, layer_errors(model_path), sensitivity)
@@ -128,7 +133,7 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
         reference.check_matches(data, Checkpoint(base_path).config.vocab_size, tokenizer)
         base_speed = None
     else:
-        reference = quantkit.load(base_path, dtype=options.dtype)
+        reference = quantkit.load(base_path, dtype=options.dtype, device=options.device)
         base_speed = _speed(reference, tokenizer, options)
     entries, base_perplexity = [], None
     for path in model_paths:

@@ -17,22 +17,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from eval import plots
+from eval import fidelity, plots
 from quantkit.errors import QuantkitError
 
-__all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "SUFFIXES", "load_schema", "to_html", "to_json", "to_markdown",
-           "write_report"]
+__all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "SUFFIXES", "check_report_path", "load_schema", "noise_floor", "to_html",
+           "to_json", "to_markdown", "write_report"]
 
 SCHEMA_NAME = "quantkit-eval-report"
 SCHEMA_VERSION = 1
 SUFFIXES = (".json", ".md", ".html")
 MISSING = "\u2013"  # en dash: a value the report does not have
 
-KL_PERCENTILES = (("max", "max"), ("p99_9", "p99.9"), ("p99", "p99"), ("p90", "p90"), ("median", "median"),
-                  ("p10", "p10"), ("p5", "p5"), ("p1", "p1"), ("min", "min"))
-DELTA_P_PERCENTILES = (("max", "max"), ("p99_9", "p99.9"), ("p99", "p99"), ("p95", "p95"), ("p90", "p90"),
-                       ("p75", "p75"), ("median", "median"), ("p25", "p25"), ("p10", "p10"), ("p5", "p5"),
-                       ("p1", "p1"), ("p0_1", "p0.1"), ("min", "min"))
+# (key, column label) from max to min; the percentiles are the ones eval/fidelity.py computes
+KL_PERCENTILES = (("max", "max"), *((key, key.replace("_", ".")) for key in fidelity.KL_PERCENTILES), ("min", "min"))
+DELTA_P_PERCENTILES = (("max", "max"), *((key, key.replace("_", ".")) for key in fidelity.DP_PERCENTILES),
+                       ("min", "min"))
 KINDS = (("output", "Relative error of each linear's output"), ("weight", "Relative error of each linear's weight"))
 
 
@@ -223,15 +222,14 @@ def _summary_row(entry: dict, base: dict | None, is_base: bool) -> tuple[str, ..
             _number(entry.get("tokens_per_s"), ",.1f"))
 
 
-def _noise_floor(report: dict) -> float | None:
-    """The largest mean KL among the tp > 1 rows: how far pretraining_tp slicing alone moves the logits."""
-    tp = report.get("tp")
-    kls = [row["kl_mean"] for row in tp["rows"] if row["tp"] > 1] if tp else []
+def noise_floor(tp_section: dict | None) -> float | None:
+    """The largest mean KL among a tp section's tp > 1 rows: how far rounding alone moves the logits."""
+    kls = [row["kl_mean"] for row in (tp_section or {}).get("rows", []) if row["tp"] > 1]
     return max(kls) if kls else None
 
 
 def _noise_floor_sentences(report: dict) -> list[str]:
-    floor = _noise_floor(report)
+    floor = noise_floor(report.get("tp"))
     if floor is None or not floor > 0:  # a zero floor makes every ratio infinite: say nothing
         return []
     return [f"{entry['name']}: mean KL {_kl(entry['fidelity']['kl']['mean'])} = "
@@ -292,7 +290,7 @@ def _noise_floor_section(report: dict) -> list[_Block]:
                    f"rounding alone, which bounds how small a quantization KL can meaningfully be."),
         _Table(("dtype", "tp", "max |\u0394logit|", "mean KL", "KL p99", "top-1 agreement (%)", "perplexity"), rows),
     ]
-    floor = _noise_floor(report)
+    floor = noise_floor(report.get("tp"))
     if floor is not None:
         blocks.append(_Paragraph(f"Noise floor (largest mean KL with tp > 1): {_kl(floor)}."))
     if tp.get("unsupported"):
@@ -435,7 +433,7 @@ def _kl_figure(report: dict) -> _Figure | None:
                                            [count / total for count in histogram["counts"]]))
     if not series:
         return None
-    floor = _noise_floor(report)
+    floor = noise_floor(report.get("tp"))
     references = [plots.ReferenceLine(floor, "tp noise floor", axis="x")] if floor and floor > 0 else []
     caption = ("Distribution of the per-token KL(base\u2016model) over log-spaced bins; y is the fraction of "
                "the model's tokens in each bin.")

@@ -69,9 +69,9 @@ def _row(dtype: str, tp: int, logits: list[torch.Tensor], reference: list[torch.
 
 
 def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("fp16", "bf16"), batch_size: int = 1,
-                  max_windows: int | None = None, progress: bool = True) -> dict:
+                  max_windows: int | None = None, progress: bool = True, device: str = "cpu") -> dict:
     """The report's tp section for the model at `path` (dense or quantized)."""
-    model = quantkit.load(path, dtype="fp32")
+    model = quantkit.load(path, dtype="fp32", device=device)
     tps = choose_tps(model.config, tps)
     data = subset(data, max_windows, model.config.vocab_size)
     model.set_pretraining_tp(1)
@@ -79,7 +79,7 @@ def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("f
     del model
     rows, unsupported = [], []
     for dtype in dtypes:
-        model = quantkit.load(path, dtype=dtype)  # from the file: no fp32 -> dtype double rounding
+        model = quantkit.load(path, dtype=dtype, device=device)  # from the file: no fp32 -> dtype double rounding
         for tp in [1, *tps]:
             try:
                 model.set_pretraining_tp(tp)
@@ -93,10 +93,3 @@ def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("f
     return {"model": str(path), "reference": f"fp32, pretraining_tp=1, {len(data.windows)} windows of {data.seq_len}",
             "rows": rows, "unsupported": unsupported}
 
-
-def noise_floor(tp_section: dict | None) -> float | None:
-    """The largest mean KL among the pretraining_tp > 1 runs."""
-    if not tp_section:
-        return None
-    values = [r["kl_mean"] for r in tp_section["rows"] if r["tp"] > 1]
-    return max(values) if values else None

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from quantkit.backends import BACKENDS, Recipe, replace_linear
 from quantkit.gptq import HessianAccumulator
+from quantkit.model.checkpoint import check_device
 from quantkit.model.config import LlamaConfig
 from quantkit.model.llama import rotary_embedding
 
@@ -49,7 +50,7 @@ class LayerCalibrator:
 
     def __init__(self, config: LlamaConfig, tokens: torch.Tensor, embed_weight: torch.Tensor, recipe: Recipe,
                  batch_size: int = 8, device: str | torch.device = "cpu", progress: bool = True):
-        self.recipe, self.batch_size, self.device, self.progress = recipe, batch_size, torch.device(device), progress
+        self.recipe, self.batch_size, self.device, self.progress = recipe, batch_size, check_device(device), progress
         self.hidden = F.embedding(tokens.to(self.device), embed_weight.to(self.device))  # (n, T, hidden)
         positions = torch.arange(tokens.shape[1], device=self.device)[None]
         self.cos, self.sin = rotary_embedding(config, positions, self.hidden.dtype)  # (1, 1, T, D)

@@ -85,6 +85,7 @@ def dataset_options(f):
                                                 "[default: non-overlapping windows, the GPTQ protocol]."),
         click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass."),
         click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Compute dtype [default: the checkpoint's]."),
+        click.option("--device", default="cpu", show_default=True, help="Where the models run (cpu, cuda)."),
         click.option("--tp", "tps", multiple=True, help="pretraining_tp comparison (the noise floor): N (repeatable), "
                                                         "or 'auto' for those of 2, 4, 8 that divide the shapes."),
         click.option("--tp-windows", type=int, help="Windows in the tp comparison [default: what fits 1 GiB of logits]."),
@@ -148,7 +149,8 @@ def emit_report(report: dict, reports, as_json: bool):
 @click.option("--n-samples", default=128, show_default=True, help="--sensitivity with gptq: calibration windows.")
 @dataset_options
 def eval_command(model, base, base_logits, save_logits, top_k, sensitivity, method, calib, n_samples, dataset,
-                 text_field, seq_len, stride, batch_size, dtype, tps, tp_windows, speed, reports, as_json, **method_options):
+                 text_field, seq_len, stride, batch_size, dtype, device, tps, tp_windows, speed, reports, as_json,
+                 **method_options):
     """Perplexity of MODEL and, against --base or --base-logits, its logit fidelity (KL, top-1, delta-p)."""
     from eval.compare import EvalOptions, run_eval
 
@@ -157,8 +159,8 @@ def eval_command(model, base, base_logits, save_logits, top_k, sensitivity, meth
     if (sensitivity is None) != (method is None):
         raise click.UsageError("--sensitivity and --method go together")
     data = load_eval_data(model, dataset, text_field, seq_len, stride, reports)
-    options = EvalOptions(dtype=dtype, batch_size=batch_size, speed=speed, tps=parse_tps(tps), tp_windows=tp_windows,
-                          command=" ".join(["quantkit"] + sys.argv[1:]))
+    options = EvalOptions(dtype=dtype, device=device, batch_size=batch_size, speed=speed, tps=parse_tps(tps),
+                          tp_windows=tp_windows, command=" ".join(["quantkit"] + sys.argv[1:]))
     if sensitivity:
         options.sensitivity = sensitivity_options(model, sensitivity, method, method_options, calib, n_samples, seq_len)
     report = run_eval(model, data, base=base, base_logits=base_logits, save_logits=save_logits, top_k=top_k,
@@ -188,14 +190,14 @@ def sensitivity_options(model, unit, method, method_options, calib, n_samples, s
 @click.option("--base-logits", type=click.Path(dir_okay=False, path_type=Path),
               help="BASE's log-probs saved with `quantkit eval BASE --save-logits`: BASE is then not run.")
 @dataset_options
-def compare(base, models, base_logits, dataset, text_field, seq_len, stride, batch_size, dtype, tps, tp_windows,
-            speed, reports, as_json):
+def compare(base, models, base_logits, dataset, text_field, seq_len, stride, batch_size, dtype, device, tps,
+            tp_windows, speed, reports, as_json):
     """Compare quantized MODELS with BASE in one table: size, bits/weight, perplexity, KL, top-1, tokens/s."""
     from eval.compare import EvalOptions, run_compare
 
     data = load_eval_data(base, dataset, text_field, seq_len, stride, reports)
-    options = EvalOptions(dtype=dtype, batch_size=batch_size, speed=speed, tps=parse_tps(tps), tp_windows=tp_windows,
-                          command=" ".join(["quantkit"] + sys.argv[1:]))
+    options = EvalOptions(dtype=dtype, device=device, batch_size=batch_size, speed=speed, tps=parse_tps(tps),
+                          tp_windows=tp_windows, command=" ".join(["quantkit"] + sys.argv[1:]))
     emit_report(run_compare(base, list(models), data, base_logits=base_logits, options=options), reports, as_json)
 
 

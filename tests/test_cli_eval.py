@@ -3,6 +3,7 @@
 import json
 
 import jsonschema
+import torch
 import pytest
 from click.testing import CliRunner
 
@@ -153,3 +154,13 @@ def test_base_and_base_logits_together(dirs, tmp_path):
 def test_bad_report_suffix_fails_before_any_work(dirs, tmp_path):
     assert_one_line_error(run("compare", dirs["base"], dirs["int4"], "--dataset", dirs["text"], *SEQ,
                               "--report", tmp_path / "report.pdf"), "report.pdf", ".html")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("command", ["eval", "quantize"])
+def test_cuda_device_without_cuda(dirs, tmp_path, command):
+    args = (("eval", dirs["base"], "--dataset", dirs["text"], *SEQ) if command == "eval" else
+            ("quantize", dirs["base"], "--method", "gptq", "--calib", dirs["text"], "--n-samples", 2, "--seq-len", 32,
+             "-o", tmp_path / "q"))
+    assert_one_line_error(run(*args, "--device", "cuda"), "--device cuda", "no CUDA device", "--device cpu")
+    assert not (tmp_path / "q").exists()

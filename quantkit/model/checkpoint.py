@@ -259,8 +259,21 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine has it: a missing CUDA is one clear error, not torch's assertion."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise QuantkitError(f"--device {device}: not a device ({e}): use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QuantkitError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}): "
+                            f"use --device cpu")
+    return device
+
+
 def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
     """Build the model on the meta device and fill it tensor by tensor: never two copies in memory."""
+    device = check_device(device)
     ckpt = Checkpoint(path)
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
     with torch.device("meta"):

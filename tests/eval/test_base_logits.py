@@ -258,3 +258,17 @@ def test_base_logits_used_as_documented(saved, base, data):
 
 def test_saved_logits_path_may_be_a_string(saved, data, tok):
     assert opened(str(saved["uint16"]), data, tok).path == Path(saved["uint16"])
+
+
+def test_saving_gives_the_perplexity_without_a_second_pass(base, tok, data, tmp_path, monkeypatch):
+    """run_eval --save-logits reads the perplexity back from the file's exact target log-probs."""
+    from eval.compare import EvalOptions, run_eval
+    from quantkit.model import save_model
+
+    save_model(base, tmp_path / "m", tokenizer_dir=DEMO_MODEL)
+    expected = run_eval(tmp_path / "m", data, options=EvalOptions(speed=False, progress=False))
+    calls = []
+    monkeypatch.setattr("eval.compare.evaluate", lambda *a, **k: calls.append(a))
+    saved = run_eval(tmp_path / "m", data, save_logits=tmp_path / "m.qkl", options=EvalOptions(speed=False, progress=False))
+    assert calls == [] and (tmp_path / "m.qkl").is_file()
+    assert saved["models"][0]["perplexity"] == pytest.approx(expected["models"][0]["perplexity"], rel=1e-6)

@@ -6,7 +6,8 @@ import pytest
 
 import quantkit
 from eval import text_data
-from eval.tp import choose_tps, noise_floor, subset, tp_comparison
+from eval.report import noise_floor
+from eval.tp import choose_tps, subset, tp_comparison
 from quantkit.backends.int4 import Int4Config
 from quantkit.errors import QuantkitError
 from quantkit.model import save_model

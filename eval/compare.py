@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import quantkit
 from eval.base_logits import BaseLogits, save_base_logits
 from eval.data import EvalData
-from eval.evaluate import (EvalResult, base_entry, build_report, check_same_tokenizer, check_same_vocabulary,
-                           decode_tokens_per_s, evaluate, layer_errors, model_entry, model_info)
-from eval.perplexity import perplexity_from_nll
+from eval.evaluate import (EvalResult, build_report, check_same_tokenizer, check_same_vocabulary, decode_tokens_per_s,
+                           evaluate, layer_errors, model_entry, model_info)
+from eval.perplexity import PerplexityResult, perplexity_from_nll
 from eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import Checkpoint
@@ -61,11 +61,11 @@ def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vo
     return model, {**model_info(base), "tokens_per_s": _speed(model, tokenizer, options)}
 
 
-def _with_base(info: dict | None, result: EvalResult) -> dict | None:
-    if info is None or result.base_perplexity is None:
+def _base_entry(info: dict | None, perplexity: PerplexityResult | None) -> dict | None:
+    """The report's base entry: `info` (with its tokens_per_s) and the base's perplexity on this run."""
+    if info is None or perplexity is None:
         return None
-    return base_entry({k: v for k, v in info.items() if k != "tokens_per_s"}, result.base_perplexity,
-                      info.get("tokens_per_s"))
+    return model_entry(info, EvalResult(perplexity), info.get("tokens_per_s"))
 
 
 def _check_tps(path, options: EvalOptions) -> None:
@@ -88,10 +88,10 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     options = options or EvalOptions()
     _check_tps(model_path, options)
     tokenizer = quantkit.load_tokenizer(model_path)
-    model = quantkit.load(model_path, dtype=options.dtype, device=options.device)
     info = model_info(model_path)
-    reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path, model.config.vocab_size,
-                                                options)
+    reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path,
+                                                Checkpoint(model_path).config.vocab_size, options)
+    model = quantkit.load(model_path, dtype=options.dtype, device=options.device)
     if isinstance(reference, quantkit.LlamaForCausalLM):
         check_same_vocabulary(model, reference, str(model_path), str(base))
     speed = _speed(model, tokenizer, options)
@@ -106,8 +106,8 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     sensitivity = _sensitivity(model, data, options)
     entry = model_entry(info, result, speed, layer_errors(model_path), sensitivity)
     del model
-    return build_report(data, [entry], _with_base(reference_info, result), _tp_section(model_path, data, options),
-                        options.command)
+    return build_report(data, [entry], _base_entry(reference_info, result.base_perplexity),
+                        _tp_section(model_path, data, options), options.command)
 
 
 def _sensitivity(model, data: EvalData, options: EvalOptions) -> dict | None:
@@ -131,10 +131,10 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
     if base_logits is not None:
         reference = BaseLogits(base_logits)
         reference.check_matches(data, Checkpoint(base_path).config.vocab_size, tokenizer)
-        base_speed = None
+        base_info["tokens_per_s"] = reference.model_info.get("tokens_per_s")  # measured when it was saved
     else:
         reference = quantkit.load(base_path, dtype=options.dtype, device=options.device)
-        base_speed = _speed(reference, tokenizer, options)
+        base_info["tokens_per_s"] = _speed(reference, tokenizer, options)
     entries, base_perplexity = [], None
     for path in model_paths:
         model = _load(path, tokenizer, options, str(base_path))
@@ -148,5 +148,5 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
         entries.append(model_entry(model_info(path), result, _speed(model, tokenizer, options), layer_errors(path)))
         del model
     del reference
-    base = base_entry(base_info, base_perplexity, base_speed)
-    return build_report(data, entries, base, _tp_section(base_path, data, options), options.command)
+    return build_report(data, entries, _base_entry(base_info, base_perplexity), _tp_section(base_path, data, options),
+                        options.command)

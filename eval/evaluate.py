@@ -172,11 +172,6 @@ def model_entry(info: dict, result: EvalResult, tokens_per_s: float | None = Non
             "fidelity": result.fidelity, "layer_errors": errors or [], "sensitivity": sensitivity}
 
 
-def base_entry(info: dict, perplexity: PerplexityResult, tokens_per_s: float | None = None) -> dict:
-    return {**info, "tokens_per_s": tokens_per_s, "perplexity": perplexity.report(), "fidelity": None,
-            "layer_errors": [], "sensitivity": None}
-
-
 def build_report(data: EvalData, models: list[dict], base: dict | None = None, tp: dict | None = None,
                  command: str | None = None) -> dict:
     import datetime

@@ -21,13 +21,16 @@ from tqdm.auto import tqdm
 
 from eval.data import EvalData
 from eval.fidelity import FidelityAccumulator, compare_tokens
-from eval.perplexity import PerplexityResult, perplexity_from_nll
-from eval.runner import batch_logprobs, target_logprobs
+from eval.perplexity import PerplexityResult, perplexity_from_nll, perplexity_of
+from eval.runner import batch_logprobs
 from quantkit.errors import QuantkitError
 from quantkit.export import ERRORS_FILE
 from quantkit.model.checkpoint import Checkpoint, expected_shapes
+from quantkit.model.config import DTYPE_ALIASES, DTYPES
+from quantkit.model.shards import ST_DTYPES
 from quantkit.model.generate import SamplingConfig, generate
 
+ST_ITEMSIZE = {name: dtype.itemsize for dtype, name in ST_DTYPES.items()}  # "F16" -> 2
 LINEAR_TENSOR = re.compile(r"^(.*layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))\.")
 
 
@@ -54,23 +57,18 @@ def check_same_tokenizer(tokenizer, base_tokenizer, model_name: str, base_name: 
 def evaluate(model, data: EvalData, base=None, batch_size: int = 1, progress: bool = True,
              desc: str = "eval") -> EvalResult:
     """Perplexity of `model`; with `base` (a model, or saved base logits: eval.base_logits) also fidelity against it."""
+    if base is None:
+        return EvalResult(perplexity_of(model, data, batch_size, progress))
     fidelity = FidelityAccumulator()
-    nll = []
     bar = tqdm(total=len(data.windows), desc=desc, unit="window", disable=not progress)
     for ids, windows in data.batches(batch_size):
         logprobs = batch_logprobs(model, ids, windows)
         base_scores = (batch_logprobs(base, ids, windows) if isinstance(base, nn.Module)
-                       else [base.window(w) for w in windows] if base is not None else [None] * len(windows))
+                       else [base.window(w) for w in windows])
         for w, lp, base_lp in zip(windows, logprobs, base_scores):
-            targets = data.targets(w)
-            if base_lp is None:
-                nll.append(-target_logprobs(lp, targets))
-            else:
-                fidelity.add(compare_tokens(base_lp, lp, targets))
+            fidelity.add(compare_tokens(base_lp, lp, data.targets(w)))
         bar.update(len(windows))
     bar.close()
-    if base is None:
-        return EvalResult(perplexity_from_nll(torch.cat(nll), data))
     tokens = fidelity.tokens()
     source = "in-memory" if isinstance(base, nn.Module) else "base-logits"
     return EvalResult(perplexity_from_nll(tokens["nll"], data), perplexity_from_nll(tokens["base_nll"], data),
@@ -100,7 +98,7 @@ def method_label(ckpt: Checkpoint) -> str:
         q = ckpt.quantization_config
         bits = q.get("bits") or q.get("config_groups", {}).get("group_0", {}).get("weights", {}).get("num_bits")
         return " ".join(str(x) for x in (q.get("quant_method"), bits and f"w{bits}") if x)
-    return str(ckpt.default_dtype()).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+    return next(alias for alias, name in DTYPE_ALIASES.items() if DTYPES[name] == ckpt.default_dtype())  # fp16, ...
 
 
 def config_label(config) -> str:
@@ -127,15 +125,10 @@ def linear_bits_per_weight(ckpt: Checkpoint, files: list[str]) -> float | None:
             for name in f.keys():
                 if LINEAR_TENSOR.match(name):
                     s = f.get_slice(name)
-                    n_bytes += torch.Size(s.get_shape()).numel() * _dtype_size(s.get_dtype())
+                    n_bytes += torch.Size(s.get_shape()).numel() * ST_ITEMSIZE[s.get_dtype()]
     n_weights = sum(torch.Size(shape).numel() for name, shape in expected_shapes(ckpt.config).items()
                     if name.endswith(".weight") and LINEAR_TENSOR.match(name))
     return 8 * n_bytes / n_weights
-
-
-def _dtype_size(safetensors_dtype: str) -> int:
-    bits = int(re.sub(r"\D", "", safetensors_dtype) or 8)  # F16 -> 16, U8 -> 8, BOOL -> 8
-    return max(bits // 8, 1)
 
 
 def layer_errors(path: str | os.PathLike) -> list[dict]:

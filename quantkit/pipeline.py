@@ -68,7 +68,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
     record = ExportRecord()
     recipe_dict = recipe.to_dict()
-    calibrator, reports = None, []
+    calibrator, reports = None, []  # reports: what replace_linear recorded on each quantized linear
     if needs_calibration(recipe):
         tokens = calibration_tensor(calibration, ckpt, n_samples, seq_len, seed, calib_mode, calib_field)
         calibrator = LayerCalibrator(ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe,
@@ -80,22 +80,20 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
         for index in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=not progress):
             prefix = f"model.layers.{index}."
             layer = ckpt.layer_module(index, dtype)
-            if calibrator:
-                layer = calibrator.step(layer, prefix).cpu()
-            else:
-                reports += linear_reports(quantize(layer, recipe, prefix=prefix), prefix)
+            layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
+            reports += linear_reports(layer, prefix)
             for name, t in module_tensors(layer, fmt, record, prefix=prefix):
                 writer.add(name, t)
             del layer  # the next layer replaces it: memory stays at one layer
         writer.close()
-        reports = [asdict(r) for r in (calibrator.reports if calibrator else reports)]
+        errors = [asdict(r) for r in reports]
         config_json = quantized_config_json(ckpt.config, fmt, record, recipe_dict, dtype)
-        write_quantized_dir(tmp, config_json, fmt, ckpt.dir, reports)
+        write_quantized_dir(tmp, config_json, fmt, ckpt.dir, errors)
     before = sum(torch.Size(s).numel() for s in ckpt.shapes.values()) * ckpt.default_dtype().itemsize
     return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe_dict,
                            layers=ckpt.config.num_hidden_layers, bytes_before=before, bytes_after=writer.total_size,
                            bits_per_weight=record.bits_per_weight(), seconds=time.perf_counter() - start,
-                           errors=reports)
+                           errors=errors)
 
 
 def calibration_tensor(calibration, ckpt: Checkpoint, n_samples: int, seq_len: int, seed: int,

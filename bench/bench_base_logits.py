@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import quantkit
-from eval import BaseLogits, eval_data, evaluate, save_base_logits
+from quantkit.eval import BaseLogits, eval_data, evaluate, save_base_logits
 
 
 def main():

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import quantkit
 from bench_quality import score
-from calibrate import calibration_tokens
-from eval import token_windows
+from quantkit.calibrate import calibration_tokens
+from quantkit.eval import token_windows
 from quantkit.backends import QuantConfig
 from quantkit.modules import AffineLinear
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import transformers
 
 import quantkit
-from eval import token_windows
+from quantkit.eval import token_windows
 from quantkit.backends import QuantConfig
 
 METHODS = {

@@ -24,7 +24,7 @@ tokenizer.model bytes and the mode, so a second run does not tokenize again.
     (torch.Size([128, 2048]), torch.int64)
 """
 
-from calibrate.sampling import calibration_tokens
-from calibrate.sources import KNOWN_DATASETS, HubDataset, load_text
+from quantkit.calibrate.sampling import calibration_tokens
+from quantkit.calibrate.sources import KNOWN_DATASETS, HubDataset, load_text
 
 __all__ = ["KNOWN_DATASETS", "HubDataset", "calibration_tokens", "load_text"]

@@ -25,8 +25,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from calibrate.cache import TokenCache, file_digest, resolve_cache_dir
-from calibrate.sources import MODES, Corpus, check_token_tensor, is_token_source, load_tokens, open_corpus
+from quantkit.calibrate.cache import TokenCache, file_digest, resolve_cache_dir
+from quantkit.calibrate.sources import MODES, Corpus, check_token_tensor, is_token_source, load_tokens, open_corpus
 from quantkit.errors import QuantkitError
 
 log = logging.getLogger("quantkit.calibrate")

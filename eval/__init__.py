@@ -5,10 +5,10 @@
     >>> result.perplexity.ppl, result.fidelity["kl"]["mean"]
 """
 
-from eval.base_logits import BaseLogits, MemoryBaseLogits, save_base_logits
-from eval.data import EvalData, eval_data, text_data, token_windows
-from eval.evaluate import EvalResult, evaluate
-from eval.perplexity import PerplexityResult, perplexity, perplexity_of
+from quantkit.eval.base_logits import BaseLogits, MemoryBaseLogits, save_base_logits
+from quantkit.eval.data import EvalData, eval_data, text_data, token_windows
+from quantkit.eval.evaluate import EvalResult, evaluate
+from quantkit.eval.perplexity import PerplexityResult, perplexity, perplexity_of
 
 __all__ = ["BaseLogits", "EvalData", "EvalResult", "MemoryBaseLogits", "PerplexityResult", "eval_data", "evaluate",
            "perplexity", "perplexity_of", "save_base_logits", "text_data", "token_windows"]

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from eval.data import EvalData, Window
-from eval.fidelity import TopK, compress
-from eval.runner import window_logprobs
+from quantkit.eval.data import EvalData, Window
+from quantkit.eval.fidelity import TopK, compress
+from quantkit.eval.runner import window_logprobs
 from quantkit.errors import QuantkitError
 from quantkit.model.shards import ShardWriter
 

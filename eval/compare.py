@@ -11,12 +11,12 @@ import os
 from dataclasses import dataclass, field
 
 import quantkit
-from eval.base_logits import BaseLogits, save_base_logits
-from eval.data import EvalData
-from eval.evaluate import (EvalResult, build_report, check_same_tokenizer, check_same_vocabulary, decode_tokens_per_s,
+from quantkit.eval.base_logits import BaseLogits, save_base_logits
+from quantkit.eval.data import EvalData
+from quantkit.eval.evaluate import (EvalResult, build_report, check_same_tokenizer, check_same_vocabulary, decode_tokens_per_s,
                            evaluate, layer_errors, model_entry, model_info)
-from eval.perplexity import PerplexityResult, perplexity_from_nll
-from eval.tp import choose_tps, tp_comparison
+from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll
+from quantkit.eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import Checkpoint
 
@@ -113,7 +113,7 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
 def _sensitivity(model, data: EvalData, options: EvalOptions) -> dict | None:
     if not options.sensitivity:
         return None
-    from eval.sensitivity import sensitivity
+    from quantkit.eval.sensitivity import sensitivity
 
     s = options.sensitivity
     return sensitivity(model, data, s["config"], s["unit"], options.batch_size, s.get("calibration"), options.progress)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrate.sources import HubDataset, SourceRole, open_corpus
+from quantkit.calibrate.sources import HubDataset, SourceRole, open_corpus
 from quantkit.errors import QuantkitError
 
 EVAL_DATASETS: dict[str, HubDataset] = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -19,19 +18,17 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from eval.data import EvalData
-from eval.fidelity import FidelityAccumulator, compare_tokens
-from eval.perplexity import PerplexityResult, perplexity_from_nll, perplexity_of
-from eval.runner import batch_logprobs
+from quantkit.eval.data import EvalData
+from quantkit.eval.fidelity import FidelityAccumulator, compare_tokens
+from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll, perplexity_of
+from quantkit.eval.runner import batch_logprobs
 from quantkit.errors import QuantkitError
 from quantkit.export import ERRORS_FILE
-from quantkit.model.checkpoint import Checkpoint, expected_shapes
-from quantkit.model.config import DTYPE_ALIASES, DTYPES
-from quantkit.model.shards import ST_DTYPES
+from quantkit.dtypes import ST_ITEMSIZE, short_name
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.layout import checkpoint_shapes, layer_index, linear_of
 from quantkit.model.generate import SamplingConfig, generate
 
-ST_ITEMSIZE = {name: dtype.itemsize for dtype, name in ST_DTYPES.items()}  # "F16" -> 2
-LINEAR_TENSOR = re.compile(r"^(.*layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))\.")
 
 
 @dataclass
@@ -98,7 +95,7 @@ def method_label(ckpt: Checkpoint) -> str:
         q = ckpt.quantization_config
         bits = q.get("bits") or q.get("config_groups", {}).get("group_0", {}).get("weights", {}).get("num_bits")
         return " ".join(str(x) for x in (q.get("quant_method"), bits and f"w{bits}") if x)
-    return next(alias for alias, name in DTYPE_ALIASES.items() if DTYPES[name] == ckpt.default_dtype())  # fp16, ...
+    return short_name(ckpt.default_dtype())  # fp16, ...
 
 
 def config_label(config) -> str:
@@ -123,11 +120,11 @@ def linear_bits_per_weight(ckpt: Checkpoint, files: list[str]) -> float | None:
     for file_name in files:
         with safe_open(ckpt.dir / file_name, framework="pt") as f:
             for name in f.keys():
-                if LINEAR_TENSOR.match(name):
+                if linear_of(name) is not None:
                     s = f.get_slice(name)
                     n_bytes += torch.Size(s.get_shape()).numel() * ST_ITEMSIZE[s.get_dtype()]
-    n_weights = sum(torch.Size(shape).numel() for name, shape in expected_shapes(ckpt.config).items()
-                    if name.endswith(".weight") and LINEAR_TENSOR.match(name))
+    n_weights = sum(torch.Size(shape).numel() for name, shape in checkpoint_shapes(ckpt.config).items()
+                    if name.endswith(".weight") and linear_of(name) is not None)
     return 8 * n_bytes / n_weights
 
 
@@ -140,12 +137,7 @@ def layer_errors(path: str | os.PathLike) -> list[dict]:
         rows = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise QuantkitError(f"{file}: not valid JSON ({e}): quantize again to rewrite it") from None
-    return [dict(row, layer=_layer_index(row["name"])) for row in rows if row.get("relative_error") is not None]
-
-
-def _layer_index(name: str) -> int | None:
-    match = re.search(r"layers\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
+    return [dict(row, layer=layer_index(row["name"])) for row in rows if row.get("relative_error") is not None]
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eval.perplexity import mean_stderr
+from quantkit.eval.perplexity import mean_stderr
 
 KL_PERCENTILES = {"p99_9": 99.9, "p99": 99.0, "p90": 90.0, "median": 50.0, "p10": 10.0, "p5": 5.0, "p1": 1.0}
 DP_PERCENTILES = {"p99_9": 99.9, "p99": 99.0, "p95": 95.0, "p90": 90.0, "p75": 75.0, "median": 50.0, "p25": 25.0,

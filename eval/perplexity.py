@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from eval.data import EvalData, text_data
-from eval.runner import target_logprobs, window_logprobs
+from quantkit.eval.data import EvalData, text_data
+from quantkit.eval.runner import target_logprobs, window_logprobs
 
 
 @dataclass

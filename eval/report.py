@@ -17,8 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from eval import fidelity, plots
+from quantkit.eval import fidelity, plots
 from quantkit.errors import QuantkitError
+from quantkit.model.layout import local_name
 
 __all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "SUFFIXES", "check_report_path", "load_schema", "noise_floor", "to_html",
            "to_json", "to_markdown", "write_report"]
@@ -344,7 +345,7 @@ def _layer_error_table(grouped: dict[str, dict[tuple, list[dict]]]) -> _Table:
                 continue
             worst = max(errors, key=lambda error: error["relative_error"])
             cells += [f"{_mean(e['relative_error'] for e in errors):.4g}",
-                      f"{_short_linear_name(worst['name'])} {worst['relative_error']:.4g}"]
+                      f"{local_name(worst['name'])} {worst['relative_error']:.4g}"]
         rows.append(tuple(cells))
     return _Table(headers, tuple(rows))
 
@@ -504,13 +505,6 @@ def _mean(values) -> float:
     return math.fsum(values) / len(values)
 
 
-def _short_linear_name(name: str) -> str:
-    """'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj': the layer is already in the row."""
-    parts = name.split(".")
-    for index in range(len(parts) - 1):
-        if parts[index] == "layers" and parts[index + 1].isdigit():
-            return ".".join(parts[index + 2:]) or name
-    return name
 
 
 # --- Markdown -----------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from eval.data import EvalData, Window
+from quantkit.eval.data import EvalData, Window
 
 
 def model_device(model) -> torch.device:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 import re
 
-from eval.base_logits import MemoryBaseLogits
-from eval.data import EvalData
-from eval.evaluate import config_label, evaluate
+from quantkit.eval.base_logits import MemoryBaseLogits
+from quantkit.eval.data import EvalData
+from quantkit.eval.evaluate import config_label, evaluate
 from quantkit.errors import QuantkitError
-from quantkit.model.llama import TP_SPLIT_DIMS
+from quantkit.model.layout import DECODER_LINEARS, layer_prefix
 
 UNITS = ("layer", "linear")
 
@@ -23,9 +23,9 @@ UNITS = ("layer", "linear")
 def parts(config, unit: str) -> list[tuple[str, str]]:
     """(row name, ignore pattern keeping everything else in full precision) per variant."""
     if unit == "layer":
-        return [(f"layer {i}", rf"^(?!model\.layers\.{i}\.)") for i in range(config.num_hidden_layers)]
+        return [(f"layer {i}", "^(?!" + re.escape(layer_prefix(i)) + ")") for i in range(config.num_hidden_layers)]
     if unit == "linear":
-        return [(name, rf"^(?!.*\.{re.escape(name)}$)") for name in TP_SPLIT_DIMS]
+        return [(name, rf"^(?!.*\.{re.escape(name)}$)") for name in DECODER_LINEARS]
     raise QuantkitError(f"--sensitivity {unit!r}: choose one of {', '.join(UNITS)}")
 
 
@@ -36,7 +36,7 @@ def sensitivity(base, data: EvalData, config, unit: str = "layer", batch_size: i
     `calibration`: token ids (n, seq_len) for methods that need calibration (gptq).
     """
     from quantkit.backends import needs_calibration, quantize, runnable_recipe
-    from quantkit.calibrated import quantize_calibrated
+    from quantkit.layerwise import quantize_calibrated
 
     calibrated = needs_calibration(runnable_recipe(config, calibrated=calibration is not None))
     variants = parts(base.config, unit)

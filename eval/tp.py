@@ -16,10 +16,10 @@ import logging
 import torch
 
 import quantkit
-from eval.data import EvalData
-from eval.fidelity import FidelityAccumulator, compare_tokens
-from eval.perplexity import perplexity_from_nll
-from eval.runner import batch_logits
+from quantkit.eval.data import EvalData
+from quantkit.eval.fidelity import FidelityAccumulator, compare_tokens
+from quantkit.eval.perplexity import perplexity_from_nll
+from quantkit.eval.runner import batch_logits
 from quantkit.errors import QuantkitError
 from quantkit.model.llama import indivisible_dims
 

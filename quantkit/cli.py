@@ -10,11 +10,12 @@ from pathlib import Path
 import click
 
 import quantkit
+from quantkit.dtypes import CHOICES
 from quantkit.errors import QuantkitError
 from quantkit.model.generate import SamplingConfig, generate as generate_ids
 from quantkit.model.tokenizer import TextStream
 
-DTYPE_CHOICE = click.Choice(["fp32", "fp16", "bf16"])
+DTYPE_CHOICE = click.Choice(CHOICES)
 
 
 class QuantkitGroup(click.Group):
@@ -111,8 +112,8 @@ def parse_tps(tps: tuple[str, ...]) -> list[int] | None:
 
 def load_eval_data(model, dataset, text_field, seq_len, stride, reports=()):
     """The evaluation windows, once the report paths are known to be writable (fail before the work)."""
-    from eval import eval_data
-    from eval.report import check_report_path
+    from quantkit.eval import eval_data
+    from quantkit.eval.report import check_report_path
 
     for path in reports:
         check_report_path(path)
@@ -121,7 +122,7 @@ def load_eval_data(model, dataset, text_field, seq_len, stride, reports=()):
 
 
 def emit_report(report: dict, reports, as_json: bool):
-    from eval.report import to_json, to_markdown, write_report
+    from quantkit.eval.report import to_json, to_markdown, write_report
 
     for path in reports:
         write_report(report, path)
@@ -152,7 +153,7 @@ def eval_command(model, base, base_logits, save_logits, top_k, sensitivity, meth
                  text_field, seq_len, stride, batch_size, dtype, device, tps, tp_windows, speed, reports, as_json,
                  **method_options):
     """Perplexity of MODEL and, against --base or --base-logits, its logit fidelity (KL, top-1, delta-p)."""
-    from eval.compare import EvalOptions, run_eval
+    from quantkit.eval.compare import EvalOptions, run_eval
 
     if top_k is not None and save_logits is None:
         raise click.UsageError("--top-k applies to --save-logits")
@@ -193,7 +194,7 @@ def sensitivity_options(model, unit, method, method_options, calib, n_samples, s
 def compare(base, models, base_logits, dataset, text_field, seq_len, stride, batch_size, dtype, device, tps,
             tp_windows, speed, reports, as_json):
     """Compare quantized MODELS with BASE in one table: size, bits/weight, perplexity, KL, top-1, tokens/s."""
-    from eval.compare import EvalOptions, run_compare
+    from quantkit.eval.compare import EvalOptions, run_compare
 
     data = load_eval_data(base, dataset, text_field, seq_len, stride, reports)
     options = EvalOptions(dtype=dtype, device=device, batch_size=batch_size, speed=speed, tps=parse_tps(tps),

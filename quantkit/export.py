@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 import quantkit
+from quantkit.dtypes import dtype_name
 from quantkit.backends import BACKENDS, QuantConfig
-from quantkit.calibrated import linear_reports
+from quantkit.layerwise import linear_reports
 from quantkit.errors import QuantkitError
 from quantkit.formats import QuantFormat, get_format
 from quantkit.model.checkpoint import atomic_output_dir, copy_tokenizer_files
 from quantkit.model.config import LlamaConfig
 from quantkit.model.shards import ShardWriter
-from quantkit.walker import DECODER_LINEAR
+from quantkit.model.layout import is_decoder_linear
 
 
 ERRORS_FILE = "quantkit_errors.json"  # per quantized linear: name, method, relative_error, kind
@@ -75,7 +76,7 @@ def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, pr
     for name, m in module.named_modules():
         if name in quantized or any(name.startswith(q + ".") for q in quantized):
             continue
-        if type(m) is nn.Linear and DECODER_LINEAR.search(prefix + name):
+        if type(m) is nn.Linear and is_decoder_linear(prefix + name):
             record.ignored.append(prefix + name)
         for tensor_name, t in _own_tensors(m):
             full = f"{name}.{tensor_name}" if name else tensor_name
@@ -92,7 +93,7 @@ def quantized_config_json(config: LlamaConfig, fmt: QuantFormat, record: ExportR
                           dtype: torch.dtype) -> dict[str, Any]:
     """config.json: the model's, its format's quantization_config, and quantkit's own record."""
     d = config.to_hf_dict()
-    d["dtype"] = str(dtype).removeprefix("torch.")
+    d["dtype"] = dtype_name(dtype)
     ignored = record.ignored + ["lm_head"]
     d["quantization_config"] = fmt.quantization_config(record.configs, ignored)
     d["quantkit"] = {"version": quantkit.__version__, "format": fmt.name, "recipe": recipe}

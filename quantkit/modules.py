@@ -22,7 +22,7 @@ from torch import nn
 from quantkit.affine import AffineWeight
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import trivial_g_idx
-from quantkit.formats.packing import pack, unpack
+from quantkit.packing import pack, unpack
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from quantkit.backends import QuantConfig, Recipe, needs_calibration, quantize, runnable_recipe
-from quantkit.calibrated import LayerCalibrator, linear_reports
+from quantkit.layerwise import LayerCalibrator, linear_reports
 from quantkit.errors import QuantkitError
 from quantkit.export import (ExportRecord, choose_format, module_tensors, quantized_config_json, shard_metadata,
                              write_quantized_dir)
 from quantkit.model.checkpoint import Checkpoint, atomic_output_dir
-from quantkit.model.config import parse_dtype
+from quantkit.dtypes import parse_dtype
+from quantkit.model.layout import layer_prefix
 from quantkit.model.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
         for name, t in ckpt.read(ckpt.non_layer_names(), dtype):
             writer.add(name, t)
         for index in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer", disable=not progress):
-            prefix = f"model.layers.{index}."
+            prefix = layer_prefix(index)
             layer = ckpt.layer_module(index, dtype)
             layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
             reports += linear_reports(layer, prefix)
@@ -99,9 +100,9 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
 def calibration_tensor(calibration, ckpt: Checkpoint, n_samples: int, seq_len: int, seed: int,
                        mode: str | None = None, text_field: str = "text") -> torch.Tensor:
     """Token ids (n, seq_len): a tensor is used as is (after calibrate's checks); a source is sampled."""
-    from calibrate import calibration_tokens
-    from calibrate.sampling import ready_windows
-    from calibrate.sources import check_token_tensor, is_token_source, load_tokens
+    from quantkit.calibrate import calibration_tokens
+    from quantkit.calibrate.sampling import ready_windows
+    from quantkit.calibrate.sources import check_token_tensor, is_token_source, load_tokens
     from quantkit.model.tokenizer import Tokenizer
 
     if isinstance(calibration, torch.Tensor):

@@ -6,19 +6,18 @@ embedding and lm_head stay in the model's dtype.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 from torch import nn
 
-DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+from quantkit.model.layout import is_decoder_linear
 
 
 def decoder_linears(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Linear]]:
     """(full name, module) of every plain nn.Linear inside the decoder layers."""
     for name, module in model.named_modules():
         full = prefix + name
-        if type(module) is nn.Linear and DECODER_LINEAR.search(full):
+        if type(module) is nn.Linear and is_decoder_linear(full):
             yield full, module
 
 

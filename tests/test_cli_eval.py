@@ -7,7 +7,7 @@ import torch
 import pytest
 from click.testing import CliRunner
 
-from eval.report import load_schema
+from quantkit.eval.report import load_schema
 from quantkit.cli import main
 from quantkit.model import save_model
 from tests.conftest import DEMO_MODEL, random_model, tiny_config

@@ -114,7 +114,7 @@ def test_one_layer_in_memory_at_a_time(model_dir, tmp_path, monkeypatch):
 
 
 def test_generate_and_perplexity_on_a_quantized_directory(model_dir, tmp_path):
-    from eval import perplexity
+    from quantkit.eval import perplexity
 
     quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
     model, tok = quantkit.load(tmp_path / "q"), quantkit.load_tokenizer(tmp_path / "q")

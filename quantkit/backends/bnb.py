@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from quantkit.backends.registry import QuantConfig, register_backend
+from quantkit.dtypes import CHOICES, parse_dtype
 from quantkit.errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit accepts
-COMPUTE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CPU_REPACK_BLOCK_N = 32  # bitsandbytes' _convert_weight_packed_for_cpu tiles out_features by 32
 
 
@@ -74,9 +74,9 @@ class Bnb4bitConfig(QuantConfig):
         if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
             raise QuantkitError(f"{self.method}: --blocksize {self.blocksize!r} is not supported by bitsandbytes: "
                                 f"use one of {', '.join(map(str, BLOCKSIZES))}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
+        if self.compute_dtype not in CHOICES:
             raise QuantkitError(f"{self.method}: --compute-dtype {self.compute_dtype!r} is not supported: "
-                                f"use one of {', '.join(COMPUTE_DTYPES)}")
+                                f"use one of {', '.join(CHOICES)}")
 
 
 @dataclass
@@ -108,6 +108,7 @@ def linear8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: float
     param = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False, SCB=scb)
     module.weight = param.to(weight.device)
     module.bias = _new_bias(bias)
+    keep_portable_state(module)
     return module
 
 
@@ -157,8 +158,14 @@ def _repacked_for_cpu(module: nn.Module) -> bool:
 
 
 def _before_forward(module: nn.Module, args):
-    """Forward pre-hook of quantkit's Linear4bit modules: runs before bitsandbytes may repack (see top)."""
-    if args[0].device.type != "cpu":
+    """Forward pre-hook of quantkit's bitsandbytes modules: runs before bitsandbytes' forward changes them.
+
+    Their forward casts the bias in place to the compute dtype (every device), and on AVX512-BF16 CPUs
+    repacks a Linear4bit (see top): the references kept here are what quantization produced.
+    """
+    if getattr(module, "quantkit_portable_state", None) is None:
+        module.quantkit_portable_state = module.state_dict()  # references only: bitsandbytes replaces, never edits
+    if args[0].device.type != "cpu" or not hasattr(module.weight, "quant_state"):
         return
     blocksize = module.weight.quant_state.blocksize
     if module.in_features % blocksize:
@@ -170,9 +177,6 @@ def _before_forward(module: nn.Module, args):
     if module.out_features % CPU_REPACK_BLOCK_N:
         module.support_avx512bf16_for_cpu = False  # bitsandbytes' repack would fail on this shape
         log.debug("Linear4bit %dx%d runs on bitsandbytes' generic CPU path", module.out_features, module.in_features)
-        return
-    if getattr(module, "quantkit_portable_state", None) is None:
-        module.quantkit_portable_state = module.state_dict()  # references only: nothing is repacked yet
 
 
 def keep_portable_state(module: nn.Module):
@@ -221,7 +225,7 @@ def quantize_bnb_4bit(linear: nn.Linear, config: Bnb4bitConfig, name: str) -> nn
         raise QuantkitError(f"{name}: {config.method} --blocksize {config.blocksize} does not divide "
                             f"in_features={linear.in_features}: choose one that does (64 divides every Llama 2 linear)")
     module = linear4bit(linear.weight.data, linear.bias, config.quant_type, config.double_quant, config.blocksize,
-                        COMPUTE_DTYPES[config.compute_dtype])
+                        parse_dtype(config.compute_dtype))
     return module.train(linear.training)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from quantkit.backends.registry import QuantConfig, register_backend
 from quantkit.backends.rtn import validate_affine
 from quantkit.errors import QuantkitError
-from quantkit.gptq import gptq_quantize
+from quantkit.gptq_solver import gptq_quantize
 from quantkit.modules import AffineLinear
 
 log = logging.getLogger(__name__)

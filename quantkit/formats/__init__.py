@@ -11,7 +11,7 @@ from quantkit.formats.base import QuantFormat
 # name -> "module:class"; imported on first use so that e.g. bitsandbytes loads only when needed.
 FORMAT_CLASSES = {
     "compressed-tensors": "quantkit.formats.compressed_tensors:CompressedTensorsFormat",
-    "gptq": "quantkit.formats.gptq:GPTQFormat",
+    "gptq": "quantkit.formats.autogptq:GPTQFormat",
     "bnb": "quantkit.formats.bnb:BnbFormat",
 }
 

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from quantkit.affine import AffineWeight
+from quantkit.dtypes import FLOAT_DTYPES, dtype_name
 from quantkit.errors import QuantkitError
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 
@@ -79,8 +78,8 @@ def check_tensor(name: str, key: str, tensors: dict[str, torch.Tensor], shape: t
         raise QuantkitError(f"{name}.{key}: missing from the checkpoint: re-export the model")
     t = tensors[key]
     if tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
-        want = "/".join(str(d).removeprefix("torch.") for d in dtypes)
-        got = f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+        want = "/".join(dtype_name(d) for d in dtypes)
+        got = f"{dtype_name(t.dtype)} {list(t.shape)}"
         raise QuantkitError(f"{name}.{key}: is {got}, expected {want} {list(shape)}: the checkpoint does not "
                             f"match its quantization_config; re-export it")
     return t

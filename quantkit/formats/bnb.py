@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.backends.bnb import (BnbFP4Config, BnbInt8Config, BnbNF4Config, COMPUTE_DTYPES, linear8bit,
+from quantkit.backends.bnb import (BnbFP4Config, BnbInt8Config, BnbNF4Config, linear8bit,
                                    portable_state_dict, prequantized_linear4bit)
+from quantkit.dtypes import DTYPES, dtype_name, parse_dtype, short_name
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantFormat
 
 QUANT_STATE = "weight.quant_state.bitsandbytes__"  # the 4-bit module's marker tensor: ...bitsandbytes__nf4
 INT8_KEYS = ("weight", "SCB", "weight_format")  # what transformers' Bnb8bitDeserialize reads
 CONFIG_4BIT = {"nf4": BnbNF4Config, "fp4": BnbFP4Config}
-TORCH_DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def _bnb_config_dict(load_in_4bit: bool, skip: list[str], threshold: float = 6.0, quant_type: str = "fp4",
@@ -74,7 +74,7 @@ class BnbFormat(QuantFormat):
             return _bnb_config_dict(False, skip, threshold=config.threshold)
         if type(config) in CONFIG_4BIT.values():
             return _bnb_config_dict(True, skip, quant_type=config.quant_type, double_quant=config.double_quant,
-                                    compute_dtype=TORCH_DTYPE_NAMES[config.compute_dtype])
+                                    compute_dtype=dtype_name(parse_dtype(config.compute_dtype)))
         raise QuantkitError(f"bnb format cannot hold method {config.method}: it holds {', '.join(self.methods)}")
 
     @classmethod
@@ -107,14 +107,13 @@ def _load_4bit(name: str, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) 
     if missing:
         raise QuantkitError(f"{name}: the 4-bit module lacks {', '.join(missing)}: the checkpoint is incomplete")
     compute = qc.get("bnb_4bit_compute_dtype") or "float32"  # transformers' default when unset
-    short = {v: k for k, v in TORCH_DTYPE_NAMES.items()}.get(compute)
-    if short is None:
-        raise QuantkitError(f"{name}: bnb_4bit_compute_dtype {compute!r} is not one of "
-                            f"{', '.join(TORCH_DTYPE_NAMES.values())}: fix config.json")
-    module = prequantized_linear4bit(tensors, COMPUTE_DTYPES[short])
+    if compute not in DTYPES:
+        raise QuantkitError(f"{name}: bnb_4bit_compute_dtype {compute!r} is not one of {', '.join(DTYPES)}: "
+                            f"fix config.json")
+    module = prequantized_linear4bit(tensors, DTYPES[compute])
     qs = module.weight.quant_state
     module.quant_config = CONFIG_4BIT[qs.quant_type](double_quant=qs.nested, blocksize=qs.blocksize,
-                                                     compute_dtype=short)
+                                                     compute_dtype=short_name(compute))
     return module
 
 

@@ -34,9 +34,10 @@ from torch import nn
 
 from quantkit.affine import AffineWeight
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import (FLOAT_DTYPES, QuantFormat, affine_of, check_g_idx, check_known, check_tensor,
+from quantkit.dtypes import FLOAT_DTYPES
+from quantkit.formats.base import (QuantFormat, affine_of, check_g_idx, check_known, check_tensor,
                                    trivial_g_idx)
-from quantkit.formats.packing import pack, packed_size, unpack
+from quantkit.packing import pack, packed_size, unpack
 from quantkit.modules import AffineLinear
 
 log = logging.getLogger(__name__)

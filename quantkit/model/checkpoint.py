@@ -24,7 +24,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.model.config import DTYPES, LlamaConfig, parse_dtype
+from quantkit.dtypes import DTYPES, dtype_name, parse_dtype
+from quantkit.model.config import LlamaConfig
+from quantkit.model.layout import checkpoint_shapes, layer_index, layer_prefix
 from quantkit.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from quantkit.model.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, write_safetensors
 from quantkit.walker import set_module
@@ -34,30 +36,7 @@ log = logging.getLogger(__name__)
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "generation_config.json")
-LAYER_PREFIX = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 IGNORED_TENSORS = re.compile(r"rotary_emb\.inv_freq$")  # saved by old transformers, recomputed here
-
-
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of a Llama checkpoint with its shape, in Hugging Face's naming."""
-    c = config
-    q, kv, h, i = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.hidden_size, \
-        c.intermediate_size
-    layer = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-             "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-             "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
-             "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
-    if c.attention_bias:
-        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                      "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (h,)})
-    if c.mlp_bias:
-        layer.update({"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (h,)})
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    for n in range(c.num_hidden_layers):
-        shapes.update({f"model.layers.{n}.{k}": v for k, v in layer.items()})
-    return shapes
 
 
 def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
@@ -94,7 +73,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.dir = resolve_model_dir(path)
         self.config = LlamaConfig.from_file(self.dir / "config.json")
-        self.shapes = expected_shapes(self.config)  # tensor name -> shape, in model order
+        self.shapes = checkpoint_shapes(self.config)  # tensor name -> shape, in model order
         self.weight_map = self._index()  # tensor name -> file name
         self.quantization_config = self.config.extra.get("quantization_config")
         self.format, self.quantized_modules = None, set()
@@ -223,13 +202,13 @@ class Checkpoint:
         return next(self.read([name], dtype))[1]
 
     def layer_names(self, index: int) -> list[str]:
-        return [n for n in self.shapes if n.startswith(f"model.layers.{index}.")]
+        return [n for n in self.shapes if n.startswith(layer_prefix(index))]
 
     def layer(self, index: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """One decoder layer's tensors keyed relative to the layer ('mlp.down_proj.weight'); nothing else is read."""
         if not 0 <= index < self.config.num_hidden_layers:
             raise QuantkitError(f"layer {index} out of range: the model has {self.config.num_hidden_layers} layers")
-        prefix = f"model.layers.{index}."
+        prefix = layer_prefix(index)
         return {name[len(prefix):]: t for name, t in self.read(self.layer_names(index), dtype)}
 
     def layer_module(self, index: int, dtype: torch.dtype | None = None) -> LlamaDecoderLayer:
@@ -251,7 +230,7 @@ class Checkpoint:
 
     def non_layer_names(self) -> list[str]:
         """Embedding, final norm and lm_head: what surrounds the decoder layers."""
-        return [n for n in self.shapes if not LAYER_PREFIX.match(n)]
+        return [n for n in self.shapes if layer_index(n) is None]
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -351,7 +330,7 @@ def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_di
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # as transformers does: the embedding is the lm_head
     saved_dtype = dtype or model.model.embed_tokens.weight.dtype  # what the files hold, not what config said
-    config = dataclasses.replace(config, torch_dtype=str(saved_dtype).removeprefix("torch."))
+    config = dataclasses.replace(config, torch_dtype=dtype_name(saved_dtype))
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         write_safetensors(tensors, tmp, max_shard_size)

@@ -17,18 +17,6 @@ import torch
 from quantkit.errors import QuantkitError
 
 ROPE_TYPES = ("default", "linear", "dynamic")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """'fp16' / 'float16' / torch.float16 -> torch.float16; None stays None."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    key = DTYPE_ALIASES.get(name, name)
-    if key not in DTYPES:
-        raise QuantkitError(f"unknown dtype {name!r}: use one of fp32, fp16, bf16")
-    return DTYPES[key]
 
 
 @dataclass

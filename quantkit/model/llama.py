@@ -13,6 +13,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.model.config import LlamaConfig
+from quantkit.model.layout import DECODER_LINEARS, layer_prefix
 
 
 class RMSNorm(nn.Module):
@@ -62,9 +63,6 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-# pretraining_tp slices these linears by output rows (dim 0) or input columns (dim 1).
-TP_SPLIT_DIMS = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
-                 "mlp.gate_proj": 0, "mlp.up_proj": 0, "mlp.down_proj": 1}
 
 
 def linear_split_rows(x, linear: nn.Module, tp: int):
@@ -270,8 +268,8 @@ class LlamaForCausalLM(nn.Module):
     def tp_linears(self):
         """(name, module, dim) of every linear pretraining_tp slices: dim 0 by rows, dim 1 by columns."""
         for i, layer in enumerate(self.model.layers):
-            for name, dim in TP_SPLIT_DIMS.items():
-                yield f"model.layers.{i}.{name}", layer.get_submodule(name), dim
+            for name, dim in DECODER_LINEARS.items():  # pretraining_tp slices rows (0) or columns (1)
+                yield layer_prefix(i) + name, layer.get_submodule(name), dim
         yield "lm_head", self.lm_head, 0
 
     def _build_tp_parts(self, tp: int):

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import torch
 
+from quantkit.dtypes import ST_DTYPES
 from quantkit.errors import QuantkitError
 
 SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 def parse_size(size: int | str) -> int:

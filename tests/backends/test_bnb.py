@@ -114,7 +114,7 @@ def test_threshold_is_stored_as_a_float():
     (lambda: BnbInt8Config(threshold="6"), r"--threshold '6' must be a number"),
     (lambda: BnbNF4Config(blocksize=48), r"bnb-nf4: --blocksize 48 is not supported by bitsandbytes: use one of 32, "),
     (lambda: BnbFP4Config(blocksize=8192), r"bnb-fp4: --blocksize 8192 is not supported"),
-    (lambda: BnbNF4Config(compute_dtype="fp8"), r"bnb-nf4: --compute-dtype 'fp8' is not supported: use one of fp16, "),
+    (lambda: BnbNF4Config(compute_dtype="fp8"), r"bnb-nf4: --compute-dtype 'fp8' is not supported: use one of fp32, fp16, bf16"),
     (lambda: BnbFP4Config(compute_dtype="float16"), r"--compute-dtype 'float16' is not supported"),
     (lambda: BnbNF4Config(double_quant="yes"), r"--double-quant must be true or false"),
     (lambda: QuantConfig.from_dict({"method": "bnb-nf4", "group_size": 64}),

@@ -12,8 +12,8 @@ import sentencepiece as spm
 import torch
 
 import quantkit
-from calibrate import calibration_tokens
-from calibrate.sampling import distinct_randint
+from quantkit.calibrate import calibration_tokens
+from quantkit.calibrate.sampling import distinct_randint
 from quantkit.errors import QuantkitError
 
 TRAIN_TXT = Path(__file__).resolve().parents[2] / "demo" / "model" / "train.txt"

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import quantkit
-from calibrate import KNOWN_DATASETS, calibration_tokens, load_text
+from quantkit.calibrate import KNOWN_DATASETS, calibration_tokens, load_text
 from quantkit.errors import QuantkitError
 
 # Demo-corpus paragraphs: real English text, small enough to tokenize in milliseconds.

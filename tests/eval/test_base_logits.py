@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import quantkit
-from eval import BaseLogits, MemoryBaseLogits, evaluate, save_base_logits, text_data
-from eval.base_logits import FORMAT, U16_LEVELS, decode, encode
-from eval.fidelity import TopK
+from quantkit.eval import BaseLogits, MemoryBaseLogits, evaluate, save_base_logits, text_data
+from quantkit.eval.base_logits import FORMAT, U16_LEVELS, decode, encode
+from quantkit.eval.fidelity import TopK
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
@@ -262,13 +262,13 @@ def test_saved_logits_path_may_be_a_string(saved, data, tok):
 
 def test_saving_gives_the_perplexity_without_a_second_pass(base, tok, data, tmp_path, monkeypatch):
     """run_eval --save-logits reads the perplexity back from the file's exact target log-probs."""
-    from eval.compare import EvalOptions, run_eval
+    from quantkit.eval.compare import EvalOptions, run_eval
     from quantkit.model import save_model
 
     save_model(base, tmp_path / "m", tokenizer_dir=DEMO_MODEL)
     expected = run_eval(tmp_path / "m", data, options=EvalOptions(speed=False, progress=False))
     calls = []
-    monkeypatch.setattr("eval.compare.evaluate", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("quantkit.eval.compare.evaluate", lambda *a, **k: calls.append(a))
     saved = run_eval(tmp_path / "m", data, save_logits=tmp_path / "m.qkl", options=EvalOptions(speed=False, progress=False))
     assert calls == [] and (tmp_path / "m.qkl").is_file()
     assert saved["models"][0]["perplexity"] == pytest.approx(expected["models"][0]["perplexity"], rel=1e-6)

@@ -12,8 +12,8 @@ import pytest
 import sentencepiece as spm
 
 import quantkit
-from eval import report, text_data
-from eval.compare import EvalOptions, run_compare, run_eval
+from quantkit.eval import report, text_data
+from quantkit.eval.compare import EvalOptions, run_compare, run_eval
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError

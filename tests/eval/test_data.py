@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import quantkit
-from eval import eval_data, perplexity, text_data
-from eval.data import Window, windows_of
+from quantkit.eval import eval_data, perplexity, text_data
+from quantkit.eval.data import Window, windows_of
 from quantkit.errors import QuantkitError
 from tests.conftest import random_model, tiny_config
 

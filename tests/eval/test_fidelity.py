@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval import evaluate, text_data
-from eval.fidelity import (DP_PERCENTILES, KL_PERCENTILES, FidelityAccumulator, TopK, compare_tokens, compress,
+from quantkit.eval import evaluate, text_data
+from quantkit.eval.fidelity import (DP_PERCENTILES, KL_PERCENTILES, FidelityAccumulator, TopK, compare_tokens, compress,
                            kl_divergence, pearson)
 from tests.conftest import random_model, tiny_config
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import quantkit
-from eval import perplexity, token_windows
+from quantkit.eval import perplexity, token_windows
 from quantkit.errors import QuantkitError
 from tests.conftest import SHARED_MODEL, random_model, tiny_config
 

@@ -13,9 +13,9 @@ import zlib
 import jsonschema
 import pytest
 
-from eval import plots
-from eval import report as report_module
-from eval.report import SCHEMA_VERSION, load_schema, to_html, to_json, to_markdown, write_report
+from quantkit.eval import plots
+from quantkit.eval import report as report_module
+from quantkit.eval.report import SCHEMA_VERSION, load_schema, to_html, to_json, to_markdown, write_report
 from quantkit.errors import QuantkitError
 
 N_LAYERS = 32

@@ -10,8 +10,8 @@ from torch import nn
 
 import quantkit
 import quantkit.backends
-from eval import evaluate, text_data
-from eval.sensitivity import sensitivity
+from quantkit.eval import evaluate, text_data
+from quantkit.eval.sensitivity import sensitivity
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
 from tests.conftest import DEMO_MODEL, peaked_model

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import quantkit
-from eval import text_data
-from eval.report import noise_floor
-from eval.tp import choose_tps, subset, tp_comparison
+from quantkit.eval import text_data
+from quantkit.eval.report import noise_floor
+from quantkit.eval.tp import choose_tps, subset, tp_comparison
 from quantkit.backends.int4 import Int4Config
 from quantkit.errors import QuantkitError
 from quantkit.model import save_model
@@ -98,7 +98,7 @@ def test_choose_tps(overrides, requested, expected):
 
 def test_subset_fits_the_reference_budget(data, monkeypatch):
     assert len(subset(data, None, 4096).windows) == len(data.windows)  # a few windows are far below 1 GiB
-    monkeypatch.setattr("eval.tp.REFERENCE_BUDGET", 2 * 32 * 4096 * 4)  # room for two windows of fp32 logits
+    monkeypatch.setattr("quantkit.eval.tp.REFERENCE_BUDGET", 2 * 32 * 4096 * 4)  # room for two windows of fp32 logits
     assert subset(data, None, 4096).windows == data.windows[:2]
     assert subset(data, 1, 4096).windows == data.windows[:1]
 

@@ -16,7 +16,7 @@ from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
 from quantkit.export import save_quantized
 from quantkit.formats import format_for, get_format
-from quantkit.formats.gptq import GPTQFormat
+from quantkit.formats.autogptq import GPTQFormat
 from quantkit.modules import AffineLinear
 from tests.conftest import random_model, tiny_config
 from tests.formats.test_compressed_tensors import GPTQLike, assert_same_affine, make_affine, relative

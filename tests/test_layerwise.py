@@ -6,7 +6,7 @@ import torch
 import quantkit
 from quantkit.backends.gptq import GPTQConfig
 from quantkit.backends.rtn import RTNConfig
-from quantkit.calibrated import SEQUENTIAL_GROUPS, quantize_calibrated
+from quantkit.layerwise import SEQUENTIAL_GROUPS, quantize_calibrated
 from quantkit.errors import QuantkitError
 from quantkit.model import save_model
 from quantkit.pipeline import quantize_checkpoint

@@ -20,15 +20,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantkit.backends import BACKENDS, Recipe, replace_linear
-from quantkit.gptq import HessianAccumulator
+from quantkit.gptq_solver import HessianAccumulator
 from quantkit.model.checkpoint import check_device
 from quantkit.model.config import LlamaConfig
+from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_prefix
 from quantkit.model.llama import rotary_embedding
 
 log = logging.getLogger(__name__)
 
-SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
 @dataclass
@@ -104,6 +103,6 @@ def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: 
     weight = model.model.embed_tokens.weight
     calibrator = LayerCalibrator(model.config, tokens, weight, recipe, batch_size, device, progress)
     for index, layer in enumerate(tqdm(model.model.layers, desc="quantize", unit="layer", disable=not progress)):
-        calibrator.step(layer, f"model.layers.{index}.").to(weight.device)
+        calibrator.step(layer, layer_prefix(index)).to(weight.device)
     model.quant_recipe = recipe.to_dict()
     return calibrator.reports

@@ -2,7 +2,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-from quantkit.formats.packing import pack, unpack
+from quantkit.packing import pack, unpack
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])

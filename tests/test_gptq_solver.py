@@ -7,7 +7,7 @@ import torch
 
 from quantkit.affine import quantize_weight
 from quantkit.errors import QuantkitError
-from quantkit.gptq import HessianAccumulator, gptq_quantize
+from quantkit.gptq_solver import HessianAccumulator, gptq_quantize
 from quantkit.modules import AffineLinear, act_order_permutation
 
 BITS, GROUPS = (2, 3, 4, 8), (32, 64, 128, -1)
@@ -89,7 +89,7 @@ def test_dead_inputs_are_zeroed():
 def test_singular_hessian_retries_with_more_damping(caplog):
     H = -torch.eye(256)  # not positive definite at the default dampening
     H[0, 0] = 1000.0
-    with caplog.at_level(logging.WARNING, logger="quantkit.gptq"):
+    with caplog.at_level(logging.WARNING, logger="quantkit.gptq_solver"):
         gptq_quantize(W, H, 4, 64, damp=0.01)
     assert "retrying with damp=0.1" in caplog.text
 

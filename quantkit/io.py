@@ -1,0 +1,156 @@
+"""Atomic writes, the one home for them: a file or a directory appears complete, or not at all.
+
+Everything quantkit writes goes through `atomic_file` (reports, caches, saved log-probs) or
+`atomic_dir` (model directories): the content is written under a hidden temporary name in the
+destination's own directory (so the final rename never crosses a filesystem), flushed to disk, and
+`os.replace`d into place. On any exception, on Ctrl-C and on SIGTERM (what schedulers and `kill`
+send; turned into `Terminated` while a write is open) the temporary is removed and an existing
+destination is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from quantkit.errors import QuantkitError
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while quantkit was writing: raised so that cleanup runs, then exit 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"terminated by signal {signum}")
+
+
+@contextlib.contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into a `Terminated` exception inside the block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: Path):
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path):
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def check_writable(path: str | os.PathLike, what: str = "output"):
+    """Fail before any work when `path`'s directory is missing or read-only, or `path` is a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise QuantkitError(f"{path}: is a directory: give a file name for the {what}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise QuantkitError(f"{parent}: no such directory for the {what} {path.name}: create it first")
+    if not os.access(parent, os.W_OK):
+        raise QuantkitError(f"{parent}: not writable, so the {what} {path.name} cannot be written there")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends normally, it replaces `path` atomically.
+
+    The caller writes the temporary however it likes (open, safetensors.save_file, a ShardWriter).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as a plain open() would (mkstemp: 0600)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        with terminate_as_exception():
+            yield tmp
+            fsync_file(tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove
+    fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str):
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`, renamed into place when the block ends normally.
+
+    An existing `out` is refused unless overwrite=True; then it is replaced only once the new one is
+    complete, so a failure never leaves a half-written directory nor loses the old one.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"{out}: already exists: choose another output or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the published directory private
+    try:
+        with terminate_as_exception():
+            yield tmp
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    fsync_file(f)
+            _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+    fsync_dir(out.parent)
+
+
+def _replace_dir(tmp: Path, out: Path):
+    """Move tmp to out; an existing out is moved aside first and removed only after the move."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        _remove(old)

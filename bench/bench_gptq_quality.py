@@ -26,6 +26,8 @@ from bench_quality import score
 from quantkit.calibrate import calibration_tokens
 from quantkit.eval import token_windows
 from quantkit.backends import QuantConfig
+from quantkit.export import ExportOptions
+from quantkit.layerwise import CalibrationOptions
 from quantkit.modules import AffineLinear
 
 METHODS = {
@@ -75,10 +77,11 @@ def main():
         for name in args.methods:
             out = Path(tmp) / name.replace(" ", "_")
             start = time.perf_counter()
-            summary = quantkit.quantize_checkpoint(model_dir, QuantConfig.from_dict(METHODS[name]), out, format="gptq",
-                                                   dtype="fp32", progress=False, calibration=tokens,
-                                                   n_samples=args.n_samples, seq_len=args.calib_seq_len,
-                                                   seed=args.seed)
+            summary = quantkit.quantize_checkpoint(model_dir, QuantConfig.from_dict(METHODS[name]), out,
+                                                   ExportOptions(format="gptq", dtype="fp32"), progress=False,
+                                                   calibration=CalibrationOptions(tokens, n_samples=args.n_samples,
+                                                                                  seq_len=args.calib_seq_len,
+                                                                                  seed=args.seed))
             seconds = time.perf_counter() - start
             model = quantkit.load(out, dtype="fp32")
             kernels = set_int4_kernels(model, False)

@@ -5,7 +5,7 @@ as safetensors under `cache_dir` (default `$QUANTKIT_CACHE/calib`, else `~/.cach
 The file name is a hash of what the ids depend on: the text's content hash (documents framed so
 that boundaries count, and the joiner in mode "random"), the tokenizer.model bytes, the mode and a
 format version. Sampling parameters (seed, n_samples, seq_len) are not part of the key: the cache
-holds tokenizations, sampling is cheap. Files are written to a temporary name and renamed, so a
+holds tokenizations, sampling is cheap. Files are written atomically (quantkit.io.atomic_file), so a
 reader never sees half a file; an unwritable cache directory costs speed, not correctness.
 """
 
@@ -15,10 +15,11 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 from pathlib import Path
 
 import torch
+
+from quantkit.io import atomic_file
 
 log = logging.getLogger("quantkit.calibrate")
 
@@ -76,25 +77,16 @@ class TokenCache:
     def save(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.path is None:
             return
+        from safetensors.torch import save_file
+
         try:
-            atomic_save(tensors, self.path, {"format": FORMAT, **self.meta})
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self.path) as tmp:
+                save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp),
+                          metadata={"format": FORMAT, **self.meta})
         except OSError as e:
             log.warning("calibration: could not write the token cache %s (%s); the next run tokenizes again "
                         "(set cache_dir or $%s to a writable directory)", self.path, e, CACHE_ENV)
             return
         log.info("calibration: token ids cached in %s", self.path)
 
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors written to a temporary file in the same directory, then renamed over `path`."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a unique name that save_file creates itself (mkstemp's would be mode 0600, not the umask's)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # only when save_file or the rename failed
-            os.unlink(tmp)

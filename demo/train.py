@@ -43,12 +43,9 @@ import io
 import json
 import logging
 import math
-import os
 import pkgutil
 import random
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -66,6 +63,7 @@ try:
     import quantkit  # noqa: F401
 except ModuleNotFoundError:  # run as a plain script without PYTHONPATH
     sys.path.insert(0, str(REPO_ROOT))
+from quantkit.io import atomic_dir  # noqa: E402
 from quantkit.model.config import LlamaConfig  # noqa: E402
 from quantkit.model.llama import LlamaForCausalLM, RMSNorm  # noqa: E402
 
@@ -309,17 +307,6 @@ def save_model(model: nn.Module, config: LlamaConfig, out_dir: Path):
 
 # -- main ------------------------------------------------------------------------------------------
 
-def replace_dir(tmp: Path, out: Path):
-    """Move the finished tmp directory to out, replacing any previous out."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,10 +339,7 @@ def main(argv=None):
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     out = args.out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_dir(out, overwrite=True) as tmp:  # moved into place only once complete; removed on any failure
         texts = split_documents(collect_documents(), args.seed)
         for name, text in texts.items():
             (tmp / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
@@ -382,12 +366,8 @@ def main(argv=None):
                  valid_nll, math.exp(valid_nll), valid_windows, test_nll, math.exp(test_nll), test_windows)
 
         save_model(model, config, tmp)
-        for path in tmp.iterdir():
+        for path in tmp.iterdir():  # safetensors' save_file makes its files 0600
             path.chmod(0o644)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out}: train loss {train_loss:.3f}, valid loss {valid_nll:.3f}, "
           f"test ppl {math.exp(test_nll):.2f} ({len(streams['test'])} tokens, {test_windows} windows), "
           f"{time.perf_counter() - started:.0f} s")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from quantkit.eval.data import EvalData, Window
 from quantkit.eval.fidelity import TopK, compress
 from quantkit.eval.runner import window_logprobs
 from quantkit.errors import QuantkitError
+from quantkit.io import atomic_file
 from quantkit.model.shards import ShardWriter
 
 FORMAT = "quantkit-base-logits"
@@ -77,13 +77,16 @@ def save_base_logits(model, tokenizer, data: EvalData, path: str | os.PathLike, 
                 "top_k": str(top_k or 0), "vocab_size": str(model.config.vocab_size),
                 "tokenizer": tokenizer.fingerprint(), "dataset": json.dumps(data.describe()),
                 "model": json.dumps(model_info or {})}
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        writer = ShardWriter(tmp, max_shard_size=2**62, metadata=metadata)  # one file, spooled to disk
+    # ShardWriter streams (a spool file, then header + spool into one shard file) in a scratch directory
+    # beside `path`; the finished shard becomes atomic_file's temporary, which replaces `path` on success.
+    # On an exception or SIGTERM both the scratch directory and the temporary are removed.
+    with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        writer = ShardWriter(scratch, max_shard_size=2**62, metadata=metadata)  # one file, spooled to disk
         for window, lp in window_logprobs(model, data, batch_size, progress, desc="base logits"):
             for key, value in encode(lp, data.targets(window), top_k).items():
                 writer.add(f"{window.start}.{key}", value.contiguous())
         (name,) = writer.close()
-        shutil.move(Path(tmp) / name, path)
+        os.replace(Path(scratch) / name, tmp)
     return path
 
 

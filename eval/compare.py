@@ -18,7 +18,7 @@ from quantkit.eval.evaluate import (EvalResult, build_report, check_same_tokeniz
 from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll
 from quantkit.eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
-from quantkit.model.checkpoint import Checkpoint
+from quantkit.loading import open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _base_entry(info: dict | None, perplexity: PerplexityResult | None) -> dict 
 def _check_tps(path, options: EvalOptions) -> None:
     """A --tp that does not divide the shapes fails before any evaluation."""
     if options.tps:
-        choose_tps(Checkpoint(path).config, options.tps)
+        choose_tps(open_checkpoint(path).config, options.tps)
 
 
 def _tp_section(path, data: EvalData, options: EvalOptions) -> dict | None:
@@ -90,7 +90,7 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     tokenizer = quantkit.load_tokenizer(model_path)
     info = model_info(model_path)
     reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path,
-                                                Checkpoint(model_path).config.vocab_size, options)
+                                                open_checkpoint(model_path).config.vocab_size, options)
     model = quantkit.load(model_path, dtype=options.dtype, device=options.device)
     if isinstance(reference, quantkit.LlamaForCausalLM):
         check_same_vocabulary(model, reference, str(model_path), str(base))
@@ -130,7 +130,7 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
     base_info = model_info(base_path)
     if base_logits is not None:
         reference = BaseLogits(base_logits)
-        reference.check_matches(data, Checkpoint(base_path).config.vocab_size, tokenizer)
+        reference.check_matches(data, open_checkpoint(base_path).config.vocab_size, tokenizer)
         base_info["tokens_per_s"] = reference.model_info.get("tokens_per_s")  # measured when it was saved
     else:
         reference = quantkit.load(base_path, dtype=options.dtype, device=options.device)

@@ -8,7 +8,6 @@ speed, for the report's model entries.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from quantkit.eval.fidelity import FidelityAccumulator, compare_tokens
 from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll, perplexity_of
 from quantkit.eval.runner import batch_logprobs
 from quantkit.errors import QuantkitError
-from quantkit.export import ERRORS_FILE
+from quantkit.affine import PER_CHANNEL
 from quantkit.dtypes import ST_ITEMSIZE, short_name
-from quantkit.model.checkpoint import Checkpoint
+from quantkit.loading import QuantizedCheckpoint, open_checkpoint
 from quantkit.model.layout import checkpoint_shapes, layer_index, linear_of
 from quantkit.model.generate import SamplingConfig, generate
 
@@ -77,19 +76,16 @@ def evaluate(model, data: EvalData, base=None, batch_size: int = 1, progress: bo
 
 def model_info(path: str | os.PathLike) -> dict:
     """name, path, method, bits_per_weight (decoder linears, scales included), size_bytes (weight files)."""
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
     files = sorted(set(ckpt.weight_map.values()))
     return {"name": ckpt.dir.name, "path": str(path), "method": method_label(ckpt),
             "bits_per_weight": linear_bits_per_weight(ckpt, files),
             "size_bytes": sum((ckpt.dir / f).stat().st_size for f in files)}
 
 
-def method_label(ckpt: Checkpoint) -> str:
-    record = ckpt.config.extra.get("quantkit")
-    if record and record.get("recipe"):
-        from quantkit.backends import Recipe
-
-        recipe = Recipe.from_dict(record["recipe"], source=str(ckpt.dir / "config.json"))
+def method_label(ckpt: QuantizedCheckpoint) -> str:
+    recipe = ckpt.recipe()
+    if recipe is not None:
         return " + ".join(config_label(c) for c in recipe.configs())
     if ckpt.quantization_config:
         q = ckpt.quantization_config
@@ -104,7 +100,7 @@ def config_label(config) -> str:
     if hasattr(config, "bits") and config.method != "int4":
         parts.append(f"w{config.bits}")
     if hasattr(config, "group_size"):
-        parts.append("per-channel" if config.group_size == -1 else f"g{config.group_size}")
+        parts.append("per-channel" if config.group_size == PER_CHANNEL else f"g{config.group_size}")
     if getattr(config, "symmetric", False):
         parts.append("sym")
     if getattr(config, "desc_act", False):
@@ -112,7 +108,7 @@ def config_label(config) -> str:
     return " ".join(parts)
 
 
-def linear_bits_per_weight(ckpt: Checkpoint, files: list[str]) -> float | None:
+def linear_bits_per_weight(ckpt: QuantizedCheckpoint, files: list[str]) -> float | None:
     """Stored bits per weight of the decoder linears, from the file headers; None for .bin checkpoints."""
     if not all(f.endswith(".safetensors") for f in files):
         return None
@@ -130,13 +126,7 @@ def linear_bits_per_weight(ckpt: Checkpoint, files: list[str]) -> float | None:
 
 def layer_errors(path: str | os.PathLike) -> list[dict]:
     """Per-linear errors recorded by `quantkit quantize` in the output directory (empty if none)."""
-    file = Checkpoint(path).dir / ERRORS_FILE
-    if not file.is_file():
-        return []
-    try:
-        rows = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantkitError(f"{file}: not valid JSON ({e}): quantize again to rewrite it") from None
+    rows = open_checkpoint(path).errors().values()
     return [dict(row, layer=layer_index(row["name"])) for row in rows if row.get("relative_error") is not None]
 
 

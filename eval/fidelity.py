@@ -58,14 +58,17 @@ def _rest_logmass(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def kl_divergence(base: torch.Tensor | TopK, logprobs: torch.Tensor) -> torch.Tensor:
     """(n,) KL(base || model) in nats; bucketed (a lower bound) when the base is a TopK.
 
-    Summed in float64: in fp32 the vocabulary-wide sum of near-cancelling terms is off by ~1e-7 nats,
-    the size of an fp16 noise floor on a small model.
+    Renormalised and summed in float64: fp32 log-probs near ln(vocab) are normalised only to ~1e-7
+    nats, and in fp32 the vocabulary-wide sum of near-cancelling terms is off by as much, the size of
+    an fp16 noise floor on a small model (measured: tests/test_cli_eval.py, test_saved_base_logits_round_trip).
     """
-    logprobs = logprobs.double()
+    logprobs = torch.log_softmax(logprobs.double(), -1)
     if isinstance(base, torch.Tensor):
-        base = base.double()
+        base = torch.log_softmax(base.double(), -1)
         return (base.exp() * (base - logprobs)).sum(-1).clamp(min=0)
     top, rest_mass = base.logprobs.double(), base.rest_logmass.double()
+    norm = torch.logsumexp(torch.cat([top, rest_mass[:, None]], -1), -1)  # (n,): 0 up to fp32 rounding
+    top, rest_mass = top - norm[:, None], rest_mass - norm
     head = (top.exp() * (top - logprobs.gather(-1, base.ids))).sum(-1)
     rest = rest_mass.exp() * (rest_mass - _rest_logmass(logprobs, base.ids))
     return (head + torch.nan_to_num(rest, nan=0.0)).clamp(min=0)  # nan: 0 * (-inf - x) when no mass is left

@@ -1,8 +1,18 @@
-"""Small dependency-free SVG plots for the eval report: scatter, line, step (histogram) and bar charts.
+"""SVG plots for the eval report, drawn by matplotlib: scatter, line, step (histogram) and bar charts.
 
-Each function returns one standalone `<svg>` string that can be inlined in HTML or saved as a .svg
-file. Sizes are user units in a viewBox, so the page can scale them. Label and legend layout uses
-an estimated glyph width (there is no font metrics engine here), so it errs on the generous side.
+Each function returns one `<svg>` element ready to inline in HTML (no XML declaration, no DOCTYPE,
+no script, no external reference) or to save as a .svg file. Text stays text (svg.fonttype "none"),
+in DejaVu Sans, the font matplotlib measures with; the page lists the same fonts.
+
+Rendering is deterministic: the same data gives byte-identical SVG, in any process. Matplotlib's
+defaults replace any user style, the date and creator metadata are left out, and matplotlib's
+hashed ids (markers, clip paths) are salted with the figure's id. Those ids are also prefixed with
+`figure_id` and the unreferenced ones (figure_1, axes_1, ..., which matplotlib numbers afresh in
+every file whatever the salt) are dropped, so several plots inlined in one page never share an id.
+
+The object API only (`Figure` on an SVG canvas, which also measures the layout): no pyplot, no
+global figure registry, no GUI backend, no Agg. Matplotlib's style settings are process-global, so
+renders are serialized by a lock.
 
 Values that cannot be drawn are skipped rather than fatal: NaN and infinities everywhere, and zero
 or negative values on a log axis. A plot with nothing left to draw says "no data".
@@ -10,26 +20,75 @@ or negative values on a log axis. A plot with nothing left to draw says "no data
 
 from __future__ import annotations
 
+import io
+import logging
 import math
+import re
+import threading
 from dataclasses import dataclass
 from html import escape
-from typing import Sequence
+from typing import Callable, Sequence
+
+import matplotlib.style
+from cycler import cycler
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_svg import FigureCanvasSVG
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
+from matplotlib.transforms import Bbox
 
 __all__ = ["BarSeries", "ReferenceLine", "Series", "StepSeries", "bar_chart", "line_plot", "scatter_plot",
            "step_plot"]
 
+logger = logging.getLogger(__name__)
+
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7",
            "#bab0ac")
-FONT_FAMILY = "DejaVu Sans, Helvetica, Arial, sans-serif"
+FONT_FAMILY = "DejaVu Sans"  # matplotlib ships it and measures text with it; the SVG adds the generic sans-serif
 FONT_SIZE = 12
 TICK_FONT_SIZE = 11
-GLYPH_WIDTH = 0.6  # average advance of a sans-serif glyph, in ems: wide enough for DejaVu Sans digits
-MAX_CATEGORY_LABEL = 24  # characters; longer bar labels are cut (the full name stays in a tooltip)
+MARKER_SIZE = 9  # points: the scatter's dots
+MAX_CATEGORY_LABEL = 24  # characters; longer bar labels are cut (the report's tables carry the full names)
+REFERENCE_STYLE = {"color": "#6b7280", "linewidth": 1.25, "linestyle": (0, (6, 4))}
+REFERENCE_TEXT = "#4b5563"
+STYLE = {
+    "svg.fonttype": "none",  # text as <text>: small, selectable, searchable
+    "font.family": "sans-serif",
+    "font.sans-serif": [FONT_FAMILY],
+    "font.size": FONT_SIZE,
+    "axes.labelsize": FONT_SIZE,
+    "legend.fontsize": FONT_SIZE,
+    "xtick.labelsize": TICK_FONT_SIZE,
+    "ytick.labelsize": TICK_FONT_SIZE,
+    "text.color": "#1f2937",
+    "axes.labelcolor": "#1f2937",
+    "axes.edgecolor": "#374151",
+    "xtick.color": "#374151",
+    "ytick.color": "#374151",
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.color": "#e5e7eb",
+    "grid.linewidth": 1.0,
+    "axes.prop_cycle": cycler(color=PALETTE),
+    "axes.formatter.useoffset": False,  # "5.50" rather than "0.03 + 5.47"
+    "lines.linewidth": 1.75,
+    "lines.scale_dashes": False,  # dash lengths in points, whatever the line width
+    "legend.frameon": False,
+    "figure.dpi": 72,  # display units are points, as in the SVG
+}
+_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}  # no <metadata>: nothing that varies
+_RENDER_LOCK = threading.Lock()
+_FIGURE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_TAG = re.compile(r"<[^<>]+>")  # matplotlib escapes < and > in text and attributes, so this finds tags only
+_DEFAULT_STYLE = re.compile(r"\s*<defs>\s*<style type=\"text/css\">\*\{([^}]*)\}</style>\s*</defs>")
+_REFERENCE = re.compile(r'(?:xlink:href="#|url\(#)([^")]+)')
+_ID = re.compile(r' id="([^"]+)"')
+_IDENTITY_ROTATION = re.compile(r' transform="rotate\(-0 [^")]*\)"')
 
 
 @dataclass(frozen=True)
 class Series:
-    """Points of one named series. `labels`, one per point, are written next to the points."""
+    """Points of one named series: `xs` and `ys` pair up; `labels`, one per point, are written next to the points."""
 
     name: str
     xs: Sequence[float]
@@ -39,7 +98,7 @@ class Series:
 
 @dataclass(frozen=True)
 class StepSeries:
-    """A histogram outline: `values[i]` holds over [edges[i], edges[i + 1]]."""
+    """A histogram outline: `values[i]` holds over [edges[i], edges[i + 1]] (len(edges) == len(values) + 1)."""
 
     name: str
     edges: Sequence[float]
@@ -64,164 +123,159 @@ class ReferenceLine:
     axis: str = "y"
 
 
-@dataclass(frozen=True)
-class _Axis:
-    lo: float
-    hi: float
-    log: bool
-    ticks: tuple[float, ...]
-    labels: tuple[str, ...]
-    minor_ticks: tuple[float, ...] = ()
-
-    def fraction(self, value: float) -> float:
-        if self.log:
-            return (math.log10(value) - math.log10(self.lo)) / (math.log10(self.hi) - math.log10(self.lo))
-        return (value - self.lo) / (self.hi - self.lo)
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """The plot area in pixels and the axes that map data into it."""
-
-    width: float
-    height: float
-    left: float
-    right: float
-    top: float
-    bottom: float
-    x: _Axis | None  # None: categorical (bar charts place their own bands)
-    y: _Axis
-
-    def px(self, value: float) -> float:
-        return self.left + self.x.fraction(value) * (self.right - self.left)
-
-    def py(self, value: float) -> float:
-        return self.bottom - self.y.fraction(value) * (self.bottom - self.top)
-
-
-@dataclass(frozen=True)
-class _Box:
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-
-    def overlaps(self, other: _Box) -> bool:
-        return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
-
-    def inside(self, frame: _Frame) -> bool:
-        return self.x0 >= frame.left and self.x1 <= frame.right and self.y0 >= frame.top and self.y1 <= frame.bottom
-
-
-def _plotted_values(series: Sequence[Series], references: Sequence[ReferenceLine], log_x: bool, log_y: bool):
-    """(drawable points per series, every x, every y): the points and the reference lines the axes must span."""
-    cleaned = [_drawable_points(s, log_x=log_x, log_y=log_y) for s in series]
-    xs = [x for points in cleaned for x, _, _ in points] + _reference_values(references, "x", log=log_x)
-    ys = [y for points in cleaned for _, y, _ in points] + _reference_values(references, "y", log=log_y)
-    return cleaned, xs, ys
-
-
 # --- public plots -------------------------------------------------------------------------------------------
 
 
-def scatter_plot(series: Sequence[Series], *, x_title: str, y_title: str,
+def scatter_plot(series: Sequence[Series], *, x_title: str, y_title: str, figure_id: str,
                  references: Sequence[ReferenceLine] = (), width: int = 600, height: int = 400) -> str:
-    """Points per series, each optionally labelled; reference lines (e.g. the base's perplexity) dashed."""
-    cleaned, xs, ys = _plotted_values(series, references, log_x=False, log_y=False)
+    """Points per series (x, y in data units), each labelled beside its point where a label is given, at a
+    spot that overlaps no other point or label; reference lines (e.g. the base's perplexity) dashed, labelled.
+
+    `width` and `height` are the SVG's size in points (1/72 inch, the viewBox's units); `figure_id` (letters,
+    digits, - and _) must be unique among the plots of one page: it prefixes the SVG's element ids.
+    """
+    title = f"{y_title} vs {x_title}"
+    cleaned = [_drawable_points(s, log_x=False, log_y=False) for s in series]
     if not any(cleaned):
-        return _no_data(width, height, f"{y_title} vs {x_title}")
-    x_axis = _linear_axis(xs, pad=0.08, extend_to_ticks=False, target_ticks=_x_ticks(width))
-    frame = _layout(width, height, x_axis, _linear_axis(ys, pad=0.08), legend_names=[s.name for s in series])
-    taken: list[_Box] = [_Box(frame.px(x) - 4, frame.py(y) - 4, frame.px(x) + 4, frame.py(y) + 4)
-                         for points in cleaned for x, y, _ in points]
-    parts = [_axes(frame, x_title, y_title), _references(frame, references, taken)]
-    for index, points in enumerate(cleaned):
-        color = _color(index)
-        for x, y, label in points:
-            parts.append(f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="4.5" fill="{color}" '
-                         f'stroke="white" stroke-width="1"><title>{escape(_point_tooltip(label, x, y))}</title>'
-                         f'</circle>')
-            if label:
-                parts.append(_point_label(frame, frame.px(x), frame.py(y), label, taken))
-    parts.append(_legend(frame, [(s.name, _color(i), "marker") for i, s in enumerate(series)]))
-    return _svg(width, height, f"{y_title} vs {x_title}", parts)
+        return _render(figure_id, title, width, height, _no_data)
+
+    def draw(ax: Axes):
+        for index, (s, points) in enumerate(zip(series, cleaned)):
+            if points:
+                ax.plot([x for x, _, _ in points], [y for _, y, _ in points], linestyle="none", marker="o",
+                        markersize=MARKER_SIZE, markeredgecolor="white", markeredgewidth=1, color=_color(index),
+                        label=s.name, zorder=3)
+        ax.margins(0.08)
+        reference_labels = _references(ax, references, log_x=False, log_y=False)
+        ax.set(xlabel=x_title, ylabel=y_title)
+        _settle(ax, legend=True)
+        radius = (MARKER_SIZE / 2 + 1) * ax.get_figure().dpi / 72
+        taken = []
+        for points in cleaned:
+            for x, y, _ in points:
+                px, py = ax.transData.transform((x, y))
+                taken.append(Bbox.from_extents(px - radius, py - radius, px + radius, py + radius))
+        _place_reference_labels(ax, reference_labels, taken)
+        for points in cleaned:
+            for x, y, label in points:
+                if label:
+                    annotation = ax.annotate(label, (x, y), annotation_clip=False)
+                    _place(annotation, [((x, y), *spot) for spot in _POINT_SPOTS], taken, ax)
+
+    return _render(figure_id, title, width, height, draw)
 
 
-def line_plot(series: Sequence[Series], *, x_title: str, y_title: str, log_x: bool = False, log_y: bool = False,
-              integer_x: bool = False, y_from_zero: bool = False, markers: bool = True,
+def line_plot(series: Sequence[Series], *, x_title: str, y_title: str, figure_id: str, log_x: bool = False,
+              log_y: bool = False, integer_x: bool = False, y_from_zero: bool = False, markers: bool = True,
               references: Sequence[ReferenceLine] = (), width: int = 600, height: int = 400) -> str:
-    """One polyline per series, points joined in the given order."""
-    cleaned, xs, ys = _plotted_values(series, references, log_x=log_x, log_y=log_y)
+    """One line per series, points joined in the given order (undrawable points are left out).
+
+    Sizes and `figure_id` as for `scatter_plot`.
+    """
+    title = f"{y_title} vs {x_title}"
+    cleaned = [_drawable_points(s, log_x=log_x, log_y=log_y) for s in series]
     if not any(cleaned):
-        return _no_data(width, height, f"{y_title} vs {x_title}")
-    x_axis = _log_axis(xs) if log_x else _linear_axis(xs, pad=0.03, integer=integer_x, extend_to_ticks=False,
-                                                      target_ticks=_x_ticks(width))
-    y_axis = _log_axis(ys) if log_y else _linear_axis(ys, pad=0.05, include_zero=y_from_zero)
-    frame = _layout(width, height, x_axis, y_axis, legend_names=[s.name for s in series])
-    parts = [_axes(frame, x_title, y_title), _references(frame, references, [])]
-    for index, points in enumerate(cleaned):
-        color = _color(index)
-        coordinates = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y, _ in points)
-        parts.append(f'<polyline points="{coordinates}" fill="none" stroke="{color}" stroke-width="1.75" '
-                     f'stroke-linejoin="round"/>')
-        if markers:
-            parts.extend(f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="2.75" fill="{color}">'
-                         f'<title>{escape(_point_tooltip(series[index].name, x, y))}</title></circle>'
-                         for x, y, _ in points)
-    parts.append(_legend(frame, [(s.name, _color(i), "line") for i, s in enumerate(series)]))
-    return _svg(width, height, f"{y_title} vs {x_title}", parts)
+        return _render(figure_id, title, width, height, _no_data)
+
+    def draw(ax: Axes):
+        for index, (s, points) in enumerate(zip(series, cleaned)):
+            if points:
+                ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o" if markers else "",
+                        markersize=5.5, color=_color(index), label=s.name)
+        drawn = [p for points in cleaned for p in points]
+        if log_x:
+            _log_axis(ax, "x", [x for x, _, _ in drawn] + _reference_values(references, "x", log=True), pad=0.03)
+        elif integer_x:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if log_y:
+            _log_axis(ax, "y", [y for _, y, _ in drawn] + _reference_values(references, "y", log=True), pad=0.03)
+        reference_labels = _references(ax, references, log_x=log_x, log_y=log_y)
+        if y_from_zero and not log_y:
+            ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+        ax.set(xlabel=x_title, ylabel=y_title)
+        _settle(ax, legend=True)
+        _place_reference_labels(ax, reference_labels, [])
+
+    return _render(figure_id, title, width, height, draw)
 
 
-def step_plot(series: Sequence[StepSeries], *, x_title: str, y_title: str, log_x: bool = True,
+def step_plot(series: Sequence[StepSeries], *, x_title: str, y_title: str, figure_id: str, log_x: bool = True,
               references: Sequence[ReferenceLine] = (), width: int = 600, height: int = 400) -> str:
-    """Histogram outlines over shared axes (y from zero); bins with an undrawable edge or value are skipped."""
+    """Histogram outlines over shared axes (y from zero); bins with an undrawable edge or value are skipped.
+
+    Sizes and `figure_id` as for `scatter_plot`.
+    """
+    title = f"{y_title} vs {x_title}"
     runs_per_series = [_drawable_bins(s, log_x=log_x) for s in series]
     if not any(runs_per_series):
-        return _no_data(width, height, f"{y_title} vs {x_title}")
-    bins = [b for runs in runs_per_series for run in runs for b in run]
-    xs = [edge for lo, hi, _ in bins for edge in (lo, hi)] + _reference_values(references, "x", log=log_x)
-    ys = [value for _, _, value in bins]
-    x_axis = _log_axis(xs) if log_x else _linear_axis(xs, pad=0.0, extend_to_ticks=False,
-                                                      target_ticks=_x_ticks(width))
-    frame = _layout(width, height, x_axis, _linear_axis(ys, pad=0.05, include_zero=True),
-                    legend_names=[s.name for s in series])
-    parts = [_axes(frame, x_title, y_title), _references(frame, references, [])]
-    fill_opacity = 0.12 if len(series) == 1 else 0  # overlapping fills blend into mud
-    for index, runs in enumerate(runs_per_series):
-        path = " ".join(_step_path(frame, run) for run in runs)
-        parts.append(f'<path d="{path}" fill="{_color(index)}" fill-opacity="{fill_opacity}" '
-                     f'stroke="{_color(index)}" stroke-width="1.75" stroke-linejoin="round"/>')
-    parts.append(_legend(frame, [(s.name, _color(i), "line") for i, s in enumerate(series)]))
-    return _svg(width, height, f"{y_title} vs {x_title}", parts)
+        return _render(figure_id, title, width, height, _no_data)
+
+    def draw(ax: Axes):
+        filled = len(series) == 1  # overlapping fills blend into mud
+        for index, (s, runs) in enumerate(zip(series, runs_per_series)):
+            for number, run in enumerate(runs):
+                edges = [run[0][0]] + [hi for _, hi, _ in run]
+                values = [value for _, _, value in run]
+                if filled:
+                    ax.stairs(values, edges, fill=True, color=_color(index), alpha=0.12, linewidth=0)
+                ax.stairs(values, edges, color=_color(index), label=s.name if number == 0 else None)
+        bins = [b for runs in runs_per_series for run in runs for b in run]
+        xs = [edge for lo, hi, _ in bins for edge in (lo, hi)] + _reference_values(references, "x", log=log_x)
+        if log_x:
+            _log_axis(ax, "x", xs)
+        else:
+            ax.set_xlim(min(xs), max(xs))
+        reference_labels = _references(ax, references, log_x=log_x, log_y=False)
+        ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+        ax.set(xlabel=x_title, ylabel=y_title)
+        _settle(ax, legend=True)
+        _place_reference_labels(ax, reference_labels, [])
+
+    return _render(figure_id, title, width, height, draw)
 
 
-def bar_chart(categories: Sequence[str], series: Sequence[BarSeries], *, x_title: str, y_title: str,
+def bar_chart(categories: Sequence[str], series: Sequence[BarSeries], *, x_title: str, y_title: str, figure_id: str,
               width: int = 600, height: int = 400) -> str:
-    """Vertical bars from zero, grouped per category when there are several series."""
-    values = [v for s in series for v in _bar_extents(s)]
-    if not categories or not values:
-        return _no_data(width, height, f"{y_title} per {x_title}")
-    labels = [_shorten(c) for c in categories]
-    rotate = _needs_rotation(labels, width, len(categories))
-    label_room = (max(len(label) for label in labels) * GLYPH_WIDTH * TICK_FONT_SIZE * 0.7 + 14) if rotate else 20
-    frame = _layout(width, height, None, _linear_axis(values, pad=0.05, include_zero=True),
-                    legend_names=[s.name for s in series] if len(series) > 1 else [], bottom_room=label_room)
-    parts = [_axes(frame, x_title, y_title, x_title_offset=label_room), _category_labels(frame, labels, categories,
-                                                                                         rotate)]
-    band = (frame.right - frame.left) / len(categories)
-    bar_width = band * 0.8 / max(len(series), 1)
-    for index, s in enumerate(series):
-        for position, value in enumerate(s.values):
-            if not _finite(value):
-                continue
-            x0 = frame.left + position * band + band * 0.1 + index * bar_width
-            parts.append(_bar(frame, x0, bar_width, value, _color(index), f"{s.name}: {categories[position]}"))
-            error = s.errors[position] if s.errors is not None and position < len(s.errors) else None
-            if _finite(error) and error > 0:
-                parts.append(_whisker(frame, x0 + bar_width / 2, value, error))
-    if len(series) > 1:
-        parts.append(_legend(frame, [(s.name, _color(i), "bar") for i, s in enumerate(series)]))
-    return _svg(width, height, f"{y_title} per {x_title}", parts)
+    """Vertical bars from zero, one per category (`values[i]` is category i's), grouped when there are several
+    series. Sizes and `figure_id` as for `scatter_plot`."""
+    title = f"{y_title} per {x_title}"
+    if not categories or not any(_finite(v) for s in series for v in s.values):
+        return _render(figure_id, title, width, height, _no_data)
+
+    def draw(ax: Axes):
+        bar_width = 0.8 / len(series)
+        for index, s in enumerate(series):
+            shift = -0.4 + (index + 0.5) * bar_width
+            errors = list(s.errors) if s.errors is not None else []
+            errors += [None] * (len(s.values) - len(errors))
+            bars = [(position + shift, value, error) for position, (value, error) in enumerate(zip(s.values, errors))
+                    if position < len(categories) and _finite(value)]
+            if bars:
+                ax.bar([x for x, _, _ in bars], [value for _, value, _ in bars], width=bar_width,
+                       color=_color(index), label=s.name)
+            whiskers = [(x, value, error) for x, value, error in bars if _finite(error) and error > 0]
+            if whiskers:
+                ax.errorbar([x for x, _, _ in whiskers], [value for _, value, _ in whiskers],
+                            yerr=[error for _, _, error in whiskers], fmt="none", ecolor="#1f2937", elinewidth=1,
+                            capsize=3)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+        ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+        ax.grid(False, axis="x")
+        ax.set(xlabel=x_title, ylabel=y_title)
+        ax.set_xticks(range(len(categories)), [_shorten(c) for c in categories])
+
+        def rotate_if_crowded() -> bool:
+            band = ax.get_window_extent().width / len(categories)
+            if max(label.get_window_extent().width for label in ax.get_xticklabels()) <= band - 4:
+                return False
+            every = max(1, math.ceil((TICK_FONT_SIZE + 2) / band))  # rotated labels still need a line each
+            ax.set_xticks(range(0, len(categories), every), [_shorten(c) for c in categories[::every]],
+                          rotation=45, ha="right", rotation_mode="anchor")
+            return True
+
+        _settle(ax, legend=len(series) > 1, adjust=rotate_if_crowded)
+
+    return _render(figure_id, title, width, height, draw)
 
 
 # --- data cleaning --------------------------------------------------------------------------------------------
@@ -238,8 +292,12 @@ def _drawable(value, log: bool) -> bool:
 def _drawable_points(series: Series, *, log_x: bool, log_y: bool) -> list[tuple[float, float, str]]:
     labels = list(series.labels) if series.labels is not None else []
     labels += [""] * (len(series.xs) - len(labels))
-    return [(x, y, label) for x, y, label in zip(series.xs, series.ys, labels)
-            if _drawable(x, log_x) and _drawable(y, log_y)]
+    points = [(x, y, label) for x, y, label in zip(series.xs, series.ys, labels)
+              if _drawable(x, log_x) and _drawable(y, log_y)]
+    if len(points) < min(len(series.xs), len(series.ys)):
+        logger.debug("%s: %d undrawable point(s) left out", series.name,
+                     min(len(series.xs), len(series.ys)) - len(points))
+    return points
 
 
 def _drawable_bins(series: StepSeries, *, log_x: bool) -> list[list[tuple[float, float, float]]]:
@@ -257,303 +315,190 @@ def _drawable_bins(series: StepSeries, *, log_x: bool) -> list[list[tuple[float,
     return runs
 
 
-def _bar_extents(series: BarSeries) -> list[float]:
-    """The values a bar and its whisker reach, so the y axis covers them."""
-    errors = list(series.errors) if series.errors is not None else []
-    errors += [None] * (len(series.values) - len(errors))
-    extents = []
-    for value, error in zip(series.values, errors):
-        if _finite(value):
-            extents.append(value)
-            if _finite(error):
-                extents.append(value + abs(error))
-    return extents
-
-
 def _reference_values(references: Sequence[ReferenceLine], axis: str, log: bool) -> list[float]:
     return [r.value for r in references if r.axis == axis and _drawable(r.value, log)]
-
-
-# --- axes and ticks -------------------------------------------------------------------------------------------
-
-
-def _nice_step(raw: float) -> float:
-    magnitude = 10 ** math.floor(math.log10(raw))
-    for multiple in (1, 2, 2.5, 5, 10):
-        if raw <= multiple * magnitude:
-            return multiple * magnitude
-    return 10 * magnitude
-
-
-def _linear_axis(values: Sequence[float], *, pad: float, include_zero: bool = False, integer: bool = False,
-                 extend_to_ticks: bool = True, target_ticks: int = 6) -> _Axis:
-    """Ticks at a 1-2-2.5-5 step; `extend_to_ticks` widens the range to the outer ticks (y axes), otherwise
-    the range stays the padded data range (x axes, where widening would waste a whole step of width)."""
-    lo, hi = min(values), max(values)
-    if include_zero:
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if hi == lo:  # a single value: give it room on both sides
-        spread = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - spread, hi + spread
-    span = hi - lo
-    if not (include_zero and lo == 0):
-        lo -= span * pad
-    if not (include_zero and hi == 0):
-        hi += span * pad
-    step = _nice_step((hi - lo) / (target_ticks - 1))
-    if integer:
-        step = max(1.0, round(step))
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    if extend_to_ticks:
-        lo, hi = first * step, last * step
-    slack = step * 1e-9
-    ticks = tuple(t for t in (_snap(k * step, step) for k in range(first, last + 1)) if lo - slack <= t <= hi + slack)
-    return _Axis(lo, hi, False, ticks, tuple(_linear_label(t, step, ticks) for t in ticks))
-
-
-def _snap(value: float, step: float) -> float:
-    """Remove float noise (0.30000000000000004) and negative zero from a tick."""
-    snapped = round(value / step) * step
-    return 0.0 if abs(snapped) < step * 1e-9 else float(f"{snapped:.12g}")
-
-
-def _linear_label(value: float, step: float, ticks: Sequence[float]) -> str:
-    """Fixed decimals, as many as the step needs (0.025 -> 3), so a column of ticks lines up; scientific
-    only for very large or very small ticks."""
-    largest = max((abs(t) for t in ticks), default=0.0) or step
-    if 1e-4 <= largest < 1e6:
-        decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-        if not math.isclose(round(step, decimals), step, rel_tol=1e-9):
-            decimals += 1  # 2.5, 0.25, ...
-        return f"{value:.{decimals}f}"
-    digits = max(1, math.floor(math.log10(largest)) - math.floor(math.log10(step)) + 1)
-    return f"{value:.{digits}g}"
-
-
-def _log_axis(values: Sequence[float]) -> _Axis:
-    lo_exp = math.floor(math.log10(min(values)))
-    hi_exp = math.ceil(math.log10(max(values)))
-    if hi_exp == lo_exp:
-        hi_exp += 1
-    decades = hi_exp - lo_exp
-    label_every = math.ceil(decades / 8)  # at most ~9 labels across
-    ticks = tuple(10.0 ** k for k in range(lo_exp, hi_exp + 1))
-    labels = tuple(_power_label(k) if (k - lo_exp) % label_every == 0 else "" for k in range(lo_exp, hi_exp + 1))
-    minor = tuple(m * 10.0 ** k for k in range(lo_exp, hi_exp) for m in range(2, 10)) if decades <= 6 else ()
-    return _Axis(10.0 ** lo_exp, 10.0 ** hi_exp, True, ticks, labels, minor)
-
-
-_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
-
-
-def _power_label(exponent: int) -> str:
-    if exponent in (0, 1):
-        return f"{10 ** exponent}"
-    return "10" + str(exponent).translate(_SUPERSCRIPT)
-
-
-# --- layout and drawing -----------------------------------------------------------------------------------------
-
-
-def _x_ticks(width: float) -> int:
-    """About one tick per 100 units, so wide plots get finer ticks."""
-    return max(4, round(width / 100))
-
-
-def _text_width(text: str, size: float = FONT_SIZE) -> float:
-    return len(text) * GLYPH_WIDTH * size
-
-
-def _color(index: int) -> str:
-    return PALETTE[index % len(PALETTE)]
-
-
-def _legend_rows(names: Sequence[str], width: float) -> list[list[tuple[int, str]]]:
-    """Legend entries flowed left to right into rows that fit `width`."""
-    rows: list[list[tuple[int, str]]] = [[]]
-    used = 0.0
-    for index, name in enumerate(names):
-        entry = 28 + _text_width(name) + 16
-        if rows[-1] and used + entry > width:
-            rows.append([])
-            used = 0.0
-        rows[-1].append((index, name))
-        used += entry
-    return rows if rows[0] else []
-
-
-def _layout(width: float, height: float, x: _Axis | None, y: _Axis, *, legend_names: Sequence[str],
-            bottom_room: float = 20) -> _Frame:
-    """Margins sized to the tick labels, the axis titles and a legend above the plot area."""
-    y_label_width = max((_text_width(label, TICK_FONT_SIZE) for label in y.labels), default=0)
-    left = 12 + FONT_SIZE + 10 + y_label_width + 8
-    legend_height = len(_legend_rows(legend_names, width - left - 16)) * 18
-    top = 14 + legend_height + (6 if legend_height else 0)
-    bottom = height - (bottom_room + FONT_SIZE + 16)
-    return _Frame(width, height, left, width - 16, top, bottom, x, y)
-
-
-def _line(x1: float, y1: float, x2: float, y2: float, stroke: str) -> str:
-    return f'<line x1="{x1:.1f}" x2="{x2:.1f}" y1="{y1:.1f}" y2="{y2:.1f}" stroke="{stroke}"/>'
-
-
-def _tick_label(x: float, y: float, anchor: str, label: str) -> str:
-    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="{TICK_FONT_SIZE}">{escape(label)}</text>'
-
-
-def _axes(frame: _Frame, x_title: str, y_title: str, x_title_offset: float = 20) -> str:
-    parts = ['<g class="axes">']
-    for tick, label in zip(frame.y.ticks, frame.y.labels):  # grid line, tick mark, label
-        y = frame.py(tick)
-        parts += [_line(frame.left, y, frame.right, y, "#e5e7eb"), _line(frame.left - 5, y, frame.left, y, "#374151"),
-                  _tick_label(frame.left - 8, y + 4, "end", label)]
-    if frame.x is not None:
-        parts += [_line(frame.px(t), frame.bottom, frame.px(t), frame.bottom + 3, "#6b7280") for t in frame.x.minor_ticks]
-        for tick, label in zip(frame.x.ticks, frame.x.labels):
-            x = frame.px(tick)
-            parts += [_line(x, frame.top, x, frame.bottom, "#e5e7eb"), _line(x, frame.bottom, x, frame.bottom + 5, "#374151"),
-                      _tick_label(x, frame.bottom + 18, "middle", label)]
-    parts.append(f'<rect x="{frame.left:.1f}" y="{frame.top:.1f}" width="{frame.right - frame.left:.1f}" '
-                 f'height="{frame.bottom - frame.top:.1f}" fill="none" stroke="#374151"/>')
-    middle_x, middle_y = (frame.left + frame.right) / 2, (frame.top + frame.bottom) / 2
-    parts.append(f'<text x="{middle_x:.1f}" y="{frame.bottom + x_title_offset + FONT_SIZE + 6:.1f}" '
-                 f'text-anchor="middle">{escape(x_title)}</text>')
-    parts.append(f'<text transform="translate({12 + FONT_SIZE:.1f},{middle_y:.1f}) rotate(-90)" '
-                 f'text-anchor="middle">{escape(y_title)}</text>')
-    parts.append("</g>")
-    return "".join(parts)
-
-
-def _references(frame: _Frame, references: Sequence[ReferenceLine], taken: list[_Box]) -> str:
-    """Dashed reference lines, each labelled at the first free spot near an end of the line; the label
-    boxes join `taken`, so labels drawn later avoid them too."""
-    parts = []
-    for reference in references:
-        vertical = reference.axis == "x"
-        axis = frame.x if vertical else frame.y
-        if axis is None or not _drawable(reference.value, axis.log) or not 0 <= axis.fraction(reference.value) <= 1:
-            continue
-        if vertical:
-            x = frame.px(reference.value)
-            line = f'x1="{x:.1f}" x2="{x:.1f}" y1="{frame.top:.1f}" y2="{frame.bottom:.1f}"'
-            spots = [(x + 4, frame.top + 14, "start"), (x - 4, frame.top + 14, "end"),
-                     (x + 4, frame.bottom - 6, "start"), (x - 4, frame.bottom - 6, "end")]
-        else:
-            y = frame.py(reference.value)
-            line = f'x1="{frame.left:.1f}" x2="{frame.right:.1f}" y1="{y:.1f}" y2="{y:.1f}"'
-            spots = [(frame.right - 4, y - 4, "end"), (frame.right - 4, y + 4 + FONT_SIZE, "end"),
-                     (frame.left + 4, y - 4, "start"), (frame.left + 4, y + 4 + FONT_SIZE, "start")]
-        parts.append(f'<line {line} stroke="#6b7280" stroke-width="1.25" stroke-dasharray="6 4"/>')
-        parts.append(_place_label(frame, reference.label, spots, taken, fill="#4b5563"))
-    return "".join(parts)
-
-
-def _point_label(frame: _Frame, x: float, y: float, label: str, taken: list[_Box]) -> str:
-    """The label at the first spot around the point that overlaps nothing drawn so far."""
-    spots = [(x + 8, y + 4, "start"), (x - 8, y + 4, "end"), (x, y - 10, "middle"), (x, y + 20, "middle"),
-             (x + 8, y - 10, "start"), (x + 8, y + 18, "start"), (x - 8, y - 10, "end"), (x - 8, y + 18, "end")]
-    return _place_label(frame, label, spots, taken, fill="#111827")
-
-
-def _place_label(frame: _Frame, label: str, spots: Sequence[tuple[float, float, str]], taken: list[_Box],
-                 fill: str) -> str:
-    """Text at the first (x, baseline y, anchor) spot whose box stays in the plot area and overlaps no box
-    in `taken` (falling back to the first spot); its box is then added to `taken`."""
-    width = _text_width(label)
-    boxes = [_text_box(x, y, anchor, width) for x, y, anchor in spots]
-    inside = [index for index, box in enumerate(boxes) if box.inside(frame)] or list(range(len(spots)))
-    chosen = next((i for i in inside if not any(boxes[i].overlaps(box) for box in taken)), inside[0])
-    taken.append(boxes[chosen])
-    x, y, anchor = spots[chosen]
-    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" fill="{fill}">{escape(label)}</text>'
-
-
-def _text_box(x: float, baseline: float, anchor: str, width: float) -> _Box:
-    x0 = {"start": x, "middle": x - width / 2, "end": x - width}[anchor]
-    return _Box(x0, baseline - FONT_SIZE, x0 + width, baseline + 3)
-
-
-def _point_tooltip(name: str, x: float, y: float) -> str:
-    return f"{name}: ({x:.4g}, {y:.4g})" if name else f"({x:.4g}, {y:.4g})"
-
-
-def _legend(frame: _Frame, entries: Sequence[tuple[str, str, str]]) -> str:
-    """Entries (name, color, "marker" | "line" | "bar") in rows above the plot area."""
-    parts = ['<g class="legend">']
-    for row_index, row in enumerate(_legend_rows([name for name, _, _ in entries], frame.right - frame.left)):
-        x = frame.left
-        y = 14 + row_index * 18
-        for index, name in row:
-            _, color, style = entries[index]
-            if style == "marker":
-                parts.append(f'<circle cx="{x + 10:.1f}" cy="{y - 4:.1f}" r="4.5" fill="{color}"/>')
-            elif style == "bar":
-                parts.append(f'<rect x="{x + 4:.1f}" y="{y - 10:.1f}" width="12" height="12" fill="{color}"/>')
-            else:
-                parts.append(f'<line x1="{x:.1f}" x2="{x + 20:.1f}" y1="{y - 4:.1f}" y2="{y - 4:.1f}" '
-                             f'stroke="{color}" stroke-width="2.5"/>')
-            parts.append(f'<text x="{x + 26:.1f}" y="{y:.1f}">{escape(name)}</text>')
-            x += 28 + _text_width(name) + 16
-    parts.append("</g>")
-    return "".join(parts)
-
-
-def _step_path(frame: _Frame, run: Sequence[tuple[float, float, float]]) -> str:
-    """An outline that rises from zero at the first edge and returns to zero at the last."""
-    zero = frame.py(0.0)
-    commands = [f"M{frame.px(run[0][0]):.1f},{zero:.1f}"]
-    for lo, hi, value in run:
-        y = frame.py(value)
-        commands.append(f"L{frame.px(lo):.1f},{y:.1f} L{frame.px(hi):.1f},{y:.1f}")
-    commands.append(f"L{frame.px(run[-1][1]):.1f},{zero:.1f}")
-    return " ".join(commands)
 
 
 def _shorten(label: str) -> str:
     return label if len(label) <= MAX_CATEGORY_LABEL else label[: MAX_CATEGORY_LABEL - 1] + "\u2026"
 
 
-def _needs_rotation(labels: Sequence[str], width: float, count: int) -> bool:
-    band = (width - 100) / count
-    return max(_text_width(label, TICK_FONT_SIZE) for label in labels) > band - 4
+# --- axes, legend, labels -------------------------------------------------------------------------------------------
 
 
-def _category_labels(frame: _Frame, labels: Sequence[str], full_names: Sequence[str], rotate: bool) -> str:
-    band = (frame.right - frame.left) / len(labels)
-    every = max(1, math.ceil((TICK_FONT_SIZE + 2) / band)) if rotate else 1  # rotated labels need a line each
-    parts = []
-    for position, (label, full_name) in enumerate(zip(labels, full_names)):
-        if position % every:
+def _color(index: int) -> str:
+    return PALETTE[index % len(PALETTE)]
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def _power_label(exponent: int) -> str:
+    """1, 10, 10², 10⁻⁷: plain text (no mathtext), so the SVG holds the label as one string."""
+    return f"{10 ** exponent}" if exponent in (0, 1) else "10" + str(exponent).translate(_SUPERSCRIPT)
+
+
+def _log_axis(ax: Axes, which: str, values: Sequence[float], pad: float = 0.0):
+    """A log axis over whole decades around `values` (all > 0), labelled at the decades; `pad`, a fraction of
+    the span, leaves room beyond the outer decades (for markers that sit on one)."""
+    lo = math.floor(math.log10(min(values)))
+    hi = math.ceil(math.log10(max(values)))
+    hi += hi == lo
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    margin = (hi - lo) * pad
+    (ax.set_xlim if which == "x" else ax.set_ylim)(10.0 ** (lo - margin), 10.0 ** (hi + margin))
+    label_every = math.ceil((hi - lo) / 8)  # a tick at every decade, at most ~9 labels across
+
+    def label(value: float, _position) -> str:
+        exponent = round(math.log10(value))
+        return _power_label(exponent) if (exponent - lo) % label_every == 0 else ""
+
+    axis.set_major_locator(LogLocator(base=10, numticks=hi - lo + 3))
+    axis.set_major_formatter(FuncFormatter(label))
+    axis.set_minor_locator(LogLocator(base=10, subs=range(2, 10), numticks=12) if hi - lo <= 6 else NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _references(ax: Axes, references: Sequence[ReferenceLine], *, log_x: bool, log_y: bool) -> list:
+    """Dashed lines for the drawable references (the axes then span them); their labels, placed later."""
+    drawn = []
+    for reference in references:
+        vertical = reference.axis == "x"
+        if not _drawable(reference.value, log_x if vertical else log_y):
             continue
-        x = frame.left + (position + 0.5) * band
-        y = frame.bottom + 14
-        placement = (f'x="{x:.1f}" y="{y:.1f}" text-anchor="end" transform="rotate(-45 {x:.1f} {y:.1f})"'
-                     if rotate else f'x="{x:.1f}" y="{y + 4:.1f}" text-anchor="middle"')
-        parts.append(f'<text {placement} font-size="{TICK_FONT_SIZE}">{escape(label)}'
-                     f'<title>{escape(full_name)}</title></text>')
-    return "".join(parts)
+        (ax.axvline if vertical else ax.axhline)(reference.value, zorder=2, **REFERENCE_STYLE)
+        drawn.append(reference)
+    return drawn
 
 
-def _bar(frame: _Frame, x0: float, width: float, value: float, color: str, tooltip: str) -> str:
-    zero, top = frame.py(0.0), frame.py(value)
-    y, height = min(zero, top), abs(zero - top)
-    return (f'<rect x="{x0:.1f}" y="{y:.1f}" width="{width:.1f}" height="{height:.1f}" fill="{color}">'
-            f'<title>{escape(tooltip)}: {value:.4g}</title></rect>')
+_LEGEND = {"loc": "lower left", "bbox_to_anchor": (0, 1.01), "borderaxespad": 0, "handlelength": 1.8,
+           "columnspacing": 1.6}
 
 
-def _whisker(frame: _Frame, x: float, value: float, error: float) -> str:
-    lo, hi = frame.py(max(value - error, frame.y.lo)), frame.py(min(value + error, frame.y.hi))
-    return (f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{lo:.1f}" y2="{hi:.1f}" stroke="#1f2937" stroke-width="1"/>'
-            f'<line x1="{x - 3:.1f}" x2="{x + 3:.1f}" y1="{hi:.1f}" y2="{hi:.1f}" stroke="#1f2937" stroke-width="1"/>')
+def _settle(ax: Axes, *, legend: bool, adjust: Callable[[], bool] | None = None):
+    """Lay the figure out, with the legend above the plot area in as many columns as fit its width, then fix the
+    layout, so labels placed afterwards see the final positions. `adjust`, called once the plot area has its
+    size, returns whether it changed something that needs another layout pass."""
+    figure = ax.get_figure()
+    handles, labels = ax.get_legend_handles_labels()
+    legend = legend and bool(handles)
+    if legend:  # first as wide as the figure allows (any wider and the layout collapses), then as the plot area
+        columns = _legend_columns(ax, handles, labels, len(handles), figure.bbox.width)
+    figure.draw_without_rendering()
+    changed = adjust() if adjust else False
+    if legend:
+        fitted = _legend_columns(ax, handles, labels, columns, ax.get_window_extent().width)
+        changed = changed or fitted < columns  # more rows: only the plot area's height changes
+    if changed:
+        figure.draw_without_rendering()
+    figure.set_layout_engine("none")
 
 
-def _svg(width: float, height: float, title: str, parts: Sequence[str]) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-            f'height="{height}" role="img" font-family="{FONT_FAMILY}" font-size="{FONT_SIZE}" fill="#1f2937">'
-            f'<title>{escape(title)}</title>{"".join(parts)}</svg>')
+def _legend_columns(ax: Axes, handles, labels, columns: int, room: float) -> int:
+    """Legend above the plot area with the most columns, up to `columns`, whose width fits in `room`."""
+    box = ax.legend(handles, labels, ncols=columns, **_LEGEND)
+    while columns > 1 and box.get_window_extent().width > room:
+        columns -= 1
+        box = ax.legend(handles, labels, ncols=columns, **_LEGEND)
+    return columns
 
 
-def _no_data(width: float, height: float, title: str) -> str:
-    return _svg(width, height, title, [
-        f'<rect x="0.5" y="0.5" width="{width - 1}" height="{height - 1}" fill="none" stroke="#d1d5db"/>',
-        f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#6b7280">no data</text>'])
+_POINT_SPOTS = (((8, 0), "left", "center"), ((-8, 0), "right", "center"), ((0, 8), "center", "bottom"),
+                ((0, -8), "center", "top"), ((8, 7), "left", "bottom"), ((8, -7), "left", "top"),
+                ((-8, 7), "right", "bottom"), ((-8, -7), "right", "top"))
+
+
+def _place_reference_labels(ax: Axes, references: Sequence[ReferenceLine], taken: list[Bbox]):
+    """Each label near an end of its line, at the first spot that overlaps nothing placed so far."""
+    for reference in references:
+        if reference.axis == "x":  # vertical: beside the line's top, else its bottom
+            coordinates = ("data", "axes fraction")
+            top, bottom = (reference.value, 1.0), (reference.value, 0.0)
+            spots = [(top, (4, -4), "left", "top"), (top, (-4, -4), "right", "top"),
+                     (bottom, (4, 4), "left", "bottom"), (bottom, (-4, 4), "right", "bottom")]
+        else:  # horizontal: over or under the line's right end, else its left end
+            coordinates = ("axes fraction", "data")
+            right, left = (1.0, reference.value), (0.0, reference.value)
+            spots = [(right, (-4, 3), "right", "bottom"), (right, (-4, -3), "right", "top"),
+                     (left, (4, 3), "left", "bottom"), (left, (4, -3), "left", "top")]
+        annotation = ax.annotate(reference.label, spots[0][0], xycoords=coordinates, color=REFERENCE_TEXT,
+                                 annotation_clip=False)
+        _place(annotation, spots, taken, ax)
+
+
+def _place(annotation, spots, taken: list[Bbox], ax: Axes):
+    """Move `annotation` to the first (anchor, offset in points, ha, va) spot whose box stays in the plot area
+    and overlaps no box in `taken` (else the first spot in the plot area, else the first spot); its box then
+    joins `taken`. The boxes are measured, in the final layout, by the renderer that draws the text."""
+    area = ax.get_window_extent()
+    boxes = []
+    for spot in spots:
+        _move(annotation, *spot)
+        boxes.append(annotation.get_window_extent())
+    inside = [i for i, box in enumerate(boxes)
+              if area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1]
+    inside = inside or list(range(len(spots)))
+    chosen = next((i for i in inside if not any(boxes[i].overlaps(box) for box in taken)), inside[0])
+    _move(annotation, *spots[chosen])
+    taken.append(boxes[chosen])
+
+
+def _move(annotation, anchor, offset, ha: str, va: str):
+    annotation.xy = anchor
+    annotation.xyann = offset
+    annotation.set_anncoords("offset points")
+    annotation.set_horizontalalignment(ha)
+    annotation.set_verticalalignment(va)
+
+
+# --- rendering ------------------------------------------------------------------------------------------------------
+
+
+def _render(figure_id: str, title: str, width: float, height: float, draw: Callable[[Axes], None]) -> str:
+    """One figure of `width` x `height` points with one plot area, drawn by `draw`, as inline SVG."""
+    if not _FIGURE_ID.fullmatch(figure_id):
+        raise ValueError(f"figure_id {figure_id!r}: letters, digits, - and _ only, starting with a letter")
+    buffer = io.StringIO()
+    # "default" first: the user's matplotlibrc and styles never reach the report
+    with _RENDER_LOCK, matplotlib.style.context(["default", {**STYLE, "svg.hashsalt": f"quantkit:{figure_id}"}]):
+        figure = Figure(figsize=(width / 72, height / 72), layout="constrained")
+        FigureCanvasSVG(figure)  # layout and text extents measured by the SVG renderer too
+        draw(figure.add_subplot())
+        figure.savefig(buffer, format="svg", metadata=_METADATA)
+    return _inline(buffer.getvalue(), figure_id, title)
+
+
+def _no_data(ax: Axes):
+    """An empty, light frame that says so."""
+    ax.set(xticks=[], yticks=[])
+    ax.spines[:].set_color("#d1d5db")
+    ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="#6b7280")
+
+
+def _inline(svg: str, figure_id: str, title: str) -> str:
+    """Matplotlib's SVG file as an element for an HTML page: no XML declaration or DOCTYPE; the ids that
+    something refers to prefixed with `figure_id` (the rest, matplotlib's figure_1, axes_1, ... group
+    names, dropped); `href` for SVG 1.1's `xlink:href`, so no namespace but SVG's; the default stroke style
+    as attributes of the root (a <style> in inline SVG would style the whole page); a <title>, the plot's
+    accessible name; no indentation, no line breaks in path data, no identity rotations."""
+    svg = svg[svg.index("<svg"):]
+    default_style = _DEFAULT_STYLE.search(svg)
+    svg = _DEFAULT_STYLE.sub("", svg, count=1)
+    referenced = set(_REFERENCE.findall(svg))
+    prefix = f"{figure_id}-"
+
+    def rewrite(tag: re.Match) -> str:
+        text = _IDENTITY_ROTATION.sub("", re.sub(r"\s*\n\s*", " ", tag.group(0)))
+        text = _ID.sub(lambda m: f' id="{prefix}{m.group(1)}"' if m.group(1) in referenced else "", text)
+        return text.replace('xlink:href="#', f'href="#{prefix}').replace("url(#", f"url(#{prefix}")
+
+    svg = re.sub(r">\s*\n\s*<", "><", _TAG.sub(rewrite, svg))
+    root_end = svg.index(">") + 1
+    root = svg[:root_end].replace(' xmlns:xlink="http://www.w3.org/1999/xlink"', "")
+    attributes = ' role="img"'
+    if default_style:
+        attributes += "".join(f' {name.strip()}="{value.strip()}"' for name, value in
+                              (declaration.split(":") for declaration in default_style.group(1).split(";")))
+    root = root.replace("<svg", "<svg" + attributes, 1)
+    return f"{root}<title>{escape(title, quote=False)}</title>{svg[root_end:].strip()}"

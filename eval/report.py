@@ -2,7 +2,9 @@
 
 JSON is the report itself. Markdown and HTML are rendered from one list of blocks (headings,
 paragraphs, tables, figures), so both show the same tables; the HTML adds SVG plots and is a single
-self-contained page: inline CSS and SVG, no scripts, nothing fetched.
+self-contained page: inline CSS and SVG, no scripts, nothing fetched. Each plot has its own figure id
+(perplexity, kl-distribution, output-error, weight-error, sensitivity-<n>), so the element ids of the
+inlined SVGs never clash.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from html import escape
 from importlib import resources
@@ -19,6 +20,7 @@ from typing import Callable, Sequence, Union
 
 from quantkit.eval import fidelity, plots
 from quantkit.errors import QuantkitError
+from quantkit.io import write_text
 from quantkit.model.layout import local_name
 
 __all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "SUFFIXES", "check_report_path", "load_schema", "noise_floor", "to_html",
@@ -70,7 +72,11 @@ def to_html(report: dict) -> str:
 def write_report(report: dict, path: Union[str, os.PathLike]) -> Path:
     """Write `report` as JSON, Markdown or HTML according to the suffix of `path`, atomically."""
     path = check_report_path(path)
-    _write_atomically(path, _renderer_for(path)(report))  # rendered first: a failing render writes nothing
+    text = _renderer_for(path)(report)  # rendered first: a failing render writes nothing
+    try:
+        write_text(path, text)
+    except OSError as error:
+        raise QuantkitError(f"cannot write the report to {path}: {error.strerror or error}") from None
     return path
 
 
@@ -95,28 +101,6 @@ def _renderer_for(path: Path) -> Callable[[dict], str]:
     if suffix == ".html":
         return to_html
     raise QuantkitError(f"cannot write a report to {path}: the file name must end in {', '.join(SUFFIXES)}")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same directory, then os.replace: readers see the old file or the whole new one."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as a plain open() would
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as error:
-        raise QuantkitError(f"cannot write the report to {path}: {error.strerror}") from None
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise QuantkitError(f"cannot write the report to {path}: {error.strerror or error}") from None
-    except BaseException:  # KeyboardInterrupt included: never leave the temp file behind
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _check_version(report: dict) -> None:
@@ -364,7 +348,7 @@ def _layer_error_figure(grouped: dict[str, dict[tuple, list[dict]]], kind: str) 
     if not series:
         return None
     svg = plots.line_plot(series, x_title="decoder layer", y_title=f"mean relative {kind} error", integer_x=True,
-                          y_from_zero=True, width=1160, height=360)
+                          y_from_zero=True, width=1160, height=360, figure_id=f"{kind}-error")
     return _Figure(svg, f"Relative {kind} error per decoder layer, the mean over the layer's linears.", wide=True)
 
 
@@ -373,23 +357,24 @@ def _sensitivity_section(report: dict, with_figures: bool) -> list[_Block]:
     if not entries:
         return []
     blocks: list[_Block] = [_Heading("Sensitivity", 2)]
-    for entry in entries:
+    for index, entry in enumerate(entries):
         sensitivity = entry["sensitivity"]
         rows = sorted(sensitivity["rows"], key=lambda row: row["kl_mean"], reverse=True)
         blocks.append(_Heading(f"{entry['name']}: per {sensitivity['unit']} ({sensitivity['method']})", 3))
         if with_figures and rows:
-            blocks.append(_sensitivity_figure(entry["name"], sensitivity["unit"], rows))
+            blocks.append(_sensitivity_figure(entry["name"], sensitivity["unit"], rows, f"sensitivity-{index}"))
         blocks.append(_Table(("rank", sensitivity["unit"], "mean KL \u00b1 stderr", "perplexity"), tuple(
             (str(rank), row["name"], _kl_plus_minus(row["kl_mean"], row["kl_stderr"]), f"{row['ppl']:.4f}")
             for rank, row in enumerate(rows, start=1)), text_columns=2))
     return blocks
 
 
-def _sensitivity_figure(name: str, unit: str, rows: Sequence[dict]) -> _Figure:
+def _sensitivity_figure(name: str, unit: str, rows: Sequence[dict], figure_id: str) -> _Figure:
     wide = len(rows) > 16
     svg = plots.bar_chart([row["name"] for row in rows],
                           [plots.BarSeries(name, [row["kl_mean"] for row in rows], [row["kl_stderr"] for row in rows])],
-                          x_title=unit, y_title="mean KL (nats)", width=1160 if wide else 600, height=400)
+                          x_title=unit, y_title="mean KL (nats)", width=1160 if wide else 600, height=400,
+                          figure_id=figure_id)
     return _Figure(svg, f"{name}: mean KL(base\u2016model) per {unit}, most sensitive first; whiskers are one "
                         f"standard error.", wide=wide)
 
@@ -421,7 +406,7 @@ def _perplexity_figure(report: dict) -> _Figure | None:
     if unplaced:
         caption += f" Not shown (bits/weight unknown): {', '.join(unplaced)}."
     return _Figure(plots.scatter_plot(series, x_title="bits per weight", y_title="perplexity",
-                                      references=references), caption)
+                                      references=references, figure_id="perplexity"), caption)
 
 
 def _kl_figure(report: dict) -> _Figure | None:
@@ -441,7 +426,7 @@ def _kl_figure(report: dict) -> _Figure | None:
     if references:
         caption += " Dashed: the pretraining_tp noise floor (largest mean KL with tp > 1)."
     return _Figure(plots.step_plot(series, x_title="KL(base\u2016model) per token, nats", y_title="fraction of tokens",
-                                   references=references), caption)
+                                   references=references, figure_id="kl-distribution"), caption)
 
 
 # --- number formats -----------------------------------------------------------------------------------------------
@@ -503,8 +488,6 @@ def _ratio(ratio: float) -> str:
 def _mean(values) -> float:
     values = list(values)
     return math.fsum(values) / len(values)
-
-
 
 
 # --- Markdown -----------------------------------------------------------------------------------------------------

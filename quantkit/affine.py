@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
 
 from quantkit.errors import QuantkitError
 
@@ -21,18 +20,61 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
 
 
-def resolve_group_size(group_size: int, in_features: int, name: str = "weight") -> int:
-    """-1 means one group per row (per channel); otherwise the group size must divide in_features."""
-    if group_size == -1:
+PER_CHANNEL = -1  # group_size meaning one group per output row, in configs and in every format's metadata
+
+
+def resolve_group_size(group_size: int, in_features: int, name: str = "weight",
+                       fix: str = "choose a --group-size that divides it, or -1 for per-channel",
+                       partial_ok: bool = False) -> int:
+    """Columns per group: -1 (PER_CHANNEL) means one group per row; otherwise it must divide in_features
+    (unless partial_ok: a reader of files whose last group may be partial).
+
+    The one place "-1 means per channel" is resolved; `fix` ends the error message (a stored file's
+    readers say how to fix the file instead of the flag).
+    """
+    if group_size == PER_CHANNEL:
         return in_features
-    if in_features % group_size:
-        raise QuantkitError(f"{name}: group size {group_size} does not divide in_features={in_features}: "
-                            f"choose a --group-size that divides it, or -1 for per-channel")
+    if in_features % group_size and not partial_ok:
+        raise QuantkitError(f"{name}: group size {group_size} does not divide in_features={in_features}: {fix}")
     return group_size
+
+
+def trivial_g_idx(g_idx: torch.Tensor | None, group_size: int) -> bool:
+    """Whether g_idx (K,) is absent or just column // group_size (no act-order permutation)."""
+    return g_idx is None or torch.equal(g_idx.long(), torch.arange(g_idx.numel(), device=g_idx.device) // group_size)
+
+
+@dataclass(frozen=True)
+class AffineScheme:
+    """What a format needs to know of an integer-affine quantization, from a config (before any work)."""
+
+    bits: int
+    group_size: int  # PER_CHANNEL (-1) for one group per row
+    symmetric: bool
+    act_order: bool = False  # columns quantized in order of decreasing Hessian diagonal
+    static_groups: bool = False  # with act-order: groups stay contiguous (no scattered g_idx)
+
+    @property
+    def scattered_groups(self) -> bool:
+        """Act-order without static groups: the groups scatter over the columns (a g_idx is needed)."""
+        return self.act_order and not self.static_groups
+
+
+def affine_scheme(config) -> AffineScheme | None:
+    """The scheme of any backend config that has `bits` and `group_size` (int4, rtn, gptq, a plugin's), else None.
+
+    `symmetric`, `desc_act` and `static_groups` default to False when the config has no such field (int4).
+    """
+    if not (hasattr(config, "bits") and hasattr(config, "group_size")):
+        return None
+    return AffineScheme(config.bits, config.group_size, bool(getattr(config, "symmetric", False)),
+                        bool(getattr(config, "desc_act", False)), bool(getattr(config, "static_groups", False)))
 
 
 def choose_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """Per-group scale (N, K/g) in w's dtype and unsigned integer zero point (N, K/g) int32."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine  # slow import: on use
+
     qmin, qmax = qrange(bits, symmetric)
     mapping = MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC
     target = torch.int8 if symmetric else torch.uint8
@@ -45,6 +87,8 @@ def choose_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool)
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
                   symmetric: bool) -> torch.Tensor:
     """Round w (N, k) onto the grid of the given per-group qparams (N, k/g): unsigned q as uint8."""
+    from torchao.quantization.quant_primitives import quantize_affine
+
     qmin, qmax = qrange(bits, symmetric)
     offset = 2 ** (bits - 1) if symmetric else 0
     target = torch.int8 if symmetric else torch.uint8

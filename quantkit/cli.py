@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -12,6 +14,7 @@ import click
 import quantkit
 from quantkit.dtypes import CHOICES
 from quantkit.errors import QuantkitError
+from quantkit.io import Terminated
 from quantkit.model.generate import SamplingConfig, generate as generate_ids
 from quantkit.model.tokenizer import TextStream
 
@@ -19,13 +22,16 @@ DTYPE_CHOICE = click.Choice(CHOICES)
 
 
 class QuantkitGroup(click.Group):
-    """Turns library errors into one-line `Error: ...` messages with exit code 1."""
+    """Turns library errors into one-line `Error: ...` messages with exit code 1 (143 for SIGTERM)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except QuantkitError as e:
             raise click.ClickException(str(e)) from None
+        except Terminated:  # SIGTERM during a write: the atomic writers removed what they had started
+            click.echo("Error: terminated by SIGTERM; nothing was left half-written", err=True)
+            ctx.exit(Terminated.exit_code)
 
 
 @click.group(cls=QuantkitGroup)
@@ -74,9 +80,191 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, syst
     click.echo()
 
 
+def option_group(name: str, *options, build=dict):
+    """Add click options to a command and hand their values to it as one object, `name` = build(**values)."""
+    probe = lambda: None  # noqa: E731  (collects the parameter names the options create)
+    for option in options:
+        option(probe)
+    names = [p.name for p in probe.__click_params__]
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            kwargs[name] = build(**{n: kwargs.pop(n) for n in names})
+            return f(*args, **kwargs)
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+    return decorate
+
+
+# -- method options, shared by quantize and eval --sensitivity --------------------------------------
+
+@dataclass
+class MethodChoice:
+    """--method and the method's options: flags for the built-in fields, -O KEY=VALUE for any config field."""
+
+    method: str | None
+    flags: dict  # config field -> value given with its own flag
+    pairs: tuple[str, ...]  # -O KEY=VALUE, as typed
+
+    def given(self) -> bool:
+        return any(v is not None for v in self.flags.values()) or bool(self.pairs)
+
+
+def method_choice(method, option_pairs, **flags) -> MethodChoice:
+    return MethodChoice(method, flags, option_pairs)
+
+
+method_options = functools.partial(
+    option_group, "method_choice",
+    click.option("--method", help="Quantization method (see `quantkit backends`)."),
+    click.option("--bits", type=int, help="Bits per weight (rtn, gptq)."),
+    click.option("--group-size", type=int, help="Input columns per scale; -1 = per channel."),
+    click.option("--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric (rtn, gptq)."),
+    click.option("--threshold", type=float, help="LLM.int8 outlier threshold (bnb-int8)."),
+    click.option("--double-quant/--no-double-quant", default=None, help="Quantize the absmax too (bnb-nf4/fp4)."),
+    click.option("--blocksize", type=int, help="Block size (bnb-nf4/fp4)."),
+    click.option("--compute-dtype", type=DTYPE_CHOICE, help="Compute dtype (bnb-nf4/fp4)."),
+    click.option("--act-order", "desc_act", is_flag=True, default=None,
+                 help="GPTQ: columns by decreasing Hessian diagonal."),
+    click.option("--static-groups", is_flag=True, default=None, help="GPTQ: qparams fixed per group before act-order."),
+    click.option("--damp", "damp_percent", type=float,
+                 help="GPTQ: dampening, fraction of the mean Hessian diagonal [0.01]."),
+    click.option("--true-sequential/--no-true-sequential", default=None,
+                 help="GPTQ: q/k/v, o, gate/up, down in turn [on]."),
+    click.option("--mse", is_flag=True, default=None, help="GPTQ: search each group's clipping range."),
+    click.option("-O", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
+                 help="Any field of the method's config (see `quantkit backends --json`), e.g. -O block_size=64; "
+                      "values are read as YAML scalars. Repeatable; plugin backends' options too."),
+    build=method_choice)
+
+FLAGS = {"desc_act": "--act-order", "damp_percent": "--damp", "symmetric": "--sym/--asym",
+         "double_quant": "--double-quant/--no-double-quant", "true_sequential": "--true-sequential/--no-true-sequential"}
+
+
+def flag(field_name: str) -> str:
+    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def parse_pairs(pairs: tuple[str, ...]) -> dict:
+    """-O KEY=VALUE pairs -> {KEY: value}, each value parsed as a YAML scalar (128, true, 0.01, fp16)."""
+    import yaml
+
+    fields = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise click.BadParameter(f"{pair!r}: write KEY=VALUE, e.g. -O group_size=64", param_hint="-O/--option")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        fields[key.strip()] = text if isinstance(value, (dict, list)) or value is None else value
+    return fields
+
+
+def build_config(choice: MethodChoice):
+    """A backend config from --method, its flags and -O pairs; the config validates the values."""
+    import dataclasses
+
+    from quantkit.backends import BACKENDS, QuantConfig
+
+    cls = BACKENDS.get(choice.method).config_cls
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in choice.flags.items() if v is not None}
+    wrong = sorted(set(given) - fields)
+    if wrong:
+        known = ", ".join(flag(f) for f in sorted(fields) if f != "block_size") or "none"
+        raise click.UsageError(f"{', '.join(map(flag, wrong))} does not apply to --method {choice.method} "
+                               f"(its options: {known}; any field with -O KEY=VALUE)")
+    pairs = parse_pairs(choice.pairs)
+    both = sorted(set(pairs) & set(given))
+    if both:
+        raise click.UsageError(f"{', '.join(both)} given twice (a flag and -O): give it once")
+    return QuantConfig.from_dict({"method": choice.method, **given, **pairs})
+
+
+# -- calibration, export and dataset options --------------------------------------------------------
+
+CALIB_HELP = ("Calibration data (gptq): wikitext2, c4, ptb, a text/jsonl/parquet/csv file, a saved dataset "
+              "directory, or a .pt/.safetensors token tensor.")
+CALIBRATION_FLAGS = (
+    click.option("--calib", help=CALIB_HELP),
+    click.option("--calib-mode", type=click.Choice(["random", "document"]), default=None,
+                 help="Windows at random offsets of the joined text (GPTQ; default) or one per document (c4's default)."),
+    click.option("--calib-field", default="text", show_default=True, help="Text field of .jsonl/.parquet/.csv sources."),
+    click.option("--n-samples", default=128, show_default=True, help="Calibration windows."),
+    click.option("--seed", default=0, show_default=True, help="Seed for sampling the windows."))
+
+
+def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len=2048, device="cpu"):
+    from quantkit.layerwise import CalibrationOptions
+
+    if calib is None:
+        return None
+    return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
+                              text_field=calib_field, device=device)
+
+
+def export_options(fmt, dtype, max_shard_size, force):
+    from quantkit.export import ExportOptions
+
+    return ExportOptions(format=fmt, dtype=dtype, max_shard_size=max_shard_size, overwrite=force)
+
+
+class FormatChoice(click.Choice):
+    """--format's choices: the format registry's names, read when the command runs (plugins included)."""
+
+    def __init__(self):
+        super().__init__([])
+
+    @property
+    def choices(self):
+        from quantkit.formats import format_names
+
+        return format_names()
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns it; the registry is the source
+        pass
+
+
+@dataclass
+class DatasetChoice:
+    dataset: str
+    text_field: str
+    seq_len: int
+    stride: int | None
+
+
+def eval_options(dtype, device, batch_size, speed, tps, tp_windows):
+    from quantkit.eval.compare import EvalOptions
+
+    return EvalOptions(dtype=dtype, device=device, batch_size=batch_size, speed=speed, tps=parse_tps(tps),
+                       tp_windows=tp_windows, command=" ".join(["quantkit"] + sys.argv[1:]))
+
+
 def dataset_options(f):
-    """--dataset/--text-field/--seq-len/--stride/--batch-size/--dtype, shared by eval and compare."""
-    for option in reversed([
+    """The dataset, how the models run, and where the report goes: shared by eval and compare."""
+    f = option_group(
+        "output",
+        click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                     help="Write the report: .json, .md or .html (repeatable)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        build=ReportChoice)(f)
+    f = option_group(
+        "options",
+        click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Compute dtype [default: the checkpoint's]."),
+        click.option("--device", default="cpu", show_default=True, help="Where the models run (cpu, cuda)."),
+        click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass."),
+        click.option("--speed/--no-speed", default=True, show_default=True, help="Measure decode tokens/s."),
+        click.option("--tp", "tps", multiple=True, help="pretraining_tp comparison (the noise floor): N (repeatable), "
+                                                        "or 'auto' for those of 2, 4, 8 that divide the shapes."),
+        click.option("--tp-windows", type=int, help="Windows in the tp comparison [default: what fits 1 GiB of logits]."),
+        build=eval_options)(f)
+    return option_group(
+        "data",
         click.option("--dataset", default="wikitext2", show_default=True,
                      help="wikitext2 (test split), c4 (validation, GPTQ's c4-new), or a local .txt/.jsonl/.json/"
                           ".parquet/.csv file or datasets save_to_disk directory."),
@@ -84,19 +272,13 @@ def dataset_options(f):
         click.option("--seq-len", default=2048, show_default=True, help="Window length in tokens."),
         click.option("--stride", type=int, help="Sliding windows every STRIDE tokens (Hugging Face protocol) "
                                                 "[default: non-overlapping windows, the GPTQ protocol]."),
-        click.option("--batch-size", default=1, show_default=True, help="Windows per forward pass."),
-        click.option("--dtype", type=DTYPE_CHOICE, default=None, help="Compute dtype [default: the checkpoint's]."),
-        click.option("--device", default="cpu", show_default=True, help="Where the models run (cpu, cuda)."),
-        click.option("--tp", "tps", multiple=True, help="pretraining_tp comparison (the noise floor): N (repeatable), "
-                                                        "or 'auto' for those of 2, 4, 8 that divide the shapes."),
-        click.option("--tp-windows", type=int, help="Windows in the tp comparison [default: what fits 1 GiB of logits]."),
-        click.option("--speed/--no-speed", default=True, show_default=True, help="Measure decode tokens/s."),
-        click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-                     help="Write the report: .json, .md or .html (repeatable)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-    ]):
-        f = option(f)
-    return f
+        build=DatasetChoice)(f)
+
+
+@dataclass
+class ReportChoice:
+    reports: tuple[Path, ...]
+    as_json: bool
 
 
 def parse_tps(tps: tuple[str, ...]) -> list[int] | None:
@@ -110,25 +292,25 @@ def parse_tps(tps: tuple[str, ...]) -> list[int] | None:
         raise click.BadParameter(f"{', '.join(tps)}: give integers or 'auto'", param_hint="--tp") from None
 
 
-def load_eval_data(model, dataset, text_field, seq_len, stride, reports=()):
+def load_eval_data(model, data: DatasetChoice, output: ReportChoice):
     """The evaluation windows, once the report paths are known to be writable (fail before the work)."""
     from quantkit.eval import eval_data
     from quantkit.eval.report import check_report_path
 
-    for path in reports:
+    for path in output.reports:
         check_report_path(path)
+    return eval_data(quantkit.load_tokenizer(model), data.dataset, seq_len=data.seq_len, stride=data.stride,
+                     text_field=data.text_field)
 
-    return eval_data(quantkit.load_tokenizer(model), dataset, seq_len=seq_len, stride=stride, text_field=text_field)
 
-
-def emit_report(report: dict, reports, as_json: bool):
+def emit_report(report: dict, output: ReportChoice):
     from quantkit.eval.report import to_json, to_markdown, write_report
 
-    for path in reports:
+    for path in output.reports:
         write_report(report, path)
-    click.echo(to_json(report) if as_json else to_markdown(report))
-    if reports and not as_json:
-        click.echo(f"report written to {', '.join(map(str, reports))}")
+    click.echo(to_json(report) if output.as_json else to_markdown(report))
+    if output.reports and not output.as_json:
+        click.echo(f"report written to {', '.join(map(str, output.reports))}")
 
 
 @main.command("eval")
@@ -142,47 +324,50 @@ def emit_report(report: dict, reports, as_json: bool):
                                         "(~100x smaller; KL becomes a lower bound) [default: all, 16-bit].")
 @click.option("--sensitivity", type=click.Choice(["layer", "linear"]),
               help="Quantize one decoder layer (or one linear type) at a time with --method and report its KL.")
-@click.option("--method", help="Method for --sensitivity (see `quantkit backends`).")
-@click.option("--bits", type=int, help="--sensitivity: bits per weight (rtn, gptq).")
-@click.option("--group-size", type=int, help="--sensitivity: input columns per scale; -1 = per channel.")
-@click.option("--sym/--asym", "symmetric", default=None, help="--sensitivity: symmetric or asymmetric (rtn, gptq).")
-@click.option("--calib", help="--sensitivity with gptq: calibration data (as for quantize).")
-@click.option("--n-samples", default=128, show_default=True, help="--sensitivity with gptq: calibration windows.")
+@method_options()
+@option_group("calibration", *CALIBRATION_FLAGS)
 @dataset_options
-def eval_command(model, base, base_logits, save_logits, top_k, sensitivity, method, calib, n_samples, dataset,
-                 text_field, seq_len, stride, batch_size, dtype, device, tps, tp_windows, speed, reports, as_json,
-                 **method_options):
-    """Perplexity of MODEL and, against --base or --base-logits, its logit fidelity (KL, top-1, delta-p)."""
-    from quantkit.eval.compare import EvalOptions, run_eval
+def eval_command(model, base, base_logits, save_logits, top_k, sensitivity, method_choice, calibration, data,
+                 options, output):
+    """Perplexity of MODEL and, against --base or --base-logits, its logit fidelity (KL, top-1, delta-p).
+
+    --sensitivity takes the same method options as quantize (--method, --bits, ..., -O KEY=VALUE) and,
+    for calibrated methods, the same calibration options (windows of --seq-len tokens).
+    """
+    from quantkit.eval.compare import run_eval
 
     if top_k is not None and save_logits is None:
         raise click.UsageError("--top-k applies to --save-logits")
-    if (sensitivity is None) != (method is None):
+    if (sensitivity is None) != (method_choice.method is None):
         raise click.UsageError("--sensitivity and --method go together")
-    data = load_eval_data(model, dataset, text_field, seq_len, stride, reports)
-    options = EvalOptions(dtype=dtype, device=device, batch_size=batch_size, speed=speed, tps=parse_tps(tps),
-                          tp_windows=tp_windows, command=" ".join(["quantkit"] + sys.argv[1:]))
+    if sensitivity is None and method_choice.given():
+        raise click.UsageError("method options (--bits, --group-size, -O, ...) apply to --sensitivity only")
+    eval_windows = load_eval_data(model, data, output)
     if sensitivity:
-        options.sensitivity = sensitivity_options(model, sensitivity, method, method_options, calib, n_samples, seq_len)
-    report = run_eval(model, data, base=base, base_logits=base_logits, save_logits=save_logits, top_k=top_k,
+        options.sensitivity = sensitivity_options(model, sensitivity, method_choice, calibration, data.seq_len,
+                                                  options.device)
+    report = run_eval(model, eval_windows, base=base, base_logits=base_logits, save_logits=save_logits, top_k=top_k,
                       options=options)
-    if save_logits is not None and not as_json:
+    if save_logits is not None and not output.as_json:
         click.echo(f"saved {model}'s log-probs to {save_logits}")
-    emit_report(report, reports, as_json)
+    emit_report(report, output)
 
 
-def sensitivity_options(model, unit, method, method_options, calib, n_samples, seq_len) -> dict:
+def sensitivity_options(model, unit, method_choice: MethodChoice, calibration: dict, seq_len: int, device) -> dict:
     from quantkit.backends import Recipe, needs_calibration
-    from quantkit.model.checkpoint import Checkpoint
-    from quantkit.pipeline import calibration_tensor
+    from quantkit.layerwise import calibration_tensor
+    from quantkit.loading import open_checkpoint
 
-    config = build_config(method, method_options)
-    calibration = None
+    config = build_config(method_choice)
+    options = calibration_options(**calibration, seq_len=seq_len, device=device)
+    tokens = None
     if needs_calibration(Recipe.of(config)):
-        if calib is None:
-            raise click.UsageError(f"--sensitivity with --method {method} needs --calib")
-        calibration = calibration_tensor(calib, Checkpoint(model), n_samples, seq_len, seed=0)
-    return {"unit": unit, "config": config, "calibration": calibration}
+        if options is None:
+            raise click.UsageError(f"--sensitivity with --method {method_choice.method} needs --calib")
+        tokens = calibration_tensor(options, open_checkpoint(model))
+    elif options is not None:
+        raise click.UsageError("--calib applies to calibrated methods (gptq) only")
+    return {"unit": unit, "config": config, "calibration": tokens}
 
 
 @main.command()
@@ -191,95 +376,49 @@ def sensitivity_options(model, unit, method, method_options, calib, n_samples, s
 @click.option("--base-logits", type=click.Path(dir_okay=False, path_type=Path),
               help="BASE's log-probs saved with `quantkit eval BASE --save-logits`: BASE is then not run.")
 @dataset_options
-def compare(base, models, base_logits, dataset, text_field, seq_len, stride, batch_size, dtype, device, tps,
-            tp_windows, speed, reports, as_json):
+def compare(base, models, base_logits, data, options, output):
     """Compare quantized MODELS with BASE in one table: size, bits/weight, perplexity, KL, top-1, tokens/s."""
-    from quantkit.eval.compare import EvalOptions, run_compare
+    from quantkit.eval.compare import run_compare
 
-    data = load_eval_data(base, dataset, text_field, seq_len, stride, reports)
-    options = EvalOptions(dtype=dtype, device=device, batch_size=batch_size, speed=speed, tps=parse_tps(tps),
-                          tp_windows=tp_windows, command=" ".join(["quantkit"] + sys.argv[1:]))
-    emit_report(run_compare(base, list(models), data, base_logits=base_logits, options=options), reports, as_json)
-
-
-FLAGS = {"desc_act": "--act-order", "damp_percent": "--damp", "symmetric": "--sym/--asym",
-         "double_quant": "--double-quant/--no-double-quant", "true_sequential": "--true-sequential/--no-true-sequential"}
-
-
-def flag(field_name: str) -> str:
-    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
-
-
-def build_config(method: str, options: dict):
-    """A backend config from the method name and the method options the user gave on the command line."""
-    import dataclasses
-
-    from quantkit.backends import BACKENDS
-
-    cls = BACKENDS.get(method).config_cls
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in options.items() if v is not None}
-    wrong = sorted(set(given) - fields)
-    if wrong:
-        known = ", ".join(flag(f) for f in sorted(fields) if f != "block_size") or "none"
-        raise click.UsageError(f"{', '.join(map(flag, wrong))} does not apply to --method {method} (its options: {known})")
-    return cls(**given)
+    eval_windows = load_eval_data(base, data, output)
+    emit_report(run_compare(base, list(models), eval_windows, base_logits=base_logits, options=options), output)
 
 
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--method", help="Quantization method (see `quantkit backends`); or use --recipe.")
 @click.option("--recipe", type=click.Path(path_type=Path), help="JSON/YAML recipe mapping module patterns to configs.")
-@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq", "bnb"]),
-              help="Export format [default: the method's first].")
-@click.option("--bits", type=int, help="Bits per weight (rtn, gptq).")
-@click.option("--group-size", type=int, help="Input columns per scale; -1 = per channel.")
-@click.option("--sym/--asym", "symmetric", default=None, help="Symmetric or asymmetric (rtn, gptq).")
-@click.option("--threshold", type=float, help="LLM.int8 outlier threshold (bnb-int8).")
-@click.option("--double-quant/--no-double-quant", default=None, help="Quantize the absmax too (bnb-nf4/fp4).")
-@click.option("--blocksize", type=int, help="Block size (bnb-nf4/fp4).")
-@click.option("--compute-dtype", type=DTYPE_CHOICE, help="Compute dtype (bnb-nf4/fp4).")
-@click.option("--act-order", "desc_act", is_flag=True, default=None, help="GPTQ: columns by decreasing Hessian diagonal.")
-@click.option("--static-groups", is_flag=True, default=None, help="GPTQ: qparams fixed per group before act-order.")
-@click.option("--damp", "damp_percent", type=float, help="GPTQ: dampening, fraction of the mean Hessian diagonal [0.01].")
-@click.option("--true-sequential/--no-true-sequential", default=None, help="GPTQ: q/k/v, o, gate/up, down in turn [on].")
-@click.option("--mse", is_flag=True, default=None, help="GPTQ: search each group's clipping range.")
-@click.option("--calib", help="Calibration data for GPTQ: wikitext2, c4, ptb, a text/jsonl/parquet/csv file, "
-              "a saved dataset directory, or a .pt/.safetensors token tensor.")
-@click.option("--calib-mode", type=click.Choice(["random", "document"]), default=None,
-              help="Windows at random offsets of the joined text (GPTQ; default) or one per document (c4's default).")
-@click.option("--calib-field", default="text", show_default=True, help="Text field of .jsonl/.parquet/.csv sources.")
-@click.option("--n-samples", default=128, show_default=True, help="Calibration windows.")
-@click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window.")
-@click.option("--seed", default=0, show_default=True, help="Seed for sampling the windows.")
-@click.option("--device", default="cpu", show_default=True, help="Where each layer is calibrated (cpu, cuda).")
+@method_options()
+@option_group("calibration", *CALIBRATION_FLAGS,
+              click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window."),
+              click.option("--device", default="cpu", show_default=True,
+                           help="Where each layer is calibrated (cpu, cuda)."),
+              build=calibration_options)
+@option_group("export",
+              click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
+              click.option("--dtype", type=DTYPE_CHOICE, default=None,
+                           help="dtype of what stays unquantized [default: the checkpoint's]."),
+              click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
+              click.option("--force", is_flag=True, help="Replace OUTPUT if it exists."),
+              build=export_options)
 @click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
-@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="dtype of what stays unquantized [default: the checkpoint's].")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, force, as_json, calib, calib_mode,
-             calib_field, n_samples, seq_len, seed, device, **options):
+def quantize(model, output, recipe, method_choice, calibration, export, ignore, as_json):
     """Quantize MODEL layer by layer and write it to OUTPUT in an export format."""
     from quantkit.backends import Recipe, needs_calibration
     from quantkit.pipeline import quantize_checkpoint
 
-    if (method is None) == (recipe is None):
+    if (method_choice.method is None) == (recipe is None):
         raise click.UsageError("give exactly one of --method and --recipe")
     if recipe is not None:
-        if any(v is not None for v in options.values()):
-            raise click.UsageError("method options (--bits, --group-size, ...) go into the recipe file with --recipe")
+        if method_choice.given():
+            raise click.UsageError("method options (--bits, --group-size, -O, ...) go into the recipe file with --recipe")
         config = Recipe.from_file(recipe)
     else:
-        config = build_config(method, options)
-    calibrated = needs_calibration(Recipe.of(config))
-    if calib is not None and not calibrated:
+        config = build_config(method_choice)
+    if calibration is not None and not needs_calibration(Recipe.of(config)):
         raise click.UsageError("--calib applies to calibrated methods (gptq) only")
-    summary = quantize_checkpoint(model, config, output, format=fmt, ignore=tuple(ignore), dtype=dtype,
-                                  max_shard_size=max_shard_size, overwrite=force, calibration=calib,
-                                  n_samples=n_samples, seq_len=seq_len, seed=seed, calib_mode=calib_mode,
-                                  calib_field=calib_field, device=device)
+    summary = quantize_checkpoint(model, config, output, export=export, calibration=calibration, ignore=tuple(ignore))
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -296,6 +435,13 @@ def quantize(model, output, method, recipe, fmt, ignore, dtype, max_shard_size, 
                    f"worst {worst['relative_error']:.4f} ({worst['name']}); --json lists them all")
 
 
+def config_defaults(cls) -> dict:
+    """A config class's fields with their defaults (what -O KEY=VALUE sets); None for a required field."""
+    import dataclasses
+
+    return {f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(cls)}
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def backends(as_json):
@@ -303,8 +449,9 @@ def backends(as_json):
     from quantkit.backends import BACKENDS
 
     rows = [{"method": b.name, "calibration": b.needs_calibration, "devices": list(b.devices),
-             "formats": list(b.formats), "usable": b.unusable_reason() is None,
-             "why_not": b.unusable_reason(), "description": b.description} for b in BACKENDS.all()]
+             "formats": list(b.formats) or ["any that holds it"], "usable": b.unusable_reason() is None,
+             "why_not": b.unusable_reason(), "description": b.description, "options": config_defaults(b.config_cls)}
+            for b in BACKENDS.all()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

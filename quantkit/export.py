@@ -1,11 +1,15 @@
 """Writing quantized models: pick the format, turn modules into its tensors, write the directory.
 
-Both the in-memory path (`save_quantized(model, ...)`) and the streaming pipeline go through
-`module_tensors`, so a layer is exported the same way whichever way it was quantized.
+The in-memory path (`save_quantized(model, ...)`) and the streaming pipeline share one write path,
+`quantized_writer`: an atomic directory, the format's sink for the tensors (its container: sharded
+safetensors by default), `module_tensors` for each module or layer, and the format's `finish` for
+config.json and the rest. So a layer is exported the same way whichever way it was quantized, and a
+format with another container (one file) plugs in without touching the pipeline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -17,31 +21,58 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.dtypes import dtype_name
 from quantkit.backends import BACKENDS, QuantConfig
-from quantkit.layerwise import linear_reports
+from quantkit.dtypes import dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
-from quantkit.formats import QuantFormat, get_format
-from quantkit.model.checkpoint import atomic_output_dir, copy_tokenizer_files
+from quantkit.formats import QuantFormat, format_names, get_format
+from quantkit.io import atomic_dir
 from quantkit.model.config import LlamaConfig
-from quantkit.model.shards import ShardWriter
 from quantkit.model.layout import is_decoder_linear
+from quantkit.record import LinearReport, linear_reports, record_of
+from quantkit.walker import quantized_modules
 
 
-ERRORS_FILE = "quantkit_errors.json"  # per quantized linear: name, method, relative_error, kind
+@dataclass
+class ExportOptions:
+    """How a quantized model is written (the CLI's --format, --dtype, --max-shard-size, --force)."""
+
+    format: str | None = None  # a registered format's name; None: the first method's preferred format
+    dtype: str | torch.dtype | None = None  # of what stays unquantized; None: the checkpoint's (or model's)
+    max_shard_size: int | str = "5GB"
+    overwrite: bool = False
+
+
+def _distinct(configs: Iterable[QuantConfig]) -> list[QuantConfig]:
+    out = []  # config dataclasses compare by value but are unhashable
+    for c in configs:
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def formats_holding(config: QuantConfig) -> list[str]:
+    """Registered formats that do not refuse `config`, the backend's preferred ones first."""
+    preferred = list(BACKENDS.for_config(config).formats)
+    names = preferred + [n for n in format_names() if n not in preferred]
+    return [n for n in names if get_format(n).refuses_config(config) is None]
 
 
 def choose_format(configs: Iterable[QuantConfig], name: str | None = None) -> QuantFormat:
-    """The format to write: the named one, or the first method's default; every method must fit it."""
-    methods = list(dict.fromkeys(c.method for c in configs))
-    if not methods:
+    """The format to write: the named one, or the first method's preferred one; it must hold every config."""
+    configs = _distinct(configs)
+    if not configs:
         raise QuantkitError("nothing was quantized: the recipe leaves every module in full precision")
-    name = name or BACKENDS.get(methods[0]).formats[0]
+    if name is None:
+        holding = formats_holding(configs[0])
+        if not holding:
+            raise QuantkitError(f"no registered format holds {configs[0].describe()}")
+        name = holding[0]
     fmt = get_format(name)
-    for method in methods:
-        if method not in fmt.methods:
-            formats = ", ".join(BACKENDS.get(method).formats)
-            raise QuantkitError(f"--format {name} cannot hold method {method}: use --format {formats}")
+    reason = fmt.refuses_configs(configs)
+    if reason is not None:
+        refused = next((c for c in configs if fmt.refuses_config(c) is not None), None)
+        fix = f": use --format {', '.join(formats_holding(refused))}" if refused and formats_holding(refused) else ""
+        raise QuantkitError(f"--format {name}: {reason}{fix}")
     return fmt
 
 
@@ -65,10 +96,14 @@ def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, pr
     The rest is read from each module's own parameters and persistent buffers, never through
     state_dict() of a quantized module (bitsandbytes rebuilds its CPU-repacked state there, lossily).
     """
-    quantized = {name: m for name, m in module.named_modules() if hasattr(m, "quant_config")}
+    quantized = dict(quantized_modules(module))
     for name, m in quantized.items():
+        config = record_of(m).config
+        if config is None:
+            raise QuantkitError(f"{prefix + name}: loaded from a file whose scheme no quantkit method has: "
+                                f"it cannot be re-exported")
         tensors = fmt.export_module(prefix + name, m)
-        record.configs[prefix + name] = m.quant_config
+        record.configs[prefix + name] = config
         record.quantized_weights += m.out_features * m.in_features
         record.quantized_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         yield from tensors.items()
@@ -106,34 +141,52 @@ def shard_metadata(fmt: QuantFormat, recipe: dict[str, Any] | None) -> dict[str,
             "quantkit_recipe": json.dumps(recipe)}
 
 
-def write_quantized_dir(tmp: Path, config_json: dict[str, Any], fmt: QuantFormat, tokenizer_dir,
-                        errors: list[dict] | None = None):
-    """config.json, the format's extra files, the tokenizer, and the per-linear errors (read by `quantkit eval`)."""
-    (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-    if errors:
-        (tmp / ERRORS_FILE).write_text(json.dumps(errors, indent=1) + "\n")
-    for file_name, text in fmt.extra_files(config_json["quantization_config"]).items():
-        (tmp / file_name).write_text(text)
-    copy_tokenizer_files(tokenizer_dir, tmp)
+class ExportWriter:
+    """Takes modules (a whole model or one decoder layer at a time) and sends their tensors to the format's sink."""
+
+    def __init__(self, fmt: QuantFormat, sink):
+        self.fmt, self.sink = fmt, sink
+        self.record = ExportRecord()
+        self.reports: list[LinearReport] = []  # per quantized linear, from its QuantRecord
+
+    def write(self, module: nn.Module, prefix: str = "", skip: Iterable[str] = ()):
+        for name, t in module_tensors(module, self.fmt, self.record, prefix=prefix, skip=skip):
+            self.sink.add(name, t)
+        self.reports += linear_reports(quantized_modules(module, prefix))
+
+    def write_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]]):
+        """Tensors as they are (the embedding, final norm and lm_head of a streamed checkpoint)."""
+        for name, t in tensors:
+            self.sink.add(name, t)
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, format: str | None = None,
-                   tokenizer_dir: str | os.PathLike | None = None, max_shard_size: int | str = "5GB",
-                   overwrite: bool = False) -> Path:
-    """Save a model quantized in memory by `quantkit.quantize` in one of the export formats."""
-    configs = [m.quant_config for m in model.modules() if hasattr(m, "quant_config")]
-    fmt = choose_format(configs, format)
-    recipe = getattr(model, "quant_recipe", None)
+@contextlib.contextmanager
+def quantized_writer(out_dir: str | os.PathLike, fmt: QuantFormat, options: ExportOptions, config: LlamaConfig,
+                     recipe: dict[str, Any] | None, dtype: torch.dtype, tokenizer_dir) -> Iterator[ExportWriter]:
+    """The one write path: an ExportWriter into an atomic directory, finished by the format when the block ends."""
+    with atomic_dir(out_dir, options.overwrite) as tmp:
+        writer = ExportWriter(fmt, fmt.open_sink(tmp, options.max_shard_size, shard_metadata(fmt, recipe)))
+        yield writer
+        writer.sink.close()
+        config_json = quantized_config_json(config, fmt, writer.record, recipe, dtype)
+        fmt.finish(tmp, config_json, tokenizer_dir, [asdict(r) for r in writer.reports])
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, options: ExportOptions | None = None,
+                   tokenizer_dir: str | os.PathLike | None = None, **option_fields) -> Path:
+    """Save a model quantized in memory by `quantkit.quantize` (or loaded by `quantkit.load`) in an export format.
+
+    `options` (or its fields as keywords: format=, max_shard_size=, overwrite=) say how; see ExportOptions.
+    """
+    options = options or ExportOptions(**option_fields)
+    fmt = choose_format((record_of(m).config for _, m in quantized_modules(model)), options.format)
     dtype = model.model.embed_tokens.weight.dtype
+    if options.dtype is not None and parse_dtype(options.dtype, "dtype") != dtype:
+        raise QuantkitError(f"save_quantized writes the model's tensors as they are ({dtype_name(dtype)}), not "
+                            f"{options.dtype}: convert the model's unquantized tensors first")
     skip = ["lm_head.weight"] if model.config.tie_word_embeddings else []
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
-    record = ExportRecord()
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_size, metadata=shard_metadata(fmt, recipe))
-        for name, t in module_tensors(model, fmt, record, skip=skip):
-            writer.add(name, t)
-        writer.close()
-        errors = [asdict(r) for r in linear_reports(model)]
-        write_quantized_dir(tmp, quantized_config_json(model.config, fmt, record, recipe, dtype), fmt, tokenizer_dir,
-                            errors)
+    recipe = getattr(model, "quant_recipe", None)
+    with quantized_writer(out_dir, fmt, options, model.config, recipe, dtype, tokenizer_dir) as writer:
+        writer.write(model, skip=skip)
     return Path(out_dir)

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,20 +35,14 @@ def _raise_terminated(signum, frame):
 @contextlib.contextmanager
 def terminate_as_exception() -> Iterator[None]:
     """Turn SIGTERM into a `Terminated` exception inside the block (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
+        yield  # None: a handler installed from C, which Python could not restore: leave it alone
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def fsync_dir(path: Path):
@@ -110,8 +103,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_text(path: str | os.PathLike, text: str):
     """Write `text` (UTF-8) to `path` atomically."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
 
 
 @contextlib.contextmanager
@@ -125,8 +118,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     if out.exists() and not overwrite:
         raise QuantkitError(f"{out}: already exists: choose another output or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the published directory private
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir(0o777)  # the umask decides, as for a plain mkdir (mkdtemp's 0700 would make the output private)
     try:
         with terminate_as_exception():
             yield tmp

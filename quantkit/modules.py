@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.affine import AffineWeight
+from quantkit.affine import AffineWeight, trivial_g_idx
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import trivial_g_idx
 from quantkit.packing import pack, unpack
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Module surgery: which linears are quantization targets, and swapping modules in place.
+"""Module surgery, the one module walker: which linears are targets, which are quantized, swapping them.
 
 By default every linear inside the decoder layers (q/k/v/o, gate/up/down) is a target; the
 embedding and lm_head stay in the model's dtype.
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from quantkit.model.layout import is_decoder_linear
+from quantkit.record import record_of
 
 
 def decoder_linears(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Linear]]:
@@ -19,6 +20,13 @@ def decoder_linears(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, n
         full = prefix + name
         if type(module) is nn.Linear and is_decoder_linear(full):
             yield full, module
+
+
+def quantized_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(full name, module) of every quantized module (one with a quant_record) in `model`, in module order."""
+    for name, module in model.named_modules():
+        if record_of(module) is not None:
+            yield prefix + name, module
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module):

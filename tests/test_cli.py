@@ -158,6 +158,31 @@ def test_cli_quantize_option_for_another_method(kernel_model_dir, tmp_path):
     assert result.exit_code == 2 and "--bits does not apply to --method int4" in result.output
 
 
+def test_quantize_any_config_field_with_dash_o(kernel_model_dir, tmp_path):
+    result = run("quantize", kernel_model_dir, "--method", "rtn", "-O", "bits=3", "-O", "group_size=32",
+                 "-O", "symmetric=true", "-o", tmp_path / "q", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["recipe"]["default"] == {"method": "rtn", "bits": 3, "group_size": 32, "symmetric": True}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("-O", "nonsense=1"), "rtn: unknown option(s) nonsense"),
+    (("-O", "bits=5"), "--bits 5 is not supported"),
+    (("-O", "bits"), "write KEY=VALUE"),
+    (("-O", "bits=3", "--bits", "4"), "bits given twice"),
+])
+def test_cli_dash_o_errors_name_the_key(kernel_model_dir, tmp_path, args, needle):
+    result = run("quantize", kernel_model_dir, "--method", "rtn", *args, "-o", tmp_path / "q")
+    assert result.exit_code != 0 and needle in result.output, result.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_backends_json_lists_each_methods_options():
+    rows = {r["method"]: r for r in json.loads(run("backends", "--json").output)}
+    assert rows["gptq"]["options"]["damp_percent"] == 0.01 and rows["int4"]["options"] == {"group_size": 128}
+
+
 def test_quantize_gptq_with_a_local_calibration_file(kernel_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
     calib = tmp_path / "calib.txt"

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from quantkit.eval.report import load_schema
 from quantkit.cli import main
 from quantkit.model import save_model
-from tests.conftest import DEMO_MODEL, random_model, tiny_config
+from tests.conftest import DEMO_MODEL, peaked_model, random_model, tiny_config
 from tests.test_cli import assert_one_line_error
 
 SEQ = ("--seq-len", 64, "--no-speed")
@@ -59,15 +59,29 @@ def test_eval_against_base_with_sliding_windows_and_tp(dirs):
     assert report["models"][0]["layer_errors"] and report["models"][0]["layer_errors"][0]["kind"] == "weight"
 
 
-def test_saved_base_logits_round_trip(dirs, tmp_path):
+@pytest.fixture(scope="module")
+def peaked(dirs):
+    """A base with peaked next-token distributions, like a trained model's (tests.conftest.peaked_model), and rtn w3."""
+    base, rtn = dirs["root"] / "peaked", dirs["root"] / "peaked_rtn"
+    save_model(peaked_model(hidden_size=128, intermediate_size=256), base, tokenizer_dir=DEMO_MODEL, dtype="fp16")
+    assert run("quantize", base, "--method", "rtn", "--bits", 3, "--group-size", 32, "-o", rtn).exit_code == 0
+    return {"base": base, "rtn": rtn}
+
+
+def test_saved_base_logits_round_trip(dirs, peaked, tmp_path):
     qkl = tmp_path / "base.qkl"
-    saved = run("eval", dirs["base"], "--dataset", dirs["text"], *SEQ, "--save-logits", qkl)
+    saved = run("eval", peaked["base"], "--dataset", dirs["text"], *SEQ, "--save-logits", qkl)
     assert saved.exit_code == 0 and qkl.is_file(), saved.output
-    from_file = report_of(run("eval", dirs["rtn"], "--base-logits", qkl, "--dataset", dirs["text"], *SEQ, "--json"))
-    in_memory = report_of(run("eval", dirs["rtn"], "--base", dirs["base"], "--dataset", dirs["text"], *SEQ, "--json"))
+    from_file = report_of(run("eval", peaked["rtn"], "--base-logits", qkl, "--dataset", dirs["text"], *SEQ, "--json"))
+    in_memory = report_of(run("eval", peaked["rtn"], "--base", peaked["base"], "--dataset", dirs["text"], *SEQ,
+                              "--json"))
     a, b = from_file["models"][0]["fidelity"], in_memory["models"][0]["fidelity"]
-    # 16-bit log-probs move the KL by ~1e-9 nats absolute, here on a KL of ~1e-6 (a random model)
-    assert a["source"] == "base-logits" and a["kl"]["mean"] == pytest.approx(b["kl"]["mean"], rel=1e-3, abs=1e-8)
+    # KL 4.3e-2; measured: the 16-bit log-probs move it by 1.1e-7 relative (2.5e-7 with both sides renormalised
+    # in float64). Not on dirs["base"], a random model with KL ~1.4e-6: there fp32 log-probs (ln p ~ -8.3, ulp
+    # 9.5e-7) are normalised only to ~1e-7 nats a token, differently by the runner's and decode's log_softmax
+    # (measured on an AMD EPYC: from file 1.3103e-06, in memory 1.3998e-06, a 6% gap that is none of the encoding's)
+    assert a["source"] == "base-logits" and b["source"] == "in-memory" and b["kl"]["mean"] > 1e-2
+    assert a["kl"]["mean"] == pytest.approx(b["kl"]["mean"], rel=1e-4)
     assert a["top1"] == b["top1"] and from_file["base"]["perplexity"]["ppl"] == pytest.approx(
         in_memory["base"]["perplexity"]["ppl"], rel=1e-6)
 
@@ -77,6 +91,20 @@ def test_sensitivity_per_layer(dirs):
                            "--method", "rtn", "--bits", 3, "--group-size", 32, "--json"))
     rows = report["models"][0]["sensitivity"]["rows"]
     assert [r["name"] for r in rows] == ["layer 0", "layer 1"] and all(r["kl_mean"] > 0 for r in rows)
+
+
+def test_sensitivity_takes_the_same_method_options_as_quantize(dirs):
+    flags = report_of(run("eval", dirs["base"], "--dataset", dirs["text"], *SEQ, "--sensitivity", "linear",
+                          "--method", "rtn", "--bits", 3, "--group-size", 32, "--sym", "--json"))
+    pairs = report_of(run("eval", dirs["base"], "--dataset", dirs["text"], *SEQ, "--sensitivity", "linear",
+                          "--method", "rtn", "-O", "bits=3", "-O", "group_size=32", "-O", "symmetric=true", "--json"))
+    a, b = flags["models"][0]["sensitivity"], pairs["models"][0]["sensitivity"]
+    assert a["method"] == b["method"] == "rtn w3 g32 sym" and a["rows"] == b["rows"] and len(a["rows"]) == 7
+
+
+def test_method_options_without_sensitivity_are_refused(dirs):
+    result = run("eval", dirs["base"], "--dataset", dirs["text"], *SEQ, "-O", "bits=3")
+    assert result.exit_code == 2 and "apply to --sensitivity only" in result.output
 
 
 def test_compare_writes_reports(dirs, tmp_path):

@@ -6,7 +6,9 @@ import torch
 import quantkit
 from quantkit.backends.gptq import GPTQConfig
 from quantkit.backends.rtn import RTNConfig
-from quantkit.layerwise import SEQUENTIAL_GROUPS, quantize_calibrated
+from quantkit.export import ExportOptions
+from quantkit.layerwise import CalibrationOptions, quantize_calibrated
+from quantkit.model.layout import SEQUENTIAL_GROUPS
 from quantkit.errors import QuantkitError
 from quantkit.model import save_model
 from quantkit.pipeline import quantize_checkpoint
@@ -37,9 +39,11 @@ def test_streamed_export_reloads_to_the_in_memory_model(model_dir, tmp_path, con
     reports = quantize_calibrated(in_memory, config, TOKENS, progress=False)
     if fmt == "compressed-tensors" and config.desc_act and not config.static_groups:
         with pytest.raises(QuantkitError, match="act-order"):
-            quantize_checkpoint(model_dir, config, tmp_path / "q", format=fmt, calibration=TOKENS, progress=False)
+            quantize_checkpoint(model_dir, config, tmp_path / "q", ExportOptions(format=fmt), calibration=TOKENS,
+                                progress=False)
         return
-    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", format=fmt, calibration=TOKENS, progress=False)
+    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", ExportOptions(format=fmt), calibration=TOKENS,
+                                  progress=False)
     with torch.no_grad():
         assert torch.equal(quantkit.load(tmp_path / "q")(IDS), in_memory(IDS))
     assert [e["name"] for e in summary.errors] == [r.name for r in reports]
@@ -70,7 +74,7 @@ def test_gptq_beats_rtn_on_the_model_output(model_dir):
 
 def test_mixed_recipe_gptq_and_rtn(model_dir, tmp_path):
     recipe = Recipe(GPTQConfig(4, 32), rules=[(r"down_proj$", RTNConfig(8, -1))], ignore=[r"layers\.1\.self_attn"])
-    summary = quantize_checkpoint(model_dir, recipe, tmp_path / "q", format="compressed-tensors",
+    summary = quantize_checkpoint(model_dir, recipe, tmp_path / "q", ExportOptions(format="compressed-tensors"),
                                   calibration=TOKENS, progress=False)
     model = quantkit.load(tmp_path / "q")
     assert model.model.layers[0].mlp.down_proj.bits == 8
@@ -111,8 +115,8 @@ def test_bad_gptq_options(make, message):
 def test_token_file_needs_no_tokenizer(model_dir, tmp_path):
     (model_dir / "tokenizer.model").unlink()
     torch.save(TOKENS, tmp_path / "tokens.pt")
-    summary = quantize_checkpoint(model_dir, GPTQConfig(4, 32), tmp_path / "q", calibration=str(tmp_path / "tokens.pt"),
-                                  n_samples=8, seq_len=32, progress=False)
+    summary = quantize_checkpoint(model_dir, GPTQConfig(4, 32), tmp_path / "q", progress=False,
+                                  calibration=CalibrationOptions(str(tmp_path / "tokens.pt"), n_samples=8, seq_len=32))
     assert len(summary.errors) == 14
 
 

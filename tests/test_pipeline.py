@@ -13,7 +13,7 @@ from quantkit.backends import QuantConfig, Recipe, quantize
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
-from quantkit.export import save_quantized
+from quantkit.export import ExportOptions, save_quantized
 from quantkit.model import save_model
 from quantkit.pipeline import quantize_checkpoint
 from tests.conftest import random_model, tiny_config
@@ -40,7 +40,7 @@ IDS = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0)
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 @pytest.mark.parametrize("config", AFFINE_CASES, ids=lambda c: c.describe())
 def test_quantize_save_load_same_logits(model_dir, tmp_path, config, fmt):
-    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", format=fmt, progress=False)
+    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", ExportOptions(format=fmt), progress=False)
     reloaded = quantkit.load(tmp_path / "q")  # no flags: everything is in config.json
     expected = in_memory(model_dir, config)
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_streamed_and_in_memory_exports_are_identical(model_dir, tmp_path):
 
 
 def test_sharded_output(model_dir, tmp_path):
-    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", max_shard_size="200KB", progress=False)
+    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", ExportOptions(max_shard_size="200KB"), progress=False)
     assert len(list((tmp_path / "q").glob("model-*-of-*.safetensors"))) > 1
     assert (tmp_path / "q" / "model.safetensors.index.json").exists()
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_output_exists_is_refused_and_untouched(model_dir, tmp_path):
     with pytest.raises(QuantkitError, match="already exists.*--force"):
         quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
     assert (tmp_path / "q" / "mine.txt").read_text() == "keep"
-    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", overwrite=True, progress=False)
+    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", ExportOptions(overwrite=True), progress=False)
     assert not (tmp_path / "q" / "mine.txt").exists()
 
 
@@ -158,8 +158,8 @@ def test_group_size_that_does_not_divide(model_dir, tmp_path):
 
 
 def test_format_that_cannot_hold_the_method(model_dir, tmp_path):
-    with pytest.raises(QuantkitError, match="--format bnb cannot hold method int4: use --format compressed-tensors, gptq"):
-        quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", format="bnb", progress=False)
+    with pytest.raises(QuantkitError, match=r"--format bnb: cannot hold method int4: it holds bitsandbytes modules .*: use --format compressed-tensors, gptq$"):
+        quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", ExportOptions(format="bnb"), progress=False)
 
 
 def test_unknown_method_lists_known_ones():
@@ -183,3 +183,37 @@ def test_per_linear_weight_errors_are_written_and_exact(model_dir, tmp_path, con
     assert [e["name"] for e in in_memory] == [e["name"] for e in written]
     # the pipeline quantizes in the checkpoint dtype, this in fp32: the qparams round a little differently
     assert [e["relative_error"] for e in in_memory] == pytest.approx([e["relative_error"] for e in written], rel=1e-3)
+
+
+# -- the quantized-module record: a loaded model re-exports and re-evaluates like a fresh one -------------
+
+
+@pytest.mark.parametrize("config, first, second", [
+    (Int4Config(32), "compressed-tensors", "gptq"),
+    (RTNConfig(3, 32, True), "gptq", "compressed-tensors"),
+], ids=["int4", "rtn-w3-sym"])
+def test_loaded_model_carries_the_record_and_re_exports(model_dir, tmp_path, config, first, second):
+    summary = quantize_checkpoint(model_dir, config, tmp_path / "a", ExportOptions(format=first), progress=False)
+    loaded = quantkit.load(tmp_path / "a")
+    record = loaded.model.layers[1].self_attn.o_proj.quant_record
+    written = {e["name"]: e for e in summary.errors}["model.layers.1.self_attn.o_proj"]
+    assert record.config == config and (record.error, record.error_kind) == (written["relative_error"], "weight")
+    save_quantized(loaded, tmp_path / "b", format=second)
+    again = quantkit.load(tmp_path / "b")
+    assert torch.equal(again(IDS), loaded(IDS))
+    assert json.loads((tmp_path / "b" / "quantkit_errors.json").read_text()) == summary.errors
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["quantkit"]["recipe"] == summary.recipe
+
+
+def test_a_file_another_tool_wrote_loads_with_a_config_from_its_metadata(model_dir, tmp_path):
+    """No quantkit recipe in config.json: the format's metadata stands for the config (GPTQ's options included)."""
+    quantize_checkpoint(model_dir, RTNConfig(4, 32, True), tmp_path / "a", ExportOptions(format="gptq"), progress=False)
+    config_path = tmp_path / "a" / "config.json"
+    config_json = json.loads(config_path.read_text())
+    del config_json["quantkit"]
+    config_path.write_text(json.dumps(config_json))
+    (tmp_path / "a" / "quantkit_errors.json").unlink()
+    record = quantkit.load(tmp_path / "a").model.layers[0].mlp.up_proj.quant_record
+    assert (record.config.method, record.config.bits, record.config.group_size, record.config.symmetric) == \
+        ("gptq", 4, 32, True)
+    assert record.error is None

@@ -11,6 +11,7 @@ from quantkit.backends import int4, rtn, bnb, gptq  # noqa: F401  (importing reg
 from quantkit.backends.registry import BACKENDS, Backend, QuantConfig, register_backend
 from quantkit.errors import QuantkitError
 from quantkit.backends.recipe import Recipe
+from quantkit.record import QuantRecord, record_of
 from quantkit.walker import decoder_linears, set_module
 
 log = logging.getLogger(__name__)
@@ -44,27 +45,36 @@ def check_finite(name: str, weight: torch.Tensor):
 def replace_linear(model: nn.Module, name: str, full_name: str, config: QuantConfig, **handler_kwargs) -> nn.Module:
     """Swap the nn.Linear at `name` in `model` for its quantized module; `full_name` is its name in the full model.
 
-    The one place every backend's handler is called from: NaN/Inf check, handler, the config recorded
-    on the module (exporters read it to write quantization_config).
+    The one place every backend's handler is called from: NaN/Inf check, handler, the module's
+    QuantRecord (config and error; exporters read the config to write quantization_config).
+    `handler_kwargs`: the statistics of the backend's observer (GPTQ: hessian=).
     """
     linear = model.get_submodule(name)
     check_finite(full_name, linear.weight)
     quantized = BACKENDS.for_config(config).handler(linear, config, full_name, **handler_kwargs)
-    quantized.quant_config = config
-    if getattr(quantized, "quant_error", None) is not None:  # the handler measured ||(W - Q) X|| / ||W X||
-        quantized.quant_error_kind = "output"
-    else:
-        quantized.quant_error, quantized.quant_error_kind = weight_error(linear.weight, quantized), "weight"
+    measured = record_of(quantized)  # a handler that measured the output error records it itself
+    if measured is None or measured.error is None:
+        quantized.quant_record = QuantRecord(config, weight_error(linear.weight, quantized, config), "weight")
     set_module(model, name, quantized)
     log.debug("quantized %s with %s", full_name, config.describe())
     return quantized
 
 
-def weight_error(weight: torch.Tensor, quantized: nn.Module) -> float | None:
-    """||W - Q||_F / ||W||_F: the output error for isotropic inputs; None for modules quantkit cannot dequantize."""
-    from quantkit.backends.bnb import dense_weight
+def dense_weight(module: nn.Module, config: QuantConfig | None = None) -> torch.Tensor | None:
+    """The (N, K) weight any linear computes with: a plain nn.Linear's own, a quantized module's through its
+    backend (`config`: the one it was quantized with, else its QuantRecord's); None where it cannot be read."""
+    if type(module) is nn.Linear:
+        return module.weight
+    record = record_of(module)
+    config = config if config is not None else (record.config if record is not None else None)
+    if config is None:
+        raise QuantkitError(f"a {type(module).__name__} carries no quant_record: quantkit cannot tell its weight")
+    return BACKENDS.for_config(config).dense_weight(module)
 
-    dense = quantized.dequantize() if callable(getattr(quantized, "dequantize", None)) else dense_weight(quantized)
+
+def weight_error(weight: torch.Tensor, quantized: nn.Module, config: QuantConfig) -> float | None:
+    """||W - Q||_F / ||W||_F: the output error for isotropic inputs; None for modules quantkit cannot dequantize."""
+    dense = dense_weight(quantized, config)
     if dense is None:
         return None
     w = weight.detach().float()
@@ -90,5 +100,5 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
     return model
 
 
-__all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "check_finite", "needs_calibration", "quantize", "register_backend",
-           "replace_linear", "runnable_recipe", "weight_error"]
+__all__ = ["BACKENDS", "Backend", "QuantConfig", "Recipe", "check_finite", "dense_weight", "needs_calibration", "quantize",
+           "register_backend", "replace_linear", "runnable_recipe", "weight_error"]

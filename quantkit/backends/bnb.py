@@ -197,7 +197,7 @@ def portable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor | None:
-    """The (N, K) weight a bitsandbytes linear computes with, in fp32; None for other modules.
+    """The (N, K) weight a bitsandbytes linear computes with, in fp32; None where it cannot be read back.
 
     Read before any CPU forward (bitsandbytes' AVX512 repack changes the 4-bit layout in place).
     """
@@ -215,7 +215,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor | None:
 
 
 @register_backend("bnb-int8", BnbInt8Config, devices=("cpu", "cuda"), formats=("bnb",), requires=("bitsandbytes",),
-                  description="bitsandbytes LLM.int8 (int8 rows, fp16 outlier columns)")
+                  dense_weight=dense_weight, description="bitsandbytes LLM.int8 (int8 rows, fp16 outlier columns)")
 def quantize_bnb_int8(linear: nn.Linear, config: BnbInt8Config, name: str) -> nn.Module:
     return linear8bit(linear.weight.data, linear.bias, config.threshold).train(linear.training)
 
@@ -230,6 +230,6 @@ def quantize_bnb_4bit(linear: nn.Linear, config: Bnb4bitConfig, name: str) -> nn
 
 
 register_backend("bnb-nf4", BnbNF4Config, devices=("cpu", "cuda"), formats=("bnb",), requires=("bitsandbytes",),
-                 description="bitsandbytes 4-bit NormalFloat (QLoRA), optional double quant")(quantize_bnb_4bit)
+                 dense_weight=dense_weight, description="bitsandbytes 4-bit NormalFloat (QLoRA), optional double quant")(quantize_bnb_4bit)
 register_backend("bnb-fp4", BnbFP4Config, devices=("cpu", "cuda"), formats=("bnb",), requires=("bitsandbytes",),
-                 description="bitsandbytes 4-bit float, optional double quant")(quantize_bnb_4bit)
+                 dense_weight=dense_weight, description="bitsandbytes 4-bit float, optional double quant")(quantize_bnb_4bit)

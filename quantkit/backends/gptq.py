@@ -1,4 +1,7 @@
-"""`gptq`: native GPTQ (quantkit/gptq.py), calibrated layer by layer (quantkit/calibrated.py)."""
+"""`gptq`: native GPTQ (the solver: quantkit/gptq_solver.py), calibrated layer by layer (quantkit/layerwise.py).
+
+Its observer collects each linear's Hessian from the calibration passes; the handler runs the solver.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.affine import PER_CHANNEL
 from quantkit.backends.registry import QuantConfig, register_backend
 from quantkit.backends.rtn import validate_affine
 from quantkit.errors import QuantkitError
 from quantkit.gptq_solver import gptq_quantize
 from quantkit.modules import AffineLinear
+from quantkit.observers import HessianObserver
+from quantkit.record import QuantRecord
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +41,13 @@ class GPTQConfig(QuantConfig):
             raise QuantkitError(f"gptq: --damp {self.damp_percent} must be in (0, 1); 0.01 is the usual value")
         if self.block_size < 1:
             raise QuantkitError(f"gptq: block_size {self.block_size} must be positive")
-        if self.static_groups and self.group_size == -1:
+        if self.static_groups and self.group_size == PER_CHANNEL:
             raise QuantkitError("gptq: --static-groups needs a --group-size (it has no effect per channel)")
 
 
-@register_backend("gptq", GPTQConfig, needs_calibration=True, formats=("gptq", "compressed-tensors"),
-                  requires=("torchao",), description="GPTQ (Frantar et al. 2022), calibrated, layer by layer")
+@register_backend("gptq", GPTQConfig, formats=("gptq", "compressed-tensors"), requires=("torchao",),
+                  observer=HessianObserver.for_linear,
+                  description="GPTQ (Frantar et al. 2022), calibrated, layer by layer")
 def quantize_gptq(linear: nn.Linear, config: GPTQConfig, name: str, hessian: torch.Tensor | None = None) -> nn.Module:
     if hessian is None:
         raise QuantkitError(f"{name}: gptq needs calibration data: pass --calib (or calibration= in Python)")
@@ -48,6 +55,6 @@ def quantize_gptq(linear: nn.Linear, config: GPTQConfig, name: str, hessian: tor
                            act_order=config.desc_act, static_groups=config.static_groups,
                            damp=config.damp_percent, block_size=config.block_size, mse=config.mse, name=name)
     module = AffineLinear(result.weight, linear.bias, dtype=linear.weight.dtype)
-    module.quant_error = result.relative_error
+    module.quant_record = QuantRecord(config, result.relative_error, "output")  # ||(W - Q) X|| / ||W X||
     log.info("%s: gptq relative output error %.5f (loss %.4g)", name, result.relative_error, result.loss)
     return module

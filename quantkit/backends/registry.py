@@ -5,6 +5,12 @@ nn.Linear into its quantized module; `quantkit.quantize(model, config)` dispatch
 String names (`int4`, `bnb-nf4`, ...) exist only at the edges (CLI, JSON). Third-party packages add
 backends through the entry-point group `quantkit.backends`: each entry point names a module (or a
 callable) that registers its backends when loaded.
+
+A backend that learns from calibration data declares an `observer` (quantkit.observers): one is made
+per target linear, fed that linear's inputs during the calibration forward passes, and hands the
+handler its statistics as keyword arguments (GPTQ: `hessian=`). It may also declare a `transform`
+that rewrites a sequential group before it is quantized (activation-aware scaling). See
+quantkit/layerwise.py for the phases: collect, transform, quantize, advance.
 """
 
 from __future__ import annotations
@@ -50,19 +56,30 @@ class QuantConfig:
         return self.method + "(" + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()) + ")"
 
 
-LinearHandler = Callable[[nn.Linear, QuantConfig, str], nn.Module]
+LinearHandler = Callable[..., nn.Module]  # (linear, config, module name, **observer statistics) -> module
+
+
+def dequantize(module: nn.Module):
+    """The default dense weight of a quantized module: its own `dequantize()` (AffineLinear's)."""
+    return module.dequantize()
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     config_cls: type
-    handler: LinearHandler  # (linear, config, module name) -> quantized module
-    needs_calibration: bool
+    handler: LinearHandler  # (linear, config, module name, **stats) -> quantized module
     devices: tuple[str, ...]  # where its kernels run: "cpu", "cuda"
-    formats: tuple[str, ...]  # export formats, the first is the default
+    formats: tuple[str, ...] = ()  # preferred export formats, the first is the default; () = any that holds it
     requires: tuple[str, ...] = ()  # importable packages
     description: str = ""
+    observer: Callable | None = None  # (linear, config) -> Observer: the statistics its handler needs
+    transform: Callable | None = None  # (GroupContext) -> None: rewrites a sequential group before quantizing
+    dense_weight: Callable = dequantize  # (module) -> (N, K) float weight it computes with, or None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.observer is not None or self.transform is not None
 
     def unusable_reason(self) -> str | None:
         """Why this backend cannot run here, or None."""
@@ -87,17 +104,18 @@ class Registry:
         self._by_name: dict[str, Backend] = {}
         self._plugins_loaded = False
 
-    def register(self, name: str, config_cls: type, *, needs_calibration: bool = False,
-                 devices: tuple[str, ...] = ("cpu", "cuda"), formats: tuple[str, ...] = ("compressed-tensors",),
-                 requires: tuple[str, ...] = (), description: str = ""):
-        """Decorator for a handler `(linear, config, name) -> nn.Module` of config_cls."""
+    def register(self, name: str, config_cls: type, *, devices: tuple[str, ...] = ("cpu", "cuda"),
+                 formats: tuple[str, ...] = (), requires: tuple[str, ...] = (), description: str = "",
+                 observer: Callable | None = None, transform: Callable | None = None,
+                 dense_weight: Callable = dequantize):
+        """Decorator for a handler `(linear, config, name, **stats) -> nn.Module` of config_cls (see Backend)."""
         def decorate(handler: LinearHandler) -> LinearHandler:
             if name in self._by_name and self._by_name[name].config_cls is not config_cls:
                 raise QuantkitError(f"backend name {name!r} is already registered by "
                                     f"{self._by_name[name].config_cls.__qualname__}")
             config_cls.method = name
-            self._by_name[name] = Backend(name, config_cls, handler, needs_calibration, tuple(devices),
-                                          tuple(formats), tuple(requires), description)
+            self._by_name[name] = Backend(name, config_cls, handler, tuple(devices), tuple(formats),
+                                          tuple(requires), description, observer, transform, dense_weight)
             return handler
         return decorate
 

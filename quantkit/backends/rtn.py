@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quantkit.affine import quantize_weight
+from quantkit.affine import PER_CHANNEL, quantize_weight
 from quantkit.backends.registry import QuantConfig, register_backend
 from quantkit.errors import QuantkitError
 from quantkit.modules import AffineLinear
@@ -18,7 +18,7 @@ def validate_affine(method: str, bits: int, group_size: int):
     """The checks rtn and gptq share: supported widths and a sensible group size."""
     if bits not in AFFINE_BITS:
         raise QuantkitError(f"{method}: --bits {bits} is not supported: use one of {', '.join(map(str, AFFINE_BITS))}")
-    if group_size != -1 and group_size < 1:
+    if group_size != PER_CHANNEL and group_size < 1:
         raise QuantkitError(f"{method}: --group-size {group_size} must be positive, or -1 for per-channel")
 
 

@@ -20,24 +20,23 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 
 import torch
 from torch import nn
 
-from quantkit.affine import AffineWeight
-from quantkit.errors import QuantkitError
+from quantkit.affine import PER_CHANNEL, AffineWeight, affine_scheme, resolve_group_size, trivial_g_idx
 from quantkit.dtypes import FLOAT_DTYPES
+from quantkit.errors import QuantkitError
 from quantkit.formats.base import (QuantFormat, affine_of, check_g_idx, check_known, check_tensor,
-                                   trivial_g_idx)
-from quantkit.packing import pack, packed_size, unpack
+                                   refuses_non_affine)
+from quantkit.model.layout import block_of
 from quantkit.modules import AffineLinear
+from quantkit.packing import pack, packed_size, unpack
 
 log = logging.getLogger(__name__)
 
 TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
-LAYER_NAME = re.compile(r"^(.*?\.?layers\.\d+)\.(.+)$")  # -> (block, name inside the block)
 # quantization_config key -> (QuantConfig attribute, default when the config has none)
 OPTIONS = {"desc_act": ("desc_act", False), "damp_percent": ("damp_percent", 0.01),
            "true_sequential": ("true_sequential", True), "static_groups": ("static_groups", False)}
@@ -45,7 +44,8 @@ OPTIONS = {"desc_act": ("desc_act", False), "damp_percent": ("damp_percent", 0.0
 
 def scheme_of(config: Any) -> dict[str, Any]:
     """The quantization_config fields one QuantConfig determines; int4 (no `symmetric`) is asymmetric."""
-    scheme = {"bits": config.bits, "group_size": config.group_size, "sym": getattr(config, "symmetric", False)}
+    s = affine_scheme(config)
+    scheme = {"bits": s.bits, "group_size": s.group_size, "sym": s.symmetric}
     scheme.update({key: getattr(config, attr, default) for key, (attr, default) in OPTIONS.items()})
     return scheme
 
@@ -59,12 +59,12 @@ def block_modules(quantized: list[str], ignored: list[str]) -> list[str] | None:
     """Names inside a decoder layer that are quantized, when some in-layer linears are not; None if all are."""
     per_block: dict[str, set[str]] = {}
     for name in quantized:
-        m = LAYER_NAME.match(name)
-        if m is None:
+        block = block_of(name)
+        if block is None:
             raise QuantkitError(f"{name}: gptq quantizes linears inside the decoder layers only: "
                                 f"leave it in full precision or use --format compressed-tensors")
-        per_block.setdefault(m.group(1), set()).add(m.group(2))
-    ignored_blocks = {m.group(1) for n in ignored if (m := LAYER_NAME.match(n))}
+        per_block.setdefault(block, set()).add(name[len(block) + 1:])
+    ignored_blocks = {block_of(n) for n in ignored} - {None}
     if not ignored_blocks:
         return None
     if len({frozenset(s) for s in per_block.values()}) != 1 or not ignored_blocks <= set(per_block):
@@ -76,11 +76,26 @@ def block_modules(quantized: list[str], ignored: list[str]) -> list[str] | None:
 
 class GPTQFormat(QuantFormat):
     name = "gptq"
-    methods = ("int4", "rtn", "gptq")
+
+    def refuses_config(self, config: Any) -> str | None:
+        if affine_scheme(config) is None:
+            return f"{config.method} has no integer-affine scheme (bits, group_size), which is all the gptq format holds"
+        return None
+
+    def refuses_configs(self, configs: list[Any]) -> str | None:
+        reason = super().refuses_configs(configs)
+        if reason is None and len({json.dumps(scheme_of(c), sort_keys=True) for c in configs}) > 1:
+            schemes = "; ".join(sorted({c.describe() for c in configs}))
+            return f"one gptq file holds one quantization scheme, but the recipe uses several ({schemes})"
+        return reason
+
+    def refuses_module(self, module: nn.Module) -> str | None:
+        return refuses_non_affine(module, self.name)
 
     def export_module(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
-        w = affine_of(name, module, self.name)
-        config = getattr(module, "quant_config", None)
+        w = affine_of(name, module, self)
+        record = getattr(module, "quant_record", None)
+        config = record.config if record is not None else None
         if config is not None and not getattr(config, "desc_act", False) and not trivial_g_idx(w.g_idx, w.group_size):
             raise QuantkitError(f"{name}: has an act-order g_idx but its config says desc_act=False, so loaders "
                                 f"would ignore g_idx: quantize it again")
@@ -135,7 +150,7 @@ class GPTQFormat(QuantFormat):
                     dtype: torch.dtype) -> nn.Module:
         qc = quantization_config
         bits, group_size, sym = qc.get("bits"), qc.get("group_size", -1), bool(qc.get("sym", True))
-        if bits not in (2, 3, 4, 8) or not isinstance(group_size, int) or not (group_size > 0 or group_size == -1):
+        if bits not in (2, 3, 4, 8) or not isinstance(group_size, int) or not (group_size > 0 or group_size == PER_CHANNEL):
             raise QuantkitError(f"gptq quantization_config: bits={bits!r} group_size={group_size!r} are not a gptq "
                                 f"scheme (bits 2, 3, 4 or 8; group_size positive or -1): fix config.json")
         # v1 stores z - 1; gptqmodel's v2 stores z.
@@ -146,6 +161,15 @@ class GPTQFormat(QuantFormat):
         bias = check_tensor(name, "bias", tensors, (n,), FLOAT_DTYPES) if "bias" in tensors else None
         return AffineLinear(w, bias, dtype=dtype)
 
+    def config_of(self, name: str, module: nn.Module, quantization_config: dict[str, Any]) -> Any:
+        """GPTQ with the stored scheme and options (damp, act-order, ...), whatever wrote the file."""
+        from quantkit.backends.gptq import GPTQConfig
+
+        qc = quantization_config
+        options = {attr: qc.get(key, default) for key, (attr, default) in OPTIONS.items()}
+        return GPTQConfig(bits=qc.get("bits"), group_size=qc.get("group_size", PER_CHANNEL),
+                          symmetric=bool(qc.get("sym", True)), **options)
+
     @staticmethod
     def _affine(name: str, tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
                 zero_offset: int) -> AffineWeight:
@@ -154,7 +178,7 @@ class GPTQFormat(QuantFormat):
         n = tensors["qweight"].shape[1]
         # K: from g_idx, which AutoGPTQ always writes; else from qweight, exact when K*b is a multiple of 32.
         k = tensors["g_idx"].numel() if "g_idx" in tensors else tensors["qweight"].shape[0] * 32 // bits
-        group_size = k if group_size == -1 else group_size
+        group_size = resolve_group_size(group_size, k, name, partial_ok=True)  # AutoGPTQ allows a last partial group
         g = -(-k // group_size)
         qweight = check_tensor(name, "qweight", tensors, (packed_size(k, bits), n), (torch.int32,))
         qzeros = check_tensor(name, "qzeros", tensors, (g, packed_size(n, bits)), (torch.int32,))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.backends.bnb import (BnbFP4Config, BnbInt8Config, BnbNF4Config, linear8bit,
+from quantkit.backends.bnb import (Bnb4bitConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config, linear8bit,
                                    portable_state_dict, prequantized_linear4bit)
 from quantkit.dtypes import DTYPES, dtype_name, parse_dtype, short_name
 from quantkit.errors import QuantkitError
@@ -40,31 +40,53 @@ def _bnb_config_dict(load_in_4bit: bool, skip: list[str], threshold: float = 6.0
             "load_in_4bit": load_in_4bit, "load_in_8bit": not load_in_4bit}
 
 
-def _one_config(configs: dict[str, Any]):
-    """The single bitsandbytes config every quantized module shares."""
+def _distinct(configs) -> list:
     distinct = []  # config dataclasses compare by value but are unhashable
-    for c in configs.values():
+    for c in configs:
         if c not in distinct:
             distinct.append(c)
+    return distinct
+
+
+def _one_config(configs: dict[str, Any]):
+    """The single bitsandbytes config every quantized module shares."""
+    distinct = _distinct(configs.values())
     if not distinct:
         raise QuantkitError("bnb format: nothing was quantized, so there is no bitsandbytes config to write")
-    if len(distinct) > 1:
-        raise QuantkitError(f"bnb format: transformers takes one bitsandbytes config per model, got {len(distinct)} "
-                            f"({'; '.join(c.describe() for c in distinct)}): quantize every module with the same "
-                            f"bnb config")
+    reason = BnbFormat().refuses_configs(distinct)
+    if reason is not None:
+        raise QuantkitError(f"bnb format: {reason}")
     return distinct[0]
 
 
 class BnbFormat(QuantFormat):
     name = "bnb"
-    methods = ("bnb-int8", "bnb-nf4", "bnb-fp4")
 
-    def export_module(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    def refuses_config(self, config: Any) -> str | None:
+        if isinstance(config, (BnbInt8Config, Bnb4bitConfig)):
+            return None
+        return f"cannot hold method {config.method}: it holds bitsandbytes modules (bnb-int8, bnb-nf4, bnb-fp4)"
+
+    def refuses_configs(self, configs: list[Any]) -> str | None:
+        reason = super().refuses_configs(configs)
+        distinct = _distinct(configs)
+        if reason is None and len(distinct) > 1:
+            return (f"transformers takes one bitsandbytes config per model, got {len(distinct)} "
+                    f"({'; '.join(c.describe() for c in distinct)}): quantize every module with the same bnb config")
+        return reason
+
+    def refuses_module(self, module: nn.Module) -> str | None:
         import bitsandbytes as bnb
 
-        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-            raise QuantkitError(f"{name}: {type(module).__name__} is not a bitsandbytes module: the bnb format "
-                                f"holds {', '.join(self.methods)}; export it to its own method's format")
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            return None
+        return (f"{type(module).__name__} is not a bitsandbytes module: the bnb format holds bitsandbytes "
+                f"modules (bnb-int8, bnb-nf4, bnb-fp4); export it to its own method's format")
+
+    def export_module(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        reason = self.refuses_module(module)
+        if reason is not None:
+            raise QuantkitError(f"{name}: {reason}")
         return {f"{name}.{k}": v for k, v in portable_state_dict(module).items()}
 
     def quantization_config(self, configs: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
@@ -72,10 +94,8 @@ class BnbFormat(QuantFormat):
         skip = list(dict.fromkeys([*ignored, "lm_head"]))
         if isinstance(config, BnbInt8Config):
             return _bnb_config_dict(False, skip, threshold=config.threshold)
-        if type(config) in CONFIG_4BIT.values():
-            return _bnb_config_dict(True, skip, quant_type=config.quant_type, double_quant=config.double_quant,
-                                    compute_dtype=dtype_name(parse_dtype(config.compute_dtype)))
-        raise QuantkitError(f"bnb format cannot hold method {config.method}: it holds {', '.join(self.methods)}")
+        return _bnb_config_dict(True, skip, quant_type=config.quant_type, double_quant=config.double_quant,
+                                compute_dtype=dtype_name(parse_dtype(config.compute_dtype)))
 
     @classmethod
     def matches(cls, quantization_config: dict[str, Any]) -> bool:
@@ -98,6 +118,15 @@ class BnbFormat(QuantFormat):
         load = _load_4bit if is_4bit else _load_int8
         return load(name, tensors, quantization_config).eval()  # inference: Linear8bitLt computes differently in train
 
+    def config_of(self, name: str, module: nn.Module, quantization_config: dict[str, Any]) -> Any:
+        """The bnb config of a loaded module: 4-bit settings from its quant_state, int8's threshold from the config."""
+        quant_state = getattr(module.weight, "quant_state", None)
+        if quant_state is None:
+            return BnbInt8Config(float(quantization_config.get("llm_int8_threshold", 6.0)))
+        compute = quantization_config.get("bnb_4bit_compute_dtype") or "float32"  # transformers' default when unset
+        return CONFIG_4BIT[quant_state.quant_type](double_quant=quant_state.nested, blocksize=quant_state.blocksize,
+                                                   compute_dtype=short_name(compute))
+
 
 def _load_4bit(name: str, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) -> nn.Module:
     required = ["weight", "weight.absmax", "weight.quant_map"]
@@ -110,11 +139,7 @@ def _load_4bit(name: str, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) 
     if compute not in DTYPES:
         raise QuantkitError(f"{name}: bnb_4bit_compute_dtype {compute!r} is not one of {', '.join(DTYPES)}: "
                             f"fix config.json")
-    module = prequantized_linear4bit(tensors, DTYPES[compute])
-    qs = module.weight.quant_state
-    module.quant_config = CONFIG_4BIT[qs.quant_type](double_quant=qs.nested, blocksize=qs.blocksize,
-                                                     compute_dtype=short_name(compute))
-    return module
+    return prequantized_linear4bit(tensors, DTYPES[compute])
 
 
 def _load_int8(name: str, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) -> nn.Module:
@@ -125,6 +150,4 @@ def _load_int8(name: str, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) 
         raise QuantkitError(f"{name}: weight_format {int(tensors['weight_format'])} is not 0 (row-major), the only "
                             f"layout bitsandbytes reads: re-export it with bitsandbytes >= 0.45")
     threshold = float(qc.get("llm_int8_threshold", 6.0))
-    module = linear8bit(tensors["weight"], tensors.get("bias"), threshold, scb=tensors["SCB"])
-    module.quant_config = BnbInt8Config(threshold)
-    return module
+    return linear8bit(tensors["weight"], tensors.get("bias"), threshold, scb=tensors["SCB"])

@@ -32,21 +32,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.affine import AffineWeight
-from quantkit.errors import QuantkitError
+from quantkit.affine import PER_CHANNEL, AffineScheme, AffineWeight, affine_scheme, resolve_group_size, trivial_g_idx
 from quantkit.dtypes import FLOAT_DTYPES
+from quantkit.errors import QuantkitError
 from quantkit.formats.base import (QuantFormat, affine_of, check_g_idx, check_known, check_tensor,
-                                   trivial_g_idx)
-from quantkit.packing import pack, packed_size, unpack
+                                   refuses_non_affine)
+from quantkit.model.layout import FUSED_SHARDS, layer_index, local_name
 from quantkit.modules import AffineLinear
+from quantkit.packing import pack, packed_size, unpack
 
 log = logging.getLogger(__name__)
 
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout and config this writes
 PACK_QUANTIZED = "pack-quantized"
 TENSORS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
-LAYER_NAME = re.compile(r"^(?:.*\.)?layers\.\d+\.(.+)$")  # 'model.layers.3.mlp.down_proj' -> 'mlp.down_proj'
-FUSED_SHARDS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's qkv_proj, gate_up_proj
 ACT_ORDER_REFUSED = ("compressed-tensors 0.20 no longer reads act-order groups (actorder 'group', weight_g_idx): "
                      "export with --format gptq, or quantize with gptq static_groups=True")
 
@@ -61,13 +60,9 @@ class WeightScheme:
     actorder: str | None = None  # 'weight': act-order used in calibration only, groups stay contiguous
 
     @classmethod
-    def of_config(cls, config: Any) -> "WeightScheme":
-        """From a QuantConfig; a config without `symmetric` (int4) is asymmetric."""
-        desc_act = getattr(config, "desc_act", False)
-        if desc_act and not getattr(config, "static_groups", False):
-            raise QuantkitError(f"{config.describe()}: {ACT_ORDER_REFUSED}")
-        return cls(config.bits, config.group_size, getattr(config, "symmetric", False),
-                   "weight" if desc_act else None)
+    def of_scheme(cls, scheme: AffineScheme) -> "WeightScheme":
+        """From an affine scheme the format holds (no scattered act-order groups)."""
+        return cls(scheme.bits, scheme.group_size, scheme.symmetric, "weight" if scheme.act_order else None)
 
     @classmethod
     def of_json(cls, weights: dict[str, Any], group: str) -> "WeightScheme":
@@ -79,12 +74,12 @@ class WeightScheme:
                 or (strategy == "group" and not (isinstance(group_size, int) and group_size > 0))):
             raise QuantkitError(f"compressed-tensors config group {group}: weights {weights} are not integer "
                                 f"per-group or per-channel quantization, which is all quantkit reads")
-        return cls(bits, group_size if strategy == "group" else -1, bool(weights.get("symmetric", True)),
+        return cls(bits, group_size if strategy == "group" else PER_CHANNEL, bool(weights.get("symmetric", True)),
                    weights.get("actorder"))
 
     def to_json(self) -> dict[str, Any]:
         weights = {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric, "group_size": self.group_size,
-                   "strategy": "channel" if self.group_size == -1 else "group", "dynamic": False,
+                   "strategy": "channel" if self.group_size == PER_CHANNEL else "group", "dynamic": False,
                    "observer": "minmax"}
         if self.actorder:
             weights["actorder"] = self.actorder
@@ -95,7 +90,7 @@ def regex_targets(names: list[str], all_names: set[str]) -> list[str]:
     """Targets selecting exactly `names` among `all_names`: one `re:` per layer-relative suffix that
     this scheme holds in every layer (e.g. `re:.*\\.mlp\\.down_proj$`), exact names for the rest."""
     targets, rest = [], set(names)
-    for suffix in sorted({m.group(1) for n in names if (m := LAYER_NAME.match(n))}):
+    for suffix in sorted({local_name(n) for n in names if layer_index(n) is not None}):
         pattern = r".*\." + re.escape(suffix) + "$"
         hits = {n for n in all_names if re.match(pattern, n)}
         if hits <= set(names):  # the pattern selects nothing outside this scheme
@@ -109,9 +104,9 @@ def warn_split_fused(schemes: dict[str, WeightScheme]):
     split = []
     for name in schemes:
         for shards in FUSED_SHARDS:
-            parent = name[: -len(shards[0])]  # 'model.layers.0.self_attn.' for a q_proj
-            if name.endswith("." + shards[0]) and len({schemes.get(parent + s) for s in shards}) > 1:
-                split.append(parent + "/".join(shards))
+            block = name[: -len(shards[0])]  # 'model.layers.0.' for a self_attn.q_proj
+            if local_name(name) == shards[0] and len({schemes.get(block + s) for s in shards}) > 1:
+                split.append(name.rpartition(".")[0] + "." + "/".join(s.rpartition(".")[2] for s in shards))
     if split:
         log.warning("%d group(s) of linears that vLLM fuses mix schemes or full precision (%s%s): vLLM will "
                     "refuse this checkpoint", len(split), split[0], ", ..." if len(split) > 1 else "")
@@ -140,12 +135,22 @@ def resolve_group(name: str, quantization_config: dict[str, Any]) -> tuple[str, 
 
 class CompressedTensorsFormat(QuantFormat):
     name = "compressed-tensors"
-    methods = ("int4", "rtn", "gptq")
+
+    def refuses_config(self, config: Any) -> str | None:
+        scheme = affine_scheme(config)
+        if scheme is None:
+            return (f"{config.method} has no integer-affine scheme (bits, group_size), which is all the "
+                    f"compressed-tensors format holds")
+        return ACT_ORDER_REFUSED if scheme.scattered_groups else None
+
+    def refuses_module(self, module: nn.Module) -> str | None:
+        reason = refuses_non_affine(module, self.name)
+        if reason is None and not trivial_g_idx(module.weight_g_idx, module.group_size):
+            return f"has an act-order g_idx: {ACT_ORDER_REFUSED}"
+        return reason
 
     def export_module(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
-        w = affine_of(name, module, self.name)
-        if not trivial_g_idx(w.g_idx, w.group_size):
-            raise QuantkitError(f"{name}: has an act-order g_idx: {ACT_ORDER_REFUSED}")
+        w = affine_of(name, module, self)
         n, k = w.shape
         out = {"weight_packed": pack(w.q, w.bits, dim=1),  # int32 (N, ceil(K*b/32))
                "weight_scale": w.scale.contiguous(),  # (N, G), the model dtype
@@ -167,7 +172,10 @@ class CompressedTensorsFormat(QuantFormat):
         `ignore`, as llm-compressor writes it. With several, every group names its modules by `re:`
         patterns or exact names instead: a 'Linear' target would also catch vLLM's fused qkv_proj and
         gate_up_proj by class name before vLLM looks at their shards' names."""
-        schemes = {name: WeightScheme.of_config(config) for name, config in configs.items()}
+        for config in configs.values():
+            if (reason := self.refuses_config(config)) is not None:
+                raise QuantkitError(f"{config.describe()}: {reason}")
+        schemes = {name: WeightScheme.of_scheme(affine_scheme(config)) for name, config in configs.items()}
         if not schemes:
             raise QuantkitError("compressed-tensors: no quantized modules to describe: quantize the model first")
         by_scheme: dict[WeightScheme, list[str]] = {}
@@ -208,12 +216,17 @@ class CompressedTensorsFormat(QuantFormat):
         bias = check_tensor(name, "bias", tensors, (n,), FLOAT_DTYPES) if "bias" in tensors else None
         return AffineLinear(w, bias, dtype=dtype)
 
+    def config_of(self, name: str, module: nn.Module, quantization_config: dict[str, Any]) -> Any:
+        """Round-to-nearest of the stored scheme: what any integer-affine weight is, whatever made it."""
+        from quantkit.backends.rtn import RTNConfig
+
+        group, scheme = resolve_group(name, quantization_config)
+        s = WeightScheme.of_json(scheme.get("weights") or {}, group)
+        return RTNConfig(s.bits, s.group_size, s.symmetric)
+
     @staticmethod
     def _affine(name: str, tensors: dict[str, torch.Tensor], s: WeightScheme, n: int, k: int) -> AffineWeight:
-        group_size = k if s.group_size == -1 else s.group_size
-        if k % group_size:
-            raise QuantkitError(f"{name}: group_size {group_size} does not divide in_features={k}: "
-                                f"fix quantization_config")
+        group_size = resolve_group_size(s.group_size, k, name, fix="fix quantization_config")
         g = k // group_size
         packed = check_tensor(name, "weight_packed", tensors, (n, packed_size(k, s.bits)), (torch.int32,))
         scale = check_tensor(name, "weight_scale", tensors, (n, g), FLOAT_DTYPES)

@@ -4,6 +4,10 @@
 model.safetensors.index.json, or pytorch_model*.bin) without reading tensor data, validates every
 shape against config.json up front, and hands out tensors by name or a decoder layer at a time:
 the streaming quantization pipeline reads a 70B checkpoint through it one layer at a time.
+
+This module knows dense checkpoints only; quantized ones are read by `quantkit.loading`, which
+subclasses `Checkpoint` with the formats' knowledge of which modules are stored quantized (the
+native model sits below the quantization code).
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,12 +27,12 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.io import atomic_dir
 from quantkit.dtypes import DTYPES, dtype_name, parse_dtype
 from quantkit.model.config import LlamaConfig
 from quantkit.model.layout import checkpoint_shapes, layer_index, layer_prefix
 from quantkit.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from quantkit.model.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, write_safetensors
-from quantkit.walker import set_module
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +79,19 @@ class Checkpoint:
         self.shapes = checkpoint_shapes(self.config)  # tensor name -> shape, in model order
         self.weight_map = self._index()  # tensor name -> file name
         self.quantization_config = self.config.extra.get("quantization_config")
-        self.format, self.quantized_modules = None, set()
-        if self.quantization_config:
-            self._index_quantized()
-        self._validate()
-
-    def _index_quantized(self):
-        """Find the format and which linears it stores quantized; their tensors replace .weight/.bias."""
-        from quantkit.formats import format_for  # formats import backends: keep plain loading light
-
-        self.format = format_for(self.quantization_config)
-        self.quantized_modules = self.format.quantized_modules(set(self.weight_map))
+        self.quantized_modules = self._stored_quantized()  # their tensors replace .weight/.bias
         for module in self.quantized_modules:
             self.shapes.pop(f"{module}.weight", None)
             self.shapes.pop(f"{module}.bias", None)
+        self._validate()
+
+    def _stored_quantized(self) -> set[str]:
+        """Names of the modules stored quantized; a dense checkpoint has none (quantkit.loading reads the rest)."""
+        if self.quantization_config:
+            raise QuantkitError(f"{self.dir / 'config.json'}: the checkpoint is quantized "
+                                f"({self.quantization_config.get('quant_method')}): read it with quantkit.load "
+                                f"or quantkit.loading.open_checkpoint")
+        return set()
 
     def _is_quantized_tensor(self, name: str) -> bool:
         module = name
@@ -250,28 +252,29 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """Build the model on the meta device and fill it tensor by tensor: never two copies in memory."""
-    device = check_device(device)
-    ckpt = Checkpoint(path)
-    dtype = parse_dtype(dtype) or ckpt.default_dtype()
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """The model on the meta device, filled tensor by tensor from `ckpt.shapes` (never two copies in memory).
+
+    Modules stored quantized stay on the meta device: quantkit.loading puts their runtime modules in.
+    """
     with torch.device("meta"):
         model = LlamaForCausalLM(ckpt.config)
     for name, t in ckpt.read(ckpt.shapes, dtype):
         _set_tensor(model, name, t.to(device))
-    for module in sorted(ckpt.quantized_modules):  # their stored tensors are kept as stored (packed ints)
-        quantized = ckpt.format.load_module(module, ckpt.module_tensors(module), ckpt.quantization_config, dtype)
-        set_module(model, module, quantized.to(device))
-    model.tie_weights()
-    if ckpt.quantized_modules and ckpt.config.pretraining_tp > 1:  # slice the quantized modules now, naming any that cannot
-        try:
-            model.set_pretraining_tp(ckpt.config.pretraining_tp)
-        except QuantkitError as e:
-            raise QuantkitError(f"{ckpt.dir / 'config.json'} sets pretraining_tp={ckpt.config.pretraining_tp}, "
-                                f"which this model cannot run ({e}); set it to 1 there (transformers 5 ignores it)") from None
-    model.eval().requires_grad_(False)
     model.source_dir = ckpt.dir
     return model
+
+
+def ready_for_inference(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """A dense checkpoint as a native model (quantized ones: quantkit.load)."""
+    device = check_device(device)
+    ckpt = Checkpoint(path)
+    return ready_for_inference(build_model(ckpt, parse_dtype(dtype) or ckpt.default_dtype(), device))
 
 
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor):
@@ -289,38 +292,6 @@ def copy_tokenizer_files(src_dir: Path | None, out_dir: Path):
             shutil.copy2(Path(src_dir) / name, out_dir / name)
 
 
-class atomic_output_dir:
-    """Write into a temporary directory beside `out` and rename it into place on success.
-
-    An existing `out` is refused unless overwrite=True; then it is replaced only after the new one
-    is complete, so a failure never leaves a half-written directory nor loses the old one.
-    """
-
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
-        self.out = Path(out)
-        self.overwrite = overwrite
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and not self.overwrite:
-            raise QuantkitError(f"{self.out}: already exists: choose another output or pass --force to replace it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(old)
-        self.tmp.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        return False
-
-
 def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False) -> Path:
     """Save in Hugging Face's layout: config.json, safetensors (sharded with an index), tokenizer files."""
@@ -332,7 +303,7 @@ def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_di
     saved_dtype = dtype or model.model.embed_tokens.weight.dtype  # what the files hold, not what config said
     config = dataclasses.replace(config, torch_dtype=dtype_name(saved_dtype))
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         write_safetensors(tensors, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         copy_tokenizer_files(tokenizer_dir, tmp)

@@ -143,7 +143,7 @@ def test_quantize_a_model(config):
         quantize(model, config)
         logits = model(ids)
     layer = model.model.layers[1]
-    assert layer.mlp.down_proj.quant_config == config and type(model.lm_head) is nn.Linear
+    assert layer.mlp.down_proj.quant_record.config == config and type(model.lm_head) is nn.Linear
     assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear8bitLt if config.method == "bnb-int8" else bnb.nn.Linear4bit)
     assert rel_error(logits, ref) < MAX_REL_ERROR[config.method]
 

@@ -47,7 +47,7 @@ def test_quantize_dispatches_and_respects_ignore_and_recipes():
     recipe = Recipe(default=Int4Config(32), rules=[(r"mlp\.down_proj$", RTNConfig(8, -1))], ignore=[r"layers\.1\."])
     quantize(model, recipe)
     layer0, layer1 = model.model.layers
-    assert layer0.self_attn.q_proj.quant_config == Int4Config(32)
+    assert layer0.self_attn.q_proj.quant_record.config == Int4Config(32)
     assert layer0.mlp.down_proj.bits == 8
     assert type(layer1.mlp.up_proj) is nn.Linear and type(model.lm_head) is nn.Linear
     with pytest.raises(QuantkitError, match="already quantized"):  # layer 0 has no plain linear left

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from quantkit.eval.fidelity import TopK
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
+from quantkit.io import Terminated
 from tests.conftest import DEMO_MODEL, peaked_model
 
 TEXT = (DEMO_MODEL / "test.txt").read_text(encoding="utf-8")[:2500]  # 12 windows of 64: 756 scored tokens
@@ -173,22 +176,34 @@ def test_write_leaves_only_the_file(saved):
     assert sorted(p.name for p in saved["uint16"].parent.iterdir()) == ["base.qkl", "base16.qkl"]
 
 
-def test_failed_write_leaves_nothing(base, tok, data, tmp_path, monkeypatch):
-    """A run that fails half-way (out of memory, ctrl-c) must not leave a file that looks complete."""
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("failure", ["error", "sigterm"])
+def test_failed_write_leaves_nothing(base, tok, data, tmp_path, monkeypatch, failure, existing):
+    """A run that fails half-way (out of memory, ctrl-c, kill) must not leave a file that looks complete."""
     model, calls = copy.deepcopy(base), []
-    forward = model.forward
+    forward, handler = model.forward, signal.getsignal(signal.SIGTERM)
+    if existing:
+        (tmp_path / "base.qkl").write_bytes(b"an earlier run's file")
 
     def failing_forward(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
-            raise RuntimeError("out of memory (simulated)")
+            if failure == "error":
+                raise RuntimeError("out of memory (simulated)")
+            # what `kill` does; save_base_logits turns it into Terminated (were it not, this would end pytest)
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            os.kill(os.getpid(), signal.SIGTERM)
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", failing_forward)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(RuntimeError, match="simulated") if failure == "error" else pytest.raises(Terminated):
         save_base_logits(model, tok, data, tmp_path / "base.qkl", progress=False)
     assert len(calls) == 3  # it failed mid-way, after two windows were written
-    assert list(tmp_path.iterdir()) == []  # neither base.qkl nor a .base.qkl.* temporary directory
+    # neither a new base.qkl nor a temporary (.base.qkl.*.tmp) nor a scratch directory (.base.qkl.*)
+    assert [p.name for p in tmp_path.iterdir()] == (["base.qkl"] if existing else [])
+    if existing:
+        assert (tmp_path / "base.qkl").read_bytes() == b"an earlier run's file"
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
 
 
 def test_save_into_a_missing_directory(base, tok, data, tmp_path):

@@ -1,5 +1,6 @@
 """The report renderer: schema, JSON/Markdown/HTML, atomic writes, SVG plots, and a real browser render."""
 
+import collections
 import json
 import math
 import os
@@ -7,14 +8,17 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import xml.etree.ElementTree as ElementTree
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 
 from quantkit.eval import plots
-from quantkit.eval import report as report_module
 from quantkit.eval.report import SCHEMA_VERSION, load_schema, to_html, to_json, to_markdown, write_report
 from quantkit.errors import QuantkitError
 
@@ -280,11 +284,20 @@ def test_markdown_escapes_table_pipes():
 # --- HTML -------------------------------------------------------------------------------------------------------
 
 
+SVG_NAMESPACE = "http://www.w3.org/2000/svg"
+
+
 def assert_self_contained(html):
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", html, re.IGNORECASE)
-    assert not re.search(r"<script[^>]*\bsrc\s*=", html, re.IGNORECASE)
+    assert not re.search(r"<script", html, re.IGNORECASE)
     assert not re.search(r"<link[^>]*stylesheet", html, re.IGNORECASE)
-    assert "@import" not in html and "url(" not in html
+    assert not re.search(r"<(?:image|img|iframe|object|embed|foreignObject)\b", html, re.IGNORECASE)
+    assert "@import" not in html and "@font-face" not in html
+    # url() and href only point inside the page (a plot's clip paths and markers)
+    assert all(target.startswith("#") for target in re.findall(r"url\(\s*['\"]?([^)'\"]*)", html))
+    assert all(target.startswith("#") for target in re.findall(r"""\bhref\s*=\s*["']([^"']*)""", html))
+    # the only URL anywhere is the SVG namespace (no xlink, no RDF metadata, no DOCTYPE/DTD link)
+    assert set(re.findall(r"https?://[^\s\"'<>)]+", html)) <= {SVG_NAMESPACE}
 
 
 @pytest.mark.parametrize("make_report, svg_count", [(full_report, FULL_SVG_COUNT), (minimal_report, 1),
@@ -375,11 +388,28 @@ def test_a_failing_replace_keeps_the_old_file_and_removes_the_temp_file(tmp_path
     def refuse(source, destination):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(report_module.os, "replace", refuse)
-    with pytest.raises(QuantkitError, match="Permission denied"):
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(QuantkitError, match="Permission denied") as raised:
         write_report(full_report(), path)
+    assert str(path) in str(raised.value)
     assert path.read_text(encoding="utf-8") == "previous report"
     assert os.listdir(tmp_path) == [path.name]
+
+
+def test_an_unwritable_directory_is_a_quantkit_error_naming_the_report(tmp_path, monkeypatch):
+    path = tmp_path / "report.md"
+    real_open = os.open
+
+    def refuse_temporaries(file, *args, **kwargs):  # what a read-only directory does (chmod does not stop root)
+        if str(file).endswith(".tmp"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_temporaries)
+    with pytest.raises(QuantkitError) as raised:
+        write_report(full_report(), path)
+    assert str(raised.value) == f"cannot write the report to {path}: Permission denied"
+    assert not os.listdir(tmp_path)
 
 
 # --- plots ------------------------------------------------------------------------------------------------------
@@ -387,52 +417,182 @@ def test_a_failing_replace_keeps_the_old_file_and_removes_the_temp_file(tmp_path
 
 def parse_svg(svg):
     root = ElementTree.fromstring(svg)  # well-formed XML, or this raises
-    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    assert root.tag == f"{{{SVG_NAMESPACE}}}svg"
     assert not re.search(r"\bnan\b|\binf\b", svg, re.IGNORECASE)
+    assert not svg.startswith("<?xml") and "<!DOCTYPE" not in svg  # inline in HTML as it is
     return root
 
 
+def svg_texts(svg):
+    """The text of every <text> element, in document order."""
+    return ["".join(element.itertext()) for element in parse_svg(svg).iter(f"{{{SVG_NAMESPACE}}}text")]
+
+
+def positioned_texts(svg):
+    """{text: (x, y)} of every <text> element."""
+    return {"".join(element.itertext()): (float(element.get("x")), float(element.get("y")))
+            for element in parse_svg(svg).iter(f"{{{SVG_NAMESPACE}}}text")}
+
+
+def page_svgs(html):
+    return re.findall(r"<svg\b.*?</svg>", html, re.DOTALL)
+
+
+def markers(svg, color):
+    """How many markers of `color` are drawn (the plotted points, plus one in the legend)."""
+    return len(re.findall(rf'<use href="#[^"]+" x="[^"]+" y="[^"]+" style="fill: {color}', svg))
+
+
+def assert_evenly_spaced(values):
+    steps = [b - a for a, b in zip(values, values[1:])]
+    assert steps and all(math.isclose(step, steps[0], rel_tol=1e-3) for step in steps), values
+
+
 def test_plots_handle_empty_single_and_undrawable_data():
-    for svg in (plots.scatter_plot([], x_title="x", y_title="y"),
-                plots.line_plot([plots.Series("a", [], [])], x_title="x", y_title="y"),
-                plots.step_plot([plots.StepSeries("a", [0.0, -1.0], [1.0])], x_title="x", y_title="y"),
-                plots.bar_chart([], [], x_title="x", y_title="y")):
-        assert "no data" in svg
-        parse_svg(svg)
-    single = plots.scatter_plot([plots.Series("only", [4.0], [5.0], ["int4"])], x_title="bits", y_title="ppl")
-    assert "int4" in single and "no data" not in single
-    parse_svg(single)
+    for svg in (plots.scatter_plot([], x_title="x", y_title="y", figure_id="a"),
+                plots.line_plot([plots.Series("a", [], [])], x_title="x", y_title="y", figure_id="b"),
+                plots.step_plot([plots.StepSeries("a", [0.0, -1.0], [1.0])], x_title="x", y_title="y", figure_id="c"),
+                plots.bar_chart([], [], x_title="x", y_title="y", figure_id="d")):
+        assert svg_texts(svg) == ["no data"]
+    single = plots.scatter_plot([plots.Series("only", [4.0], [5.0], ["int4"])], x_title="bits", y_title="ppl",
+                                figure_id="single")
+    assert {"int4", "only", "bits", "ppl"} <= set(svg_texts(single)) and "no data" not in single
     log_line = plots.line_plot([plots.Series("a", [0.0, -1.0, 1e-3, 1.0, float("nan")], [1.0, 2.0, 3.0, 4.0, 5.0])],
-                               x_title="x", y_title="y", log_x=True)
-    assert len(re.findall(r"<circle", parse_and_return(log_line))) == 2  # only the two positive x survive
+                               x_title="x", y_title="y", log_x=True, figure_id="log-line")
+    assert markers(log_line, plots.PALETTE[0]) == 2 + 1  # only the two positive x survive (+ the legend's)
+    assert {"10\u207b\u00b3", "1"} <= set(svg_texts(log_line))
     step = plots.step_plot([plots.StepSeries("kl", [0.0, 1e-6, 1e-5, 1e-4], [0.2, 0.5, 0.3])],
-                           x_title="KL", y_title="fraction", references=[plots.ReferenceLine(-1.0, "never", "x")])
-    assert "never" not in step
-    parse_svg(step)
+                           x_title="KL", y_title="fraction", references=[plots.ReferenceLine(-1.0, "never", "x")],
+                           figure_id="step")
+    assert "never" not in step and "kl" in svg_texts(step)
     flat = plots.bar_chart(["a", "b"], [plots.BarSeries("zero", [0.0, None], [float("nan"), 1.0])], x_title="c",
-                           y_title="v")
-    parse_svg(flat)
-
-
-def parse_and_return(svg):
-    parse_svg(svg)
-    return svg
+                           y_title="v", figure_id="flat")
+    assert {"a", "b", "c", "v"} <= set(svg_texts(flat))
 
 
 def test_plot_text_is_escaped():
     svg = plots.scatter_plot([plots.Series("<series>", [1.0, 2.0], [1.0, 2.0], ["a&b", "<i>"])],
-                             x_title="x<1", y_title="y>2", references=[plots.ReferenceLine(1.5, "ref & co")])
-    root = parse_svg(svg)
-    texts = {"".join(element.itertext()) for element in root.iter("{http://www.w3.org/2000/svg}text")}
-    assert {"a&b", "<i>", "x<1", "y>2", "ref & co", "<series>"} <= texts
+                             x_title="x<1", y_title="y>2", references=[plots.ReferenceLine(1.5, "ref & co")],
+                             figure_id="escaped")
+    assert {"a&b", "<i>", "x<1", "y>2", "ref & co", "<series>"} <= set(svg_texts(svg))
+    assert parse_svg(svg).find(f"{{{SVG_NAMESPACE}}}title").text == "y>2 vs x<1"
 
 
-def test_log_axis_ticks_are_decades():
+def test_log_axis_ticks_are_decades_evenly_spaced():
     svg = plots.step_plot([plots.StepSeries("kl", [1e-7, 1e-6, 1e-3, 1.0], [0.1, 0.6, 0.3])], x_title="KL",
-                          y_title="fraction")
-    root = parse_svg(svg)
-    texts = ["".join(element.itertext()) for element in root.iter("{http://www.w3.org/2000/svg}text")]
-    assert {"10\u207b\u2077", "10\u207b\u00b2", "1"} <= set(texts)
+                          y_title="fraction", figure_id="log")
+    texts = positioned_texts(svg)
+    decades = ["10\u207b\u2077", "10\u207b\u2076", "10\u207b\u2075", "10\u207b\u2074", "10\u207b\u00b3",
+               "10\u207b\u00b2", "10\u207b\u00b9", "1"]
+    assert set(decades) <= set(texts)
+    assert_evenly_spaced([texts[label][0] for label in decades])  # a log axis: decades equally far apart
+
+
+def text_boxes(svg, wanted):
+    """{text: (x0, y0, x1, y1)} in SVG units for the <text> elements in `wanted`, measured with the font's metrics."""
+    boxes = {}
+    for element in parse_svg(svg).iter(f"{{{SVG_NAMESPACE}}}text"):
+        text = "".join(element.itertext())
+        if text in wanted:
+            style = dict(item.split(": ", 1) for item in element.get("style").split("; "))
+            size = float(style["font-size"].removesuffix("px"))
+            width, _, _ = TextToPath().get_text_width_height_descent(text, FontProperties("DejaVu Sans", size=size),
+                                                                     ismath=False)
+            x, baseline = float(element.get("x")), float(element.get("y"))
+            x0 = {"start": x, "middle": x - width / 2, "end": x - width}[style["text-anchor"]]
+            boxes[text] = (x0, baseline - 0.76 * size, x0 + width, baseline + 0.24 * size)
+    return boxes
+
+
+def test_scatter_labels_overlap_neither_each_other_nor_the_points():
+    # three points nearly on top of each other (the far fourth squeezes them): labels must spread around them
+    labels = ["first", "second", "third", "far"]
+    series = [plots.Series("models", [4.0, 4.0, 4.02, 16.0], [5.0, 5.002, 5.001, 6.0], labels)]
+    svg = plots.scatter_plot(series, x_title="bits", y_title="ppl", figure_id="crowded",
+                             references=[plots.ReferenceLine(5.001, "base")])
+    boxes = text_boxes(svg, {*labels, "base"})
+    assert set(boxes) == {*labels, "base"}
+    dots = [(float(x), float(y)) for x, y in
+            re.findall(rf'<use href="#[^"]+" x="([^"]+)" y="([^"]+)" style="fill: {plots.PALETTE[0]}', svg)][:4]
+    assert len(dots) == 4
+    dot_boxes = [(x - 5, y - 5, x + 5, y + 5) for x, y in dots]
+
+    def overlap(a, b):
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    placed = list(boxes.values())
+    for index, box in enumerate(placed):
+        assert not any(overlap(box, other) for other in placed[index + 1:] + dot_boxes), (box, boxes, dots)
+
+
+def test_a_figure_id_must_be_an_id():
+    with pytest.raises(ValueError, match="figure_id"):
+        plots.line_plot([plots.Series("a", [1.0], [1.0])], x_title="x", y_title="y", figure_id="two words")
+
+
+def test_the_report_plots_show_their_titles_axes_and_legends():
+    svgs = page_svgs(to_html(full_report()))
+    assert len(svgs) == FULL_SVG_COUNT
+    perplexity, kl, layer_error, layer_sensitivity, linear_sensitivity = (svg_texts(svg) for svg in svgs)
+    assert {"bits per weight", "perplexity", "base: Llama-2-7b fp16", "models", "fp16", "int4 g128", "gptq w4 g128",
+            "bnb-nf4", "base 5.4721"} <= set(perplexity)
+    assert {"KL(base\u2016model) per token, nats", "fraction of tokens", "int4", "gptq", "nf4", "tp noise floor",
+            "10\u207b\u2077", "10\u207b\u2074", "1", "10"} <= set(kl)
+    assert {"decoder layer", "mean relative output error", "int4", "gptq", "0", "16"} <= set(layer_error)
+    assert {"layer", "mean KL (nats)", "layer 0", "layer 1"} <= set(layer_sensitivity)
+    assert {"linear", "mean KL (nats)", *LINEARS} <= set(linear_sensitivity)
+    titles = [parse_svg(svg).find(f"{{{SVG_NAMESPACE}}}title").text for svg in svgs]
+    assert titles == ["perplexity vs bits per weight", "fraction of tokens vs KL(base\u2016model) per token, nats",
+                      "mean relative output error vs decoder layer", "mean KL (nats) per layer",
+                      "mean KL (nats) per linear"]
+    kl_ticks = positioned_texts(svgs[1])
+    assert_evenly_spaced([kl_ticks[label][0] for label in ("10\u207b\u2076", "10\u207b\u2075", "10\u207b\u2074")])
+    # text stays text, in the page's font
+    assert all("font-family: 'DejaVu Sans', sans-serif" in svg for svg in svgs)
+    assert all(len(svg) < 50_000 for svg in svgs)
+
+
+def test_the_report_renders_byte_identical_twice_and_in_another_process():
+    html = to_html(full_report())
+    assert to_html(full_report()) == html
+    # another interpreter, another hash seed: nothing depends on the process (time, ids, dict order)
+    code = ("import json, sys; from quantkit.eval.report import to_html; "
+            "sys.stdout.write(to_html(json.load(sys.stdin)))")
+    result = subprocess.run([sys.executable, "-c", code], input=json.dumps(full_report()), capture_output=True,
+                            text=True, encoding="utf-8", timeout=300, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == html
+
+
+def test_plots_render_the_same_from_several_threads():
+    def render(index):
+        return plots.step_plot([plots.StepSeries("kl", [1e-6, 1e-5, 1e-4, 1e-3], [0.2, 0.5, 0.3])], x_title="KL",
+                               y_title="fraction", figure_id=f"thread-{index % 2}")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        svgs = list(pool.map(render, range(4)))
+    assert svgs[0::2] == [render(0)] * 2 and svgs[1::2] == [render(1)] * 2
+
+
+def test_ids_are_unique_in_the_page_and_every_reference_stays_in_its_plot():
+    html = to_html(full_report())
+    ids = re.findall(r'\bid="([^"]*)"', html)
+    assert ids and [name for name, count in collections.Counter(ids).items() if count > 1] == []
+    for svg in page_svgs(html):
+        own = set(re.findall(r'\bid="([^"]*)"', svg))
+        references = re.findall(r'(?:href="#|url\(#)([^")]+)', svg)
+        assert references and set(references) <= own
+    assert "xlink" not in html and "<style" not in html.split("</head>")[1]  # no page-wide style from a plot
+
+
+def test_rendering_does_not_use_agg(monkeypatch):
+    from matplotlib.backends import backend_agg
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report's plots went through Agg")
+
+    monkeypatch.setattr(backend_agg.RendererAgg, "__init__", refuse)
+    assert len(page_svgs(to_html(full_report()))) == FULL_SVG_COUNT
 
 
 # --- a real browser ---------------------------------------------------------------------------------------------

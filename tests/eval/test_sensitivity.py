@@ -23,7 +23,7 @@ CONFIG = RTNConfig(bits=3, group_size=32)
 
 
 def quantized_names(model):
-    return {name for name, m in model.named_modules() if hasattr(m, "quant_config")}
+    return {name for name, m in model.named_modules() if hasattr(m, "quant_record")}
 
 
 def full_precision_names(model):

@@ -18,6 +18,7 @@ from quantkit.export import save_quantized
 from quantkit.formats import format_for, get_format
 from quantkit.formats.autogptq import GPTQFormat
 from quantkit.modules import AffineLinear
+from quantkit.record import QuantRecord
 from tests.conftest import random_model, tiny_config
 from tests.formats.test_compressed_tensors import GPTQLike, assert_same_affine, make_affine, relative
 
@@ -191,7 +192,7 @@ def test_refuses_what_it_cannot_hold():
     with pytest.raises(QuantkitError, match="not an integer-affine quantized linear"):
         GPTQFormat().export_module(NAME, nn.Linear(K, N))
     module = AffineLinear(make_affine(N, K, 4, 32, True, act_order=True), dtype=torch.float16)
-    module.quant_config = RTNConfig(4, 32, True)  # says no act-order, so loaders would ignore g_idx
+    module.quant_record = QuantRecord(RTNConfig(4, 32, True))  # says no act-order, so loaders would ignore g_idx
     with pytest.raises(QuantkitError, match="act-order g_idx but its config says desc_act=False"):
         GPTQFormat().export_module(NAME, module)
 

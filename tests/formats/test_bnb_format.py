@@ -95,7 +95,9 @@ def test_export_load_gives_identical_outputs(config, shape):
     loaded = reload(module, config)
     x = torch.randn(3, 5, shape[1])
     assert torch.equal(run(loaded, x), run(module, x))
-    assert loaded.quant_config == config and not loaded.training
+    fmt = BnbFormat()
+    assert fmt.config_of("layer", loaded, fmt.quantization_config({"layer": config}, [])) == config
+    assert not loaded.training
 
 
 @pytest.mark.parametrize("config", FOUR_BIT, ids=lambda c: c.describe())
@@ -148,7 +150,7 @@ def test_lm_head_is_always_skipped():
     ({"a": BnbNF4Config(), "b": BnbNF4Config(blocksize=128)}, "transformers takes one bitsandbytes config per "
                                                               "model, got 2"),
     ({"a": BnbInt8Config(), "b": BnbFP4Config()}, r"got 2 \(bnb-int8\(threshold=6.0\); bnb-fp4\("),
-    ({"a": RTNConfig()}, "bnb format cannot hold method rtn"),
+    ({"a": RTNConfig()}, "bnb format: cannot hold method rtn"),
     ({}, "nothing was quantized"),
 ])
 def test_quantization_config_needs_one_bnb_config(configs, message):

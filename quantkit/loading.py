@@ -1,0 +1,106 @@
+"""Reading quantized directories: the formats' knowledge on top of the native model's checkpoint reader.
+
+`open_checkpoint(path)` indexes any directory quantkit reads, dense or quantized (the format found
+from config.json's quantization_config says which modules are stored quantized); `load_model`
+builds the native model with each quantized module loaded by its format and carrying the same
+QuantRecord as a freshly quantized one: the config from quantkit's recorded recipe (or, for a file
+another tool wrote, what the format stores) and the error from quantkit_errors.json where present.
+So a loaded model re-exports (`quantkit.save_quantized`) and re-evaluates like a fresh one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from quantkit.dtypes import parse_dtype
+from quantkit.errors import QuantkitError
+from quantkit.model.checkpoint import Checkpoint, build_model, check_device, ready_for_inference
+from quantkit.model.llama import LlamaForCausalLM
+from quantkit.record import ERRORS_FILE, QuantRecord
+from quantkit.walker import set_module
+
+log = logging.getLogger(__name__)
+
+
+class QuantizedCheckpoint(Checkpoint):
+    """A Checkpoint that also reads quantized directories in any registered format."""
+
+    format = None
+
+    def _stored_quantized(self) -> set[str]:
+        if not self.quantization_config:
+            return set()
+        from quantkit.formats import format_for  # formats import backends (torchao): only for quantized files
+
+        self.format = format_for(self.quantization_config)
+        return self.format.quantized_modules(set(self.weight_map))
+
+    def recipe(self):
+        """The Recipe quantkit recorded in config.json, or None (a dense or another tool's checkpoint)."""
+        record = self.config.extra.get("quantkit") or {}
+        if not record.get("recipe"):
+            return None
+        from quantkit.backends import Recipe
+
+        return Recipe.from_dict(record["recipe"], source=str(self.dir / "config.json"))
+
+    def errors(self) -> dict[str, dict]:
+        """Per-linear errors quantkit recorded (name -> row of quantkit_errors.json); {} if none."""
+        file = self.dir / ERRORS_FILE
+        if not file.is_file():
+            return {}
+        try:
+            rows = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise QuantkitError(f"{file}: not valid JSON ({e}): quantize again to rewrite it") from None
+        return {row["name"]: row for row in rows}
+
+
+def open_checkpoint(path: str | os.PathLike) -> QuantizedCheckpoint:
+    """Any checkpoint directory (or hub id) quantkit reads, dense or quantized."""
+    return QuantizedCheckpoint(path)
+
+
+def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """A dense or quantized checkpoint as a native model; quantized modules run on their kernels."""
+    device = check_device(device)
+    ckpt = open_checkpoint(path)
+    dtype = parse_dtype(dtype) or ckpt.default_dtype()
+    model = build_model(ckpt, dtype, device)
+    if ckpt.quantized_modules:
+        _load_quantized(model, ckpt, dtype, device)
+    model = ready_for_inference(model)
+    if ckpt.quantized_modules and ckpt.config.pretraining_tp > 1:  # slice them now, naming any that cannot
+        try:
+            model.set_pretraining_tp(ckpt.config.pretraining_tp)
+        except QuantkitError as e:
+            raise QuantkitError(f"{ckpt.dir / 'config.json'} sets pretraining_tp={ckpt.config.pretraining_tp}, "
+                                f"which this model cannot run ({e}); set it to 1 there (transformers 5 ignores it)") from None
+    return model
+
+
+def _load_quantized(model: LlamaForCausalLM, ckpt: QuantizedCheckpoint, dtype: torch.dtype, device: torch.device):
+    recipe, errors, qc = ckpt.recipe(), ckpt.errors(), ckpt.quantization_config
+    for name in sorted(ckpt.quantized_modules):  # their stored tensors are kept as stored (packed ints)
+        module = ckpt.format.load_module(name, ckpt.module_tensors(name), qc, dtype)
+        config = recipe.config_for(name) if recipe is not None else None
+        if config is None:
+            config = _config_from_format(ckpt, name, module)
+        row = errors.get(name, {})
+        module.quant_record = QuantRecord(config, row.get("relative_error"), row.get("kind"))
+        set_module(model, name, module.to(device))
+    model.quant_recipe = recipe.to_dict() if recipe is not None else None
+
+
+def _config_from_format(ckpt: QuantizedCheckpoint, name: str, module):
+    """What the format's metadata says the module is; None (logged) for a scheme no quantkit backend has."""
+    try:
+        return ckpt.format.config_of(name, module, ckpt.quantization_config)
+    except QuantkitError as e:
+        log.warning("%s: loaded and runs, but no quantkit method stands for its scheme (%s): it cannot be "
+                    "re-exported", name, e)
+        return None

@@ -1,0 +1,52 @@
+"""The quantized-module record: what every quantized linear carries, made by a handler or loaded from disk.
+
+`module.quant_record` holds the config it was quantized with, and its relative error with the kind
+of error measured: "output", ||(W - Q) X|| / ||W X|| on the calibration inputs (GPTQ), or "weight",
+||W - Q|| / ||W||. Exporters read the config to write a format's quantization_config, the pipeline
+and `quantkit eval` read the error, so a model loaded from a quantized directory re-exports and
+re-evaluates like a freshly quantized one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+ERROR_KINDS = ("output", "weight")
+
+
+@dataclass
+class QuantRecord:
+    config: Any  # the backend's QuantConfig
+    error: float | None = None  # relative error of the kind below; None where it cannot be measured
+    error_kind: str | None = None  # "output" | "weight"
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+
+def record_of(module: nn.Module) -> QuantRecord | None:
+    """The record of a quantized module; None for anything else (nn.Linear, norms, ...)."""
+    return getattr(module, "quant_record", None)
+
+
+ERRORS_FILE = "quantkit_errors.json"  # in a quantized directory: per linear name, method, relative_error, kind
+
+
+@dataclass
+class LinearReport:
+    """One row of quantkit_errors.json and of the quantize summary's errors."""
+
+    name: str
+    method: str
+    relative_error: float | None
+    kind: str | None  # see ERROR_KINDS
+
+
+def linear_reports(named_modules) -> list[LinearReport]:
+    """Rows for (name, quantized module) pairs, e.g. `linear_reports(quantized_modules(layer, prefix))`."""
+    return [LinearReport(name, r.method, r.error, r.error_kind) for name, m in named_modules
+            if (r := record_of(m)) is not None]

@@ -1,0 +1,77 @@
+"""The layers of the Architecture section hold: no module imports a layer above its own, and no import cycles.
+
+Read from the source (top-level imports only: an import inside a function is a deliberate lazy edge).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+# (package prefix, rank): a module may import only modules of its own rank or lower.
+RANKS = [("quantkit.errors", 0), ("quantkit.dtypes", 0), ("quantkit.io", 0), ("quantkit.model.layout", 0),
+         ("quantkit.model", 1),
+         ("quantkit.affine", 2), ("quantkit.packing", 2), ("quantkit.gptq_solver", 2), ("quantkit.modules", 2),
+         ("quantkit.record", 2), ("quantkit.walker", 2), ("quantkit.observers", 2),
+         ("quantkit.backends", 3), ("quantkit.formats", 3),
+         ("quantkit", 4)]  # layerwise, export, loading, pipeline, cli, calibrate, eval
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] in ("eval", "calibrate"):
+        parts.insert(0, "quantkit")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def sources() -> dict[str, Path]:
+    return {module_name(p): p for folder in ("quantkit", "eval", "calibrate") for p in (REPO / folder).rglob("*.py")}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in found if n.startswith("quantkit")}
+
+
+def rank(name: str) -> int:
+    return next(r for prefix, r in RANKS if name == prefix or name.startswith(prefix + "."))
+
+
+MODULES = sources()
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_imports_only_its_layer_and_below(name):
+    imports = {n for n in top_level_imports(MODULES[name]) if n in MODULES}
+    above = sorted(n for n in imports if rank(n) > rank(name))
+    assert not above, f"{name} (layer {rank(name)}) imports {above} from a higher layer"
+
+
+def test_no_import_cycles():
+    graph = {name: {n for n in top_level_imports(path) if n in MODULES and n != name} for name, path in MODULES.items()}
+    done, stack = set(), []
+
+    def visit(name):
+        if name in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(name):] + [name]))
+        if name in done:
+            return
+        stack.append(name)
+        for dep in sorted(graph[name]):
+            visit(dep)
+        stack.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)

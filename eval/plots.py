@@ -134,17 +134,11 @@ def scatter_plot(series: Sequence[Series], *, x_title: str, y_title: str, figure
     `width` and `height` are the SVG's size in points (1/72 inch, the viewBox's units); `figure_id` (letters,
     digits, - and _) must be unique among the plots of one page: it prefixes the SVG's element ids.
     """
-    title = f"{y_title} vs {x_title}"
     cleaned = [_drawable_points(s, log_x=False, log_y=False) for s in series]
-    if not any(cleaned):
-        return _render(figure_id, title, width, height, _no_data)
 
     def draw(ax: Axes):
-        for index, (s, points) in enumerate(zip(series, cleaned)):
-            if points:
-                ax.plot([x for x, _, _ in points], [y for _, y, _ in points], linestyle="none", marker="o",
-                        markersize=MARKER_SIZE, markeredgecolor="white", markeredgewidth=1, color=_color(index),
-                        label=s.name, zorder=3)
+        _plot_series(ax, series, cleaned, linestyle="none", marker="o", markersize=MARKER_SIZE,
+                     markeredgecolor="white", markeredgewidth=1, zorder=3)
         ax.margins(0.08)
         reference_labels = _references(ax, references, log_x=False, log_y=False)
         ax.set(xlabel=x_title, ylabel=y_title)
@@ -162,7 +156,7 @@ def scatter_plot(series: Sequence[Series], *, x_title: str, y_title: str, figure
                     annotation = ax.annotate(label, (x, y), annotation_clip=False)
                     _place(annotation, [((x, y), *spot) for spot in _POINT_SPOTS], taken, ax)
 
-    return _render(figure_id, title, width, height, draw)
+    return _render_series(figure_id, f"{y_title} vs {x_title}", width, height, cleaned, draw)
 
 
 def line_plot(series: Sequence[Series], *, x_title: str, y_title: str, figure_id: str, log_x: bool = False,
@@ -172,16 +166,10 @@ def line_plot(series: Sequence[Series], *, x_title: str, y_title: str, figure_id
 
     Sizes and `figure_id` as for `scatter_plot`.
     """
-    title = f"{y_title} vs {x_title}"
     cleaned = [_drawable_points(s, log_x=log_x, log_y=log_y) for s in series]
-    if not any(cleaned):
-        return _render(figure_id, title, width, height, _no_data)
 
     def draw(ax: Axes):
-        for index, (s, points) in enumerate(zip(series, cleaned)):
-            if points:
-                ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o" if markers else "",
-                        markersize=5.5, color=_color(index), label=s.name)
+        _plot_series(ax, series, cleaned, marker="o" if markers else "", markersize=5.5)
         drawn = [p for points in cleaned for p in points]
         if log_x:
             _log_axis(ax, "x", [x for x, _, _ in drawn] + _reference_values(references, "x", log=True), pad=0.03)
@@ -196,7 +184,19 @@ def line_plot(series: Sequence[Series], *, x_title: str, y_title: str, figure_id
         _settle(ax, legend=True)
         _place_reference_labels(ax, reference_labels, [])
 
-    return _render(figure_id, title, width, height, draw)
+    return _render_series(figure_id, f"{y_title} vs {x_title}", width, height, cleaned, draw)
+
+
+def _plot_series(ax: Axes, series: Sequence[Series], cleaned: list, **style):
+    """Each series' drawable points (x, y, label) in its colour, named in the legend."""
+    for index, (s, points) in enumerate(zip(series, cleaned)):
+        if points:
+            ax.plot([x for x, _, _ in points], [y for _, y, _ in points], color=_color(index), label=s.name, **style)
+
+
+def _render_series(figure_id: str, title: str, width: int, height: int, cleaned: list, draw) -> str:
+    """`draw` rendered, or the "no data" figure when no series has a drawable point."""
+    return _render(figure_id, title, width, height, draw if any(cleaned) else _no_data)
 
 
 def step_plot(series: Sequence[StepSeries], *, x_title: str, y_title: str, figure_id: str, log_x: bool = True,

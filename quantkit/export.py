@@ -89,6 +89,14 @@ class ExportRecord:
         return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
 
 
+def config_of(name: str, module: nn.Module) -> QuantConfig:
+    """The config a quantized module was made with; an error for one loaded with a scheme no method has."""
+    config = record_of(module).config
+    if config is None:
+        raise QuantkitError(f"{name}: loaded from a file whose scheme no quantkit method has: it cannot be re-exported")
+    return config
+
+
 def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, prefix: str = "",
                    skip: Iterable[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """(full name, tensor) for everything in `module`: quantized linears in the format, the rest as is.
@@ -98,10 +106,7 @@ def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, pr
     """
     quantized = dict(quantized_modules(module))
     for name, m in quantized.items():
-        config = record_of(m).config
-        if config is None:
-            raise QuantkitError(f"{prefix + name}: loaded from a file whose scheme no quantkit method has: "
-                                f"it cannot be re-exported")
+        config = config_of(prefix + name, m)
         tensors = fmt.export_module(prefix + name, m)
         record.configs[prefix + name] = config
         record.quantized_weights += m.out_features * m.in_features
@@ -179,7 +184,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, options: Export
     `options` (or its fields as keywords: format=, max_shard_size=, overwrite=) say how; see ExportOptions.
     """
     options = options or ExportOptions(**option_fields)
-    fmt = choose_format((record_of(m).config for _, m in quantized_modules(model)), options.format)
+    fmt = choose_format((config_of(name, m) for name, m in quantized_modules(model)), options.format)
     dtype = model.model.embed_tokens.weight.dtype
     if options.dtype is not None and parse_dtype(options.dtype, "dtype") != dtype:
         raise QuantkitError(f"save_quantized writes the model's tensors as they are ({dtype_name(dtype)}), not "

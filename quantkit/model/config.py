@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from quantkit.errors import QuantkitError
 
 ROPE_TYPES = ("default", "linear", "dynamic")

@@ -136,31 +136,53 @@ method_options = functools.partial(
     click.option("--mse", is_flag=True, default=None, help="GPTQ: search each group's clipping range."),
     click.option("-O", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
                  help="Any field of the method's config (see `quantkit backends --json`), e.g. -O block_size=64; "
-                      "values are read as YAML scalars. Repeatable; plugin backends' options too."),
+                      "the value is read as the field's type (int, float, true/false, text). Repeatable; plugin "
+                      "backends' options too."),
     build=method_choice)
 
 FLAGS = {"desc_act": "--act-order", "damp_percent": "--damp", "symmetric": "--sym/--asym",
          "double_quant": "--double-quant/--no-double-quant", "true_sequential": "--true-sequential/--no-true-sequential"}
+FLAG_FIELDS = {"bits", "group_size", "symmetric", "threshold", "double_quant", "blocksize", "compute_dtype", "desc_act",
+               "static_groups", "damp_percent", "true_sequential", "mse"}  # config fields with a flag of their own
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 def flag(field_name: str) -> str:
+    if field_name not in FLAG_FIELDS:
+        return f"-O {field_name}=..."
     return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
 
 
-def parse_pairs(pairs: tuple[str, ...]) -> dict:
-    """-O KEY=VALUE pairs -> {KEY: value}, each value parsed as a YAML scalar (128, true, 0.01, fp16)."""
-    import yaml
+def typed_value(key: str, text: str, field_type: str):
+    """-O's text as the config field's declared type (dataclass annotations: int, float, bool, str)."""
+    kind = field_type.split("|")[0].strip()
+    try:
+        if kind == "bool":
+            return BOOLEANS[text.strip().lower()]
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except (KeyError, ValueError):
+        want = {"bool": "true or false", "int": "an integer", "float": "a number"}[kind]
+        raise click.BadParameter(f"{key}={text}: {key} is {want}", param_hint="-O/--option") from None
+    return text
 
+
+def parse_pairs(pairs: tuple[str, ...], field_types: dict[str, str]) -> dict:
+    """-O KEY=VALUE pairs -> {KEY: value} typed by the config's fields; unknown keys pass on for the config to name."""
     fields = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or not key.strip().isidentifier():
+        key = key.strip()
+        if not sep or not key.isidentifier():
             raise click.BadParameter(f"{pair!r}: write KEY=VALUE, e.g. -O group_size=64", param_hint="-O/--option")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        fields[key.strip()] = text if isinstance(value, (dict, list)) or value is None else value
+        if key == "method":
+            raise click.BadParameter("the method is --method's, not an option: -O sets its config's fields",
+                                     param_hint="-O/--option")
+        if key in fields:
+            raise click.BadParameter(f"{key} given twice: give it once", param_hint="-O/--option")
+        fields[key] = typed_value(key, text, str(field_types[key])) if key in field_types else text
     return fields
 
 
@@ -178,7 +200,9 @@ def build_config(choice: MethodChoice):
         known = ", ".join(flag(f) for f in sorted(fields) if f != "block_size") or "none"
         raise click.UsageError(f"{', '.join(map(flag, wrong))} does not apply to --method {choice.method} "
                                f"(its options: {known}; any field with -O KEY=VALUE)")
-    pairs = parse_pairs(choice.pairs)
+    types = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+             for f in dataclasses.fields(cls)}  # annotations are strings under `from __future__ import annotations`
+    pairs = parse_pairs(choice.pairs, types)
     both = sorted(set(pairs) & set(given))
     if both:
         raise click.UsageError(f"{', '.join(both)} given twice (a flag and -O): give it once")

@@ -61,7 +61,8 @@ def choose_format(configs: Iterable[QuantConfig], name: str | None = None) -> Qu
     """The format to write: the named one, or the first method's preferred one; it must hold every config."""
     configs = _distinct(configs)
     if not configs:
-        raise QuantkitError("nothing was quantized: the recipe leaves every module in full precision")
+        raise QuantkitError("nothing was quantized: no module is quantized (the recipe leaves every one in full "
+                            "precision, or the model was never quantized)")
     if name is None:
         holding = formats_holding(configs[0])
         if not holding:
@@ -70,10 +71,21 @@ def choose_format(configs: Iterable[QuantConfig], name: str | None = None) -> Qu
     fmt = get_format(name)
     reason = fmt.refuses_configs(configs)
     if reason is not None:
-        refused = next((c for c in configs if fmt.refuses_config(c) is not None), None)
-        fix = f": use --format {', '.join(formats_holding(refused))}" if refused and formats_holding(refused) else ""
-        raise QuantkitError(f"--format {name}: {reason}{fix}")
+        raise QuantkitError(f"--format {name}: {reason}{_way_out(configs, reason)}")
     return fmt
+
+
+def _way_out(configs: list[QuantConfig], reason: str) -> str:
+    """The formats that hold every config, or why none does; nothing where the reason already names one."""
+    if "--format" in reason:
+        return ""
+    holding = [n for n in format_names() if get_format(n).refuses_configs(configs) is None]
+    if holding:
+        return f": use --format {', '.join(holding)}"
+    if len(configs) > 1:
+        each = "; ".join(f"{c.method}: {', '.join(formats_holding(c)) or 'none'}" for c in configs)
+        return f": no format holds these methods together ({each}): split the recipe"
+    return ""
 
 
 @dataclass
@@ -169,7 +181,7 @@ class ExportWriter:
 def quantized_writer(out_dir: str | os.PathLike, fmt: QuantFormat, options: ExportOptions, config: LlamaConfig,
                      recipe: dict[str, Any] | None, dtype: torch.dtype, tokenizer_dir) -> Iterator[ExportWriter]:
     """The one write path: an ExportWriter into an atomic directory, finished by the format when the block ends."""
-    with atomic_dir(out_dir, options.overwrite) as tmp:
+    with atomic_dir(out_dir, options.overwrite, keep=[tokenizer_dir]) as tmp:
         writer = ExportWriter(fmt, fmt.open_sink(tmp, options.max_shard_size, shard_metadata(fmt, recipe)))
         yield writer
         writer.sink.close()
@@ -183,6 +195,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, options: Export
 
     `options` (or its fields as keywords: format=, max_shard_size=, overwrite=) say how; see ExportOptions.
     """
+    if options is not None and option_fields:
+        raise QuantkitError(f"save_quantized: give options or {', '.join(option_fields)}, not both")
     options = options or ExportOptions(**option_fields)
     fmt = choose_format((config_of(name, m) for name, m in quantized_modules(model)), options.format)
     dtype = model.model.embed_tokens.weight.dtype

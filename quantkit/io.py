@@ -107,16 +107,27 @@ def write_text(path: str | os.PathLike, text: str):
         f.write(text)
 
 
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, keep=()):
+    """Refuse an existing `out` unless overwrite, and always an `out` that is, or holds, one of `keep` (the source)."""
+    out = Path(out)
+    for path in keep:
+        if path is not None and (out.resolve() == Path(path).resolve() or out.resolve() in Path(path).resolve().parents):
+            raise QuantkitError(f"{out}: is (or holds) the source {path}, which writing there would destroy: "
+                                f"choose another output")
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"{out}: already exists: choose another output or pass --force to replace it")
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, keep=()) -> Iterator[Path]:
     """Yield a temporary directory beside `out`, renamed into place when the block ends normally.
 
     An existing `out` is refused unless overwrite=True; then it is replaced only once the new one is
-    complete, so a failure never leaves a half-written directory nor loses the old one.
+    complete, so a failure never leaves a half-written directory nor loses the old one. An `out` that
+    is or holds one of the `keep` paths (the source being read) is always refused.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QuantkitError(f"{out}: already exists: choose another output or pass --force to replace it")
+    check_output_dir(out, overwrite, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
     tmp.mkdir(0o777)  # the umask decides, as for a plain mkdir (mkdtemp's 0700 would make the output private)

@@ -46,7 +46,12 @@ class QuantizedCheckpoint(Checkpoint):
             return None
         from quantkit.backends import Recipe
 
-        return Recipe.from_dict(record["recipe"], source=str(self.dir / "config.json"))
+        try:
+            return Recipe.from_dict(record["recipe"], source=str(self.dir / "config.json"))
+        except QuantkitError as e:  # e.g. a plugin backend that is not installed here
+            log.warning("%s: quantkit's recorded recipe cannot be read (%s): install the backend that made it to "
+                        "re-export with its exact config; the format's metadata stands in", self.dir, e)
+            return None
 
     def errors(self) -> dict[str, dict]:
         """Per-linear errors quantkit recorded (name -> row of quantkit_errors.json); {} if none."""

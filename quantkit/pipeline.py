@@ -20,6 +20,7 @@ from quantkit.backends import QuantConfig, Recipe, needs_calibration, quantize, 
 from quantkit.dtypes import parse_dtype
 from quantkit.errors import QuantkitError
 from quantkit.export import ExportOptions, choose_format, quantized_writer
+from quantkit.io import check_output_dir
 from quantkit.layerwise import CalibrationOptions, LayerCalibrator, calibration_tensor
 from quantkit.loading import open_checkpoint
 from quantkit.model.layout import layer_prefix
@@ -60,6 +61,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     if ckpt.quantization_config:
         raise QuantkitError(f"{ckpt.dir / 'config.json'}: the source is already quantized "
                             f"({ckpt.quantization_config.get('quant_method')}): start from the fp16/bf16 checkpoint")
+    check_output_dir(out_dir, export.overwrite, keep=[ckpt.dir])  # before calibration data is fetched
     recipe = runnable_recipe(config, ignore, calibrated=calibration is not None)  # checked before any work
     fmt = choose_format(recipe.configs(), export.format)
     dtype = parse_dtype(export.dtype, "--dtype") or ckpt.default_dtype()

@@ -171,6 +171,11 @@ def test_quantize_any_config_field_with_dash_o(kernel_model_dir, tmp_path):
     (("-O", "bits=5"), "--bits 5 is not supported"),
     (("-O", "bits"), "write KEY=VALUE"),
     (("-O", "bits=3", "--bits", "4"), "bits given twice"),
+    (("-O", "bits=3", "-O", "bits=8"), "bits given twice"),
+    (("-O", "bits=4.0"), "bits=4.0: bits is an integer"),
+    (("-O", "group_size=none"), "group_size is an integer"),
+    (("-O", "symmetric=maybe"), "symmetric=maybe: symmetric is true or false"),
+    (("-O", "method=gptq"), "the method is --method's"),
 ])
 def test_cli_dash_o_errors_name_the_key(kernel_model_dir, tmp_path, args, needle):
     result = run("quantize", kernel_model_dir, "--method", "rtn", *args, "-o", tmp_path / "q")

@@ -217,3 +217,23 @@ def test_a_file_another_tool_wrote_loads_with_a_config_from_its_metadata(model_d
     assert (record.config.method, record.config.bits, record.config.group_size, record.config.symmetric) == \
         ("gptq", 4, 32, True)
     assert record.error is None
+
+
+@pytest.mark.parametrize("where", ["itself", "its parent"])
+def test_output_over_the_source_is_refused_even_with_force(model_dir, where):
+    before = sorted(p.name for p in model_dir.iterdir())
+    out = model_dir if where == "itself" else model_dir.parent
+    with pytest.raises(QuantkitError, match="is \\(or holds\\) the source .*which writing there would destroy"):
+        quantize_checkpoint(model_dir, Int4Config(32), out, ExportOptions(overwrite=True), progress=False)
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_a_recipe_naming_a_method_not_installed_falls_back_to_the_format(model_dir, tmp_path):
+    """A plugin's model loads without the plugin: its recipe cannot be read, the format's metadata stands in."""
+    quantize_checkpoint(model_dir, RTNConfig(4, 32, True), tmp_path / "a", ExportOptions(format="gptq"), progress=False)
+    config_path = tmp_path / "a" / "config.json"
+    config_json = json.loads(config_path.read_text())
+    config_json["quantkit"]["recipe"]["default"]["method"] = "not-installed"
+    config_path.write_text(json.dumps(config_json))
+    record = quantkit.load(tmp_path / "a").model.layers[0].mlp.up_proj.quant_record
+    assert (record.config.method, record.config.bits, record.config.symmetric) == ("gptq", 4, True)

@@ -124,13 +124,14 @@ class Registry:
             return
         self._plugins_loaded = True
         for ep in entry_points(group=ENTRY_POINT_GROUP):
+            before = dict(self._by_name)
             try:
                 loaded = ep.load()
+                if callable(loaded) and not isinstance(loaded, type):
+                    loaded(self)
             except Exception as e:  # a broken plugin must not take the built-in backends down
+                self._by_name = before  # nothing half-registered stays
                 log.warning("quantkit backend plugin %s (%s) failed to load: %s", ep.name, ep.value, e)
-                continue
-            if callable(loaded) and not isinstance(loaded, type):
-                loaded(self)
 
     def all(self) -> list[Backend]:
         self._load_plugins()

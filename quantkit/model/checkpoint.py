@@ -303,7 +303,7 @@ def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_di
     saved_dtype = dtype or model.model.embed_tokens.weight.dtype  # what the files hold, not what config said
     config = dataclasses.replace(config, torch_dtype=dtype_name(saved_dtype))
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, keep=[tokenizer_dir]) as tmp:
         write_safetensors(tensors, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         copy_tokenizer_files(tokenizer_dir, tmp)

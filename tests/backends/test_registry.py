@@ -102,6 +102,21 @@ def test_third_party_plugin_through_entry_points(tmp_path, monkeypatch):
     sys.modules.pop("toy_quant", None)
 
 
+@pytest.mark.parametrize("body", ["raise RuntimeError('broken')", "registry.register('rtn', type('C', (), {}))(len)"],
+                         ids=["raises", "re-registers a built-in"])
+def test_a_broken_plugin_leaves_the_built_ins_working(tmp_path, monkeypatch, caplog, body):
+    (tmp_path / "broken_quant.py").write_text(f"def register(registry):\n    {body}\n")
+    dist = tmp_path / "broken_quant-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-quant\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[quantkit.backends]\nbroken = broken_quant:register\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry()
+    registry.register("rtn", RTNConfig)(lambda linear, config, name: linear)
+    assert registry.get("rtn").config_cls is RTNConfig and "broken" in caplog.text
+    sys.modules.pop("broken_quant", None)
+
+
 def test_gpu_only_backend_says_where_it_runs(monkeypatch):
     from dataclasses import dataclass
 

@@ -79,3 +79,13 @@ def copy_dir(tmp_path):
         shutil.copytree(src, dst)
         return dst
     return copy
+
+
+def install_plugin(root: Path, monkeypatch, module: str, source: str, entry_points: str):
+    """A package `module` (its source) installed as a distribution on sys.path, with `entry_points` (INI text)."""
+    (root / f"{module}.py").write_text(source)
+    dist = root / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(str(root))

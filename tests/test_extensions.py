@@ -25,7 +25,7 @@ from quantkit.model.layout import SEQUENTIAL_GROUPS
 from quantkit.modules import AffineLinear
 from quantkit.observers import ChannelMagnitudeObserver
 from quantkit.pipeline import quantize_checkpoint
-from tests.conftest import random_model, tiny_config
+from tests.conftest import install_plugin, random_model, tiny_config
 
 SHAPES = dict(hidden_size=128, intermediate_size=256)
 IDS = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -127,12 +127,8 @@ class OneFileFormat(CompressedTensorsFormat):
 
 @pytest.fixture
 def one_file_format(tmp_path, monkeypatch):
-    (tmp_path / "one_file_format.py").write_text(textwrap.dedent(ONE_FILE_FORMAT))
-    dist = tmp_path / "one_file_format-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: one-file-format\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[quantkit.formats]\none-file = one_file_format:OneFileFormat\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, monkeypatch, "one_file_format", textwrap.dedent(ONE_FILE_FORMAT),
+                   "[quantkit.formats]\none-file = one_file_format:OneFileFormat\n")
     yield "one-file"
     sys.modules.pop("one_file_format", None)
 

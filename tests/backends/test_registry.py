@@ -12,7 +12,7 @@ from quantkit.backends.int4 import Int4Config
 from quantkit.backends.registry import Registry
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
-from tests.conftest import random_model, tiny_config
+from tests.conftest import install_plugin, random_model, tiny_config
 
 CONFIGS = [Int4Config(), Int4Config(group_size=32), RTNConfig(), RTNConfig(bits=3, group_size=-1, symmetric=True)]
 
@@ -65,7 +65,7 @@ def test_missing_package_says_what_to_install(monkeypatch):
 
 def test_third_party_plugin_through_entry_points(tmp_path, monkeypatch):
     """A toy package installed (a dist-info on sys.path) registers `toy` through `quantkit.backends`."""
-    (tmp_path / "toy_quant.py").write_text(textwrap.dedent('''
+    install_plugin(tmp_path, monkeypatch, "toy_quant", textwrap.dedent('''
         from dataclasses import dataclass
         import torch
         from torch import nn
@@ -86,12 +86,7 @@ def test_third_party_plugin_through_entry_points(tmp_path, monkeypatch):
             @registry.register("toy", ToyConfig, description="halves weights")
             def handle(linear, config, name):
                 return Halved(linear, config.scale)
-    '''))
-    dist = tmp_path / "toy_quant-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-quant\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[quantkit.backends]\ntoy = toy_quant:register\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    '''), "[quantkit.backends]\ntoy = toy_quant:register\n")
     registry = Registry()
     backend = registry.get("toy")
     assert backend.description == "halves weights" and backend.unusable_reason() is None
@@ -105,12 +100,8 @@ def test_third_party_plugin_through_entry_points(tmp_path, monkeypatch):
 @pytest.mark.parametrize("body", ["raise RuntimeError('broken')", "registry.register('rtn', type('C', (), {}))(len)"],
                          ids=["raises", "re-registers a built-in"])
 def test_a_broken_plugin_leaves_the_built_ins_working(tmp_path, monkeypatch, caplog, body):
-    (tmp_path / "broken_quant.py").write_text(f"def register(registry):\n    {body}\n")
-    dist = tmp_path / "broken_quant-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-quant\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[quantkit.backends]\nbroken = broken_quant:register\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, monkeypatch, "broken_quant", f"def register(registry):\n    {body}\n",
+                   "[quantkit.backends]\nbroken = broken_quant:register\n")
     registry = Registry()
     registry.register("rtn", RTNConfig)(lambda linear, config, name: linear)
     assert registry.get("rtn").config_cls is RTNConfig and "broken" in caplog.text

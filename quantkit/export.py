@@ -22,6 +22,7 @@ from torch import nn
 
 import quantkit
 from quantkit.backends import BACKENDS, QuantConfig
+from quantkit.backends.registry import distinct_configs
 from quantkit.dtypes import dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
 from quantkit.formats import QuantFormat, format_names, get_format
@@ -42,14 +43,6 @@ class ExportOptions:
     overwrite: bool = False
 
 
-def _distinct(configs: Iterable[QuantConfig]) -> list[QuantConfig]:
-    out = []  # config dataclasses compare by value but are unhashable
-    for c in configs:
-        if c not in out:
-            out.append(c)
-    return out
-
-
 def formats_holding(config: QuantConfig) -> list[str]:
     """Registered formats that do not refuse `config`, the backend's preferred ones first."""
     preferred = list(BACKENDS.for_config(config).formats)
@@ -59,7 +52,7 @@ def formats_holding(config: QuantConfig) -> list[str]:
 
 def choose_format(configs: Iterable[QuantConfig], name: str | None = None) -> QuantFormat:
     """The format to write: the named one, or the first method's preferred one; it must hold every config."""
-    configs = _distinct(configs)
+    configs = distinct_configs(configs)
     if not configs:
         raise QuantkitError("nothing was quantized: no module is quantized (the recipe leaves every one in full "
                             "precision, or the model was never quantized)")

@@ -56,6 +56,15 @@ class QuantConfig:
         return self.method + "(" + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()) + ")"
 
 
+def distinct_configs(configs) -> list[QuantConfig]:
+    """The configs without repeats, in order (config dataclasses compare by value but are unhashable)."""
+    out = []
+    for c in configs:
+        if c not in out:
+            out.append(c)
+    return out
+
+
 LinearHandler = Callable[..., nn.Module]  # (linear, config, module name, **observer statistics) -> module
 
 

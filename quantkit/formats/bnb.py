@@ -21,6 +21,7 @@ from torch import nn
 from quantkit.backends.bnb import (Bnb4bitConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config, linear8bit,
                                    portable_state_dict, prequantized_linear4bit)
 from quantkit.dtypes import DTYPES, dtype_name, parse_dtype, short_name
+from quantkit.backends.registry import distinct_configs
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import QuantFormat
 
@@ -40,17 +41,9 @@ def _bnb_config_dict(load_in_4bit: bool, skip: list[str], threshold: float = 6.0
             "load_in_4bit": load_in_4bit, "load_in_8bit": not load_in_4bit}
 
 
-def _distinct(configs) -> list:
-    distinct = []  # config dataclasses compare by value but are unhashable
-    for c in configs:
-        if c not in distinct:
-            distinct.append(c)
-    return distinct
-
-
 def _one_config(configs: dict[str, Any]):
     """The single bitsandbytes config every quantized module shares."""
-    distinct = _distinct(configs.values())
+    distinct = distinct_configs(configs.values())
     if not distinct:
         raise QuantkitError("bnb format: nothing was quantized, so there is no bitsandbytes config to write")
     reason = BnbFormat().refuses_configs(distinct)
@@ -69,7 +62,7 @@ class BnbFormat(QuantFormat):
 
     def refuses_configs(self, configs: list[Any]) -> str | None:
         reason = super().refuses_configs(configs)
-        distinct = _distinct(configs)
+        distinct = distinct_configs(configs)
         if reason is None and len(distinct) > 1:
             return (f"transformers takes one bitsandbytes config per model, got {len(distinct)} "
                     f"({'; '.join(c.describe() for c in distinct)}): quantize every module with the same bnb config")

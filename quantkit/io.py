@@ -69,18 +69,6 @@ def _remove(path: Path):
         path.unlink(missing_ok=True)
 
 
-def check_writable(path: str | os.PathLike, what: str = "output"):
-    """Fail before any work when `path`'s directory is missing or read-only, or `path` is a directory."""
-    path = Path(path)
-    if path.is_dir():
-        raise QuantkitError(f"{path}: is a directory: give a file name for the {what}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise QuantkitError(f"{parent}: no such directory for the {what} {path.name}: create it first")
-    if not os.access(parent, os.W_OK):
-        raise QuantkitError(f"{parent}: not writable, so the {what} {path.name} cannot be written there")
-
-
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends normally, it replaces `path` atomically.

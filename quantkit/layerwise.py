@@ -150,7 +150,7 @@ class LayerCalibrator:
 
     def transform(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig], observers: dict[str, Any]):
         """Each backend with a transform rewrites the group once, before any of it is quantized."""
-        backends = {BACKENDS.for_config(c).name: BACKENDS.for_config(c) for c in configs.values()}
+        backends = {b.name: b for b in map(BACKENDS.for_config, configs.values())}  # each backend once
         for backend in backends.values():
             if backend.transform is not None:
                 backend.transform(GroupContext(layer, prefix, tuple(configs), configs, observers,

@@ -14,9 +14,6 @@ from typing import Any
 
 from torch import nn
 
-ERROR_KINDS = ("output", "weight")
-
-
 @dataclass
 class QuantRecord:
     config: Any  # the backend's QuantConfig
@@ -43,7 +40,7 @@ class LinearReport:
     name: str
     method: str
     relative_error: float | None
-    kind: str | None  # see ERROR_KINDS
+    kind: str | None  # "output" | "weight", as QuantRecord.error_kind
 
 
 def linear_reports(named_modules) -> list[LinearReport]:

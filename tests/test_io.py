@@ -14,7 +14,7 @@ import pytest
 
 import quantkit.io
 from quantkit.errors import QuantkitError
-from quantkit.io import Terminated, atomic_dir, atomic_file, check_writable, write_text
+from quantkit.io import Terminated, atomic_dir, atomic_file, write_text
 
 def listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
@@ -153,14 +153,6 @@ def test_atomic_dir_failure_leaves_nothing(tmp_path, overwrite):
     assert listing(tmp_path) == (["model"] if overwrite else [])  # no .model.*.tmp beside it
     if overwrite:
         assert listing(out) == ["old.txt"] and (out / "old.txt").read_text() == "old"
-
-
-def test_check_writable(tmp_path):
-    check_writable(tmp_path / "out.qkl", "base logits")
-    with pytest.raises(QuantkitError, match="no such directory for the base logits out.qkl: create it first"):
-        check_writable(tmp_path / "missing" / "out.qkl", "base logits")
-    with pytest.raises(QuantkitError, match="is a directory: give a file name for the report"):
-        check_writable(tmp_path, "report")
 
 
 # -- SIGTERM: a killed writer leaves nothing half-written ----------------------------------------------

@@ -41,17 +41,6 @@ def _bnb_config_dict(load_in_4bit: bool, skip: list[str], threshold: float = 6.0
             "load_in_4bit": load_in_4bit, "load_in_8bit": not load_in_4bit}
 
 
-def _one_config(configs: dict[str, Any]):
-    """The single bitsandbytes config every quantized module shares."""
-    distinct = distinct_configs(configs.values())
-    if not distinct:
-        raise QuantkitError("bnb format: nothing was quantized, so there is no bitsandbytes config to write")
-    reason = BnbFormat().refuses_configs(distinct)
-    if reason is not None:
-        raise QuantkitError(f"bnb format: {reason}")
-    return distinct[0]
-
-
 class BnbFormat(QuantFormat):
     name = "bnb"
 
@@ -68,6 +57,16 @@ class BnbFormat(QuantFormat):
                     f"({'; '.join(c.describe() for c in distinct)}): quantize every module with the same bnb config")
         return reason
 
+    def _one_config(self, configs: dict[str, Any]):
+        """The single bitsandbytes config every quantized module shares."""
+        distinct = distinct_configs(configs.values())
+        if not distinct:
+            raise QuantkitError("bnb format: nothing was quantized, so there is no bitsandbytes config to write")
+        reason = self.refuses_configs(distinct)
+        if reason is not None:
+            raise QuantkitError(f"bnb format: {reason}")
+        return distinct[0]
+
     def refuses_module(self, module: nn.Module) -> str | None:
         import bitsandbytes as bnb
 
@@ -83,7 +82,7 @@ class BnbFormat(QuantFormat):
         return {f"{name}.{k}": v for k, v in portable_state_dict(module).items()}
 
     def quantization_config(self, configs: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
-        config = _one_config(configs)
+        config = self._one_config(configs)
         skip = list(dict.fromkeys([*ignored, "lm_head"]))
         if isinstance(config, BnbInt8Config):
             return _bnb_config_dict(False, skip, threshold=config.threshold)

@@ -33,26 +33,34 @@ log = logging.getLogger("quantkit.calibrate")
 
 
 def calibration_tokens(source, tokenizer, n_samples: int = 128, seq_len: int = 2048, seed: int = 0,
-                       mode: str | None = None, text_field: str = "text", cache_dir=None) -> torch.Tensor:
+                       mode: str | None = None, text_field: str = "text", cache_dir=None,
+                       vocab_size: int | None = None) -> torch.Tensor:
     """[n_samples, seq_len] LongTensor of token ids from a calibration source.
 
     source: a name in KNOWN_DATASETS, a .txt/.jsonl/.json/.parquet/.csv file, a save_to_disk directory,
     a list of strings, or ready token ids (a LongTensor [n, seq_len], or a .pt/.safetensors file holding
     one; the first n_samples rows are used). mode: "random" or "document"; None takes the source's
     reference protocol ("document" for c4, "random" for everything else). text_field: the text column
-    of local dataset files. cache_dir: where token ids are cached (see calibrate.cache).
+    of local dataset files. cache_dir: where token ids are cached (see calibrate.cache). vocab_size: the
+    model's (config.json): an id at or beyond it is refused, whether the tokenizer gave it (a text source)
+    or the caller (ready ids); without it, ready ids are checked against len(tokenizer) (pieces and added
+    tokens).
     """
     _check_sizes(n_samples, seq_len, mode)
     if is_token_source(source):
         tokens, name = load_tokens(source)
-        return ready_windows(tokens, name, tokenizer.vocab_size, n_samples, seq_len)
+        return ready_windows(tokens, name, len(tokenizer) if vocab_size is None else vocab_size, n_samples, seq_len)
     corpus = open_corpus(source, text_field)
     mode = corpus.mode if mode is None else mode
     generator = torch.Generator().manual_seed(seed)
     cache = _token_cache(corpus, tokenizer, mode, cache_dir)
     if mode == "random":
-        return random_windows(text_ids(corpus, tokenizer, cache), n_samples, seq_len, generator, corpus.name)
-    return document_windows(corpus, tokenizer, cache, n_samples, seq_len, generator)
+        windows = random_windows(text_ids(corpus, tokenizer, cache), n_samples, seq_len, generator, corpus.name)
+    else:
+        windows = document_windows(corpus, tokenizer, cache, n_samples, seq_len, generator)
+    if vocab_size is not None:  # once, on the windows the model will see (cached ids too: the cache has no model)
+        tokenizer.check_ids(windows, vocab_size)
+    return windows
 
 
 def _check_sizes(n_samples: int, seq_len: int, mode: str | None) -> None:

@@ -35,7 +35,7 @@ from quantkit.eval.data import EvalData, Window
 from quantkit.eval.fidelity import TopK, compress
 from quantkit.eval.runner import window_logprobs
 from quantkit.errors import QuantkitError
-from quantkit.io import atomic_file
+from quantkit.io import DiskFull, atomic_file, is_disk_full
 from quantkit.model.shards import ShardWriter
 
 FORMAT = "quantkit-base-logits"
@@ -82,12 +82,24 @@ def save_base_logits(model, tokenizer, data: EvalData, path: str | os.PathLike, 
     # On an exception or SIGTERM both the scratch directory and the temporary are removed.
     with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
         writer = ShardWriter(scratch, max_shard_size=2**62, metadata=metadata)  # one file, spooled to disk
-        for window, lp in window_logprobs(model, data, batch_size, progress, desc="base logits"):
-            for key, value in encode(lp, data.targets(window), top_k).items():
-                writer.add(f"{window.start}.{key}", value.contiguous())
-        (name,) = writer.close()
+        try:
+            for window, lp in window_logprobs(model, data, batch_size, progress, desc="base logits"):
+                for key, value in encode(lp, data.targets(window), top_k).items():
+                    writer.add(f"{window.start}.{key}", value.contiguous())
+            (name,) = writer.close()
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise DiskFull(path, writer.total_size, 2 * saved_bytes(data, model.config.vocab_size, top_k),
+                           fix="free space, save it elsewhere, or use --top-k (about 8 bytes per kept token)") from None
         os.replace(Path(scratch) / name, tmp)
     return path
+
+
+def saved_bytes(data: EvalData, vocab_size: int, top_k: int | None) -> int:
+    """Bytes of a .qkl file's tensors (twice this while it is written: the spool, then the file)."""
+    per_token = (top_k * 8 + 4 if top_k else vocab_size * 2 + 8) + 8  # + target_logprob, targets
+    return sum(w.n_scored for w in data.windows) * per_token
 
 
 class BaseLogits:

@@ -101,7 +101,8 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     if save_logits is not None and reference is None:  # the perplexity is in the file: no second pass
         result = EvalResult(perplexity_from_nll(BaseLogits(save_logits).target_nll(data), data))
     else:
-        result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress)
+        result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress,
+                          label=str(model_path), base_label=None if base is None else f"the base {base}")
     del reference
     sensitivity = _sensitivity(model, data, options)
     entry = model_entry(info, result, speed, layer_errors(model_path), sensitivity)
@@ -143,7 +144,8 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
         else:
             check_same_vocabulary(model, reference, str(path), str(base_path))
         result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress,
-                          desc=os.path.basename(os.fspath(path).rstrip("/")))
+                          desc=os.path.basename(os.fspath(path).rstrip("/")), label=str(path),
+                          base_label=None if base_logits is not None else f"the base {base_path}")
         base_perplexity = result.base_perplexity
         entries.append(model_entry(model_info(path), result, _speed(model, tokenizer, options), layer_errors(path)))
         del model

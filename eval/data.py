@@ -115,14 +115,24 @@ def eval_text(source, text_field: str = "text") -> tuple[str, str]:
 
 
 def eval_data(tokenizer, source, seq_len: int = 2048, stride: int | None = None, text_field: str = "text",
-              max_tokens: int | None = None) -> EvalData:
-    """Tokenize `source` (a dataset name, a path, a list of strings) once, with one BOS, and cut it into windows."""
+              max_tokens: int | None = None, vocab_size: int | None = None) -> EvalData:
+    """Tokenize `source` (a dataset name, a path, a list of strings) once, with one BOS, and cut it into windows.
+
+    vocab_size: the model's (config.json); a tokenizer giving an id at or beyond it is refused here, not in
+    the embedding."""
     check_protocol(seq_len, stride)
     name, text = eval_text(source, text_field)
     ids = torch.tensor(tokenizer.encode(text, bos=True), dtype=torch.long)
     if source == "c4":
         ids = ids[: C4_WINDOWS * seq_len]
-    return windows_of(name, ids[:max_tokens], seq_len, stride)
+    return windows_of(name, checked(tokenizer, ids[:max_tokens], vocab_size), seq_len, stride)
+
+
+def checked(tokenizer, ids: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """`ids` once the tokenizer has checked them against the model's vocab_size (when it is given)."""
+    if vocab_size is not None:
+        tokenizer.check_ids(ids, vocab_size)
+    return ids
 
 
 def check_protocol(seq_len: int, stride: int | None) -> None:
@@ -143,12 +153,14 @@ def windows_of(name: str, ids: torch.Tensor, seq_len: int, stride: int | None = 
     return EvalData(name, ids, sliding(len(ids), seq_len, stride), "sliding", seq_len, stride)
 
 
-def text_data(tokenizer, text: str, seq_len: int, stride: int | None = None, name: str = "text") -> EvalData:
-    """EvalData of a text given as a string."""
-    return windows_of(name, torch.tensor(tokenizer.encode(text, bos=True), dtype=torch.long), seq_len, stride)
+def text_data(tokenizer, text: str, seq_len: int, stride: int | None = None, name: str = "text",
+              vocab_size: int | None = None) -> EvalData:
+    """EvalData of a text given as a string; vocab_size as in eval_data."""
+    ids = torch.tensor(tokenizer.encode(text, bos=True), dtype=torch.long)
+    return windows_of(name, checked(tokenizer, ids, vocab_size), seq_len, stride)
 
 
-def token_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+def token_windows(tokenizer, text: str, seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
     """(n_windows, seq_len) ids of the GPTQ protocol: BOS + the text's tokens, cut without overlap."""
-    data = text_data(tokenizer, text, seq_len)
+    data = text_data(tokenizer, text, seq_len, vocab_size=vocab_size)
     return data.ids[: len(data.windows) * seq_len].view(-1, seq_len)

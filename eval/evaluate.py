@@ -8,6 +8,7 @@ speed, for the report's model entries.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from quantkit.eval.data import EvalData
 from quantkit.eval.fidelity import FidelityAccumulator, compare_tokens
+from quantkit.eval.finite import check_numbers, model_label
 from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll, perplexity_of
 from quantkit.eval.runner import batch_logprobs
 from quantkit.errors import QuantkitError
@@ -51,24 +53,38 @@ def check_same_tokenizer(tokenizer, base_tokenizer, model_name: str, base_name: 
 
 @torch.no_grad()
 def evaluate(model, data: EvalData, base=None, batch_size: int = 1, progress: bool = True,
-             desc: str = "eval") -> EvalResult:
-    """Perplexity of `model`; with `base` (a model, or saved base logits: eval.base_logits) also fidelity against it."""
+             desc: str = "eval", label: str | None = None, base_label: str | None = None) -> EvalResult:
+    """Perplexity of `model`; with `base` (a model, or saved base logits: eval.base_logits) also fidelity against it.
+
+    Anything NaN or infinite (a window's logits, a summary number) is a QuantkitError naming `label` (default:
+    the model's directory) or, for the base's, `base_label` (default: "the base" and its directory or file).
+    """
+    label = label or model_label(model)
     if base is None:
-        return EvalResult(perplexity_of(model, data, batch_size, progress))
+        return EvalResult(perplexity_of(model, data, batch_size, progress, label))
+    base_label = base_label or f"the base {model_label(base) if isinstance(base, nn.Module) else base_name(base)}"
     fidelity = FidelityAccumulator()
-    bar = tqdm(total=len(data.windows), desc=desc, unit="window", disable=not progress)
-    for ids, windows in data.batches(batch_size):
-        logprobs = batch_logprobs(model, ids, windows)
-        base_scores = (batch_logprobs(base, ids, windows) if isinstance(base, nn.Module)
-                       else [base.window(w) for w in windows])
-        for w, lp, base_lp in zip(windows, logprobs, base_scores):
-            fidelity.add(compare_tokens(base_lp, lp, data.targets(w)))
-        bar.update(len(windows))
-    bar.close()
+    with tqdm(total=len(data.windows), desc=desc, unit="window", disable=not progress) as bar:  # closed on errors too
+        for ids, windows in data.batches(batch_size):
+            logprobs = batch_logprobs(model, ids, windows, label, data)
+            base_scores = (batch_logprobs(base, ids, windows, base_label, data) if isinstance(base, nn.Module)
+                           else [base.window(w) for w in windows])
+            for w, lp, base_lp in zip(windows, logprobs, base_scores):
+                fidelity.add(compare_tokens(base_lp, lp, data.targets(w)))
+            bar.update(len(windows))
     tokens = fidelity.tokens()
     source = "in-memory" if isinstance(base, nn.Module) else "base-logits"
-    return EvalResult(perplexity_from_nll(tokens["nll"], data), perplexity_from_nll(tokens["base_nll"], data),
-                      fidelity.summary(source, None if isinstance(base, nn.Module) else base.top_k))
+    result = EvalResult(perplexity_from_nll(tokens["nll"], data), perplexity_from_nll(tokens["base_nll"], data),
+                        fidelity.summary(source, None if isinstance(base, nn.Module) else base.top_k))
+    check_numbers(result.base_perplexity.report(), base_label, "perplexity")
+    check_numbers(result.perplexity.report(), label, "perplexity")
+    check_numbers(result.fidelity, label, "fidelity")
+    return result
+
+
+def base_name(base) -> str:
+    """Saved base logits are named by their file."""
+    return str(getattr(base, "path", "(saved base logits)"))
 
 
 # -- what a model directory is --------------------------------------------------------------------
@@ -137,14 +153,20 @@ def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32, prompt: str = "T
     generate(model, ids, SamplingConfig(max_new_tokens=4))
     start = time.perf_counter()
     out = generate(model, ids, SamplingConfig(max_new_tokens=new_tokens))
-    return len(out[0]) / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    speed = len(out[0]) / seconds if seconds > 0 else math.inf
+    check_numbers({"tokens_per_s": speed}, model_label(model), "decode")
+    return speed
 
 
 def model_entry(info: dict, result: EvalResult, tokens_per_s: float | None = None,
                 errors: list[dict] | None = None, sensitivity: dict | None = None) -> dict:
-    """A model's entry of the report (see eval/report.schema.json)."""
-    return {**info, "tokens_per_s": tokens_per_s, "perplexity": result.perplexity.report(),
-            "fidelity": result.fidelity, "layer_errors": errors or [], "sensitivity": sensitivity}
+    """A model's entry of the report (see eval/report.schema.json); every metric in it is finite (or an error)."""
+    entry = {**info, "tokens_per_s": tokens_per_s, "perplexity": result.perplexity.report(),
+             "fidelity": result.fidelity, "layer_errors": errors or [], "sensitivity": sensitivity}
+    for key in ("tokens_per_s", "perplexity", "fidelity", "sensitivity"):
+        check_numbers(entry[key], info.get("path", "the model"), key)
+    return entry
 
 
 def build_report(data: EvalData, models: list[dict], base: dict | None = None, tp: dict | None = None,

@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from quantkit.eval.data import EvalData, text_data
+from quantkit.eval.finite import check_numbers, model_label
 from quantkit.eval.runner import target_logprobs, window_logprobs
+
+MAX_EXP = math.log(1.7e308)  # math.exp overflows above ~709.78
 
 
 @dataclass
@@ -50,23 +53,28 @@ def mean_stderr(x: torch.Tensor) -> tuple[float, float]:
 def perplexity_from_nll(nll: torch.Tensor, data: EvalData) -> PerplexityResult:
     """From per-token NLLs (n_tokens,) of `data`'s scored tokens."""
     mean, stderr = mean_stderr(nll)
-    ppl = math.exp(mean)
+    ppl = math.exp(mean) if mean < MAX_EXP else math.inf  # inf (an error for check_numbers), not an OverflowError
     return PerplexityResult(ppl=ppl, ppl_stderr=ppl * stderr, nll=mean, nll_stderr=stderr, n_tokens=nll.numel(),
                             n_windows=len(data.windows), seq_len=data.seq_len, stride=data.stride)
 
 
-def token_nll(model, data: EvalData, batch_size: int = 1, progress: bool = True) -> torch.Tensor:
+def token_nll(model, data: EvalData, batch_size: int = 1, progress: bool = True,
+              label: str | None = None) -> torch.Tensor:
     """(n_tokens,) NLL of every scored token, in window order."""
     nll = [-target_logprobs(lp, data.targets(w)) for w, lp in window_logprobs(model, data, batch_size, progress,
-                                                                              desc="perplexity")]
+                                                                              desc="perplexity", label=label)]
     return torch.cat(nll)
 
 
-def perplexity_of(model, data: EvalData, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
-    return perplexity_from_nll(token_nll(model, data, batch_size, progress), data)
+def perplexity_of(model, data: EvalData, batch_size: int = 1, progress: bool = True,
+                  label: str | None = None) -> PerplexityResult:
+    """Perplexity of `model` on `data`; a QuantkitError naming `label` (or the model) if anything is not finite."""
+    result = perplexity_from_nll(token_nll(model, data, batch_size, progress, label), data)
+    check_numbers(result.report(), label or model_label(model), "perplexity")
+    return result
 
 
 def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1, progress: bool = True,
                stride: int | None = None) -> PerplexityResult:
     """Perplexity of `model` on `text` (a string): non-overlapping windows, or sliding with `stride`."""
-    return perplexity_of(model, text_data(tokenizer, text, seq_len, stride), batch_size, progress)
+    return perplexity_of(model, text_data(tokenizer, text, seq_len, stride, vocab_size=model.config.vocab_size), batch_size, progress)

@@ -14,6 +14,7 @@ import re
 from quantkit.eval.base_logits import MemoryBaseLogits
 from quantkit.eval.data import EvalData
 from quantkit.eval.evaluate import config_label, evaluate
+from quantkit.eval.finite import model_label
 from quantkit.errors import QuantkitError
 from quantkit.model.layout import DECODER_LINEARS, layer_prefix
 
@@ -48,7 +49,8 @@ def sensitivity(base, data: EvalData, config, unit: str = "layer", batch_size: i
             quantize_calibrated(model, config, calibration, ignore=(keep_rest,), progress=False)
         else:
             quantize(model, config, ignore=(keep_rest,))
-        result = evaluate(model, data, base=reference, batch_size=batch_size, progress=progress, desc=name)
+        result = evaluate(model, data, base=reference, batch_size=batch_size, progress=progress, desc=name,
+                          label=f"{model_label(base)} with {name} quantized ({config_label(config)}, --sensitivity)")
         kl = result.fidelity["kl"]
         rows.append({"name": name, "kl_mean": kl["mean"], "kl_stderr": kl["stderr"], "ppl": result.perplexity.ppl})
         del model

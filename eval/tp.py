@@ -18,6 +18,7 @@ import torch
 import quantkit
 from quantkit.eval.data import EvalData
 from quantkit.eval.fidelity import FidelityAccumulator, compare_tokens
+from quantkit.eval.finite import FP16_MAX, check_numbers
 from quantkit.eval.perplexity import perplexity_from_nll
 from quantkit.eval.runner import batch_logits
 from quantkit.errors import QuantkitError
@@ -49,23 +50,40 @@ def subset(data: EvalData, max_windows: int | None, vocab_size: int) -> EvalData
 
 
 @torch.no_grad()
-def _logits(model, data: EvalData, batch_size: int) -> list[torch.Tensor]:
+def _logits(model, data: EvalData, batch_size: int, label: str, dtype: str) -> list[torch.Tensor]:
     out = []
     for ids, windows in data.batches(batch_size):
-        out += batch_logits(model, ids, windows)
+        out += batch_logits(model, ids, windows, label, data, cause=_cause(dtype))
     return out
 
 
-def _row(dtype: str, tp: int, logits: list[torch.Tensor], reference: list[torch.Tensor], data: EvalData) -> dict:
+def _variant(path, dtype: str, tp: int) -> str:
+    """How messages name one run of the comparison."""
+    return f"{path} (the --tp noise floor's {dtype}, pretraining_tp={tp} run)"
+
+
+def _cause(dtype: str) -> str:
+    """Why a run of the comparison went non-finite, and the fix: it always runs fp16 and bf16, whatever --dtype."""
+    if dtype == "fp16":
+        return (f"this model overflows fp16 (logits or activations beyond {FP16_MAX:g}), so its fp16 noise floor "
+                f"cannot be measured: drop --tp, and evaluate it with --dtype bf16 or --dtype fp32")
+    return "its weights or activations hold inf/NaN in that run: check the checkpoint's tensors, or drop --tp"
+
+
+def _row(dtype: str, tp: int, logits: list[torch.Tensor], reference: list[torch.Tensor], data: EvalData,
+         label: str) -> dict:
+    """One row of the table; a QuantkitError naming `label` if any of its numbers is not finite."""
     fidelity = FidelityAccumulator()
     max_dlogit = 0.0
     for w, run, ref in zip(data.windows, logits, reference):
         max_dlogit = max(max_dlogit, (run - ref).abs().max().item())
         fidelity.add(compare_tokens(torch.log_softmax(ref, -1), torch.log_softmax(run, -1), data.targets(w)))
     summary, tokens = fidelity.summary("in-memory"), fidelity.tokens()
-    return {"dtype": dtype, "tp": tp, "max_abs_dlogit": max_dlogit, "kl_mean": summary["kl"]["mean"],
-            "kl_p99": summary["kl"]["p99"], "top1": summary["top1"]["agreement"],
-            "ppl": perplexity_from_nll(tokens["nll"], data).ppl}
+    row = {"dtype": dtype, "tp": tp, "max_abs_dlogit": max_dlogit, "kl_mean": summary["kl"]["mean"],
+           "kl_p99": summary["kl"]["p99"], "top1": summary["top1"]["agreement"],
+           "ppl": perplexity_from_nll(tokens["nll"], data).ppl}
+    check_numbers(row, label, "tp", _cause(dtype))
+    return row
 
 
 def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("fp16", "bf16"), batch_size: int = 1,
@@ -75,7 +93,7 @@ def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("f
     tps = choose_tps(model.config, tps)
     data = subset(data, max_windows, model.config.vocab_size)
     model.set_pretraining_tp(1)
-    reference = _logits(model, data, batch_size)
+    reference = _logits(model, data, batch_size, _variant(path, "fp32 reference", 1), "fp32")
     del model
     rows, unsupported = [], []
     for dtype in dtypes:
@@ -87,7 +105,8 @@ def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("f
                 if tp not in [u["tp"] for u in unsupported]:
                     unsupported.append({"tp": tp, "reason": str(e)})
                 continue
-            rows.append(_row(dtype, tp, _logits(model, data, batch_size), reference, data))
+            label = _variant(path, dtype, tp)
+            rows.append(_row(dtype, tp, _logits(model, data, batch_size, label, dtype), reference, data, label))
             log.info("pretraining_tp %d %s: %s", tp, dtype, rows[-1])
         del model
     return {"model": str(path), "reference": f"fp32, pretraining_tp=1, {len(data.windows)} windows of {data.seq_len}",

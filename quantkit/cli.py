@@ -14,7 +14,7 @@ import click
 import quantkit
 from quantkit.dtypes import CHOICES
 from quantkit.errors import QuantkitError
-from quantkit.io import Terminated
+from quantkit.io import Terminated, is_disk_full
 from quantkit.model.generate import SamplingConfig, generate as generate_ids
 from quantkit.model.tokenizer import TextStream
 
@@ -32,6 +32,11 @@ class QuantkitGroup(click.Group):
         except Terminated:  # SIGTERM during a write: the atomic writers removed what they had started
             click.echo("Error: terminated by SIGTERM; nothing was left half-written", err=True)
             ctx.exit(Terminated.exit_code)
+        except OSError as e:  # a full disk outside the atomic writers (which raise DiskFull, a QuantkitError)
+            if not is_disk_full(e):
+                raise
+            raise click.ClickException(f"{e.filename or 'writing'}: {e.strerror}: free space or write "
+                                       f"elsewhere") from None
 
 
 @click.group(cls=QuantkitGroup)
@@ -60,13 +65,16 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, syst
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
+    from quantkit.loading import open_checkpoint
+
     tokenizer = quantkit.load_tokenizer(model)
-    llm = quantkit.load(model, dtype=dtype)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = tokenizer.encode_chat(messages)
     else:
         ids = tokenizer.encode(prompt)
+    tokenizer.check_ids(ids, open_checkpoint(model).config.vocab_size)  # before the weights are read
+    llm = quantkit.load(model, dtype=dtype)
     stream = TextStream(tokenizer, prefix=[] if chat else ids)
 
     def emit(token):
@@ -222,13 +230,16 @@ CALIBRATION_FLAGS = (
     click.option("--seed", default=0, show_default=True, help="Seed for sampling the windows."))
 
 
-def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len=2048, device="cpu"):
+def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len=2048, device="cpu",
+                        calib_dtype=None):
     from quantkit.layerwise import CalibrationOptions
 
     if calib is None:
+        if calib_dtype is not None:
+            raise click.UsageError("--calib-dtype applies with --calib (calibrated methods)")
         return None
     return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
-                              text_field=calib_field, device=device)
+                              text_field=calib_field, device=device, dtype=calib_dtype)
 
 
 def export_options(fmt, dtype, max_shard_size, force):
@@ -320,11 +331,13 @@ def load_eval_data(model, data: DatasetChoice, output: ReportChoice):
     """The evaluation windows, once the report paths are known to be writable (fail before the work)."""
     from quantkit.eval import eval_data
     from quantkit.eval.report import check_report_path
+    from quantkit.loading import open_checkpoint
 
     for path in output.reports:
         check_report_path(path)
+    vocab_size = open_checkpoint(model).config.vocab_size  # ids the tokenizer gives beyond it are refused
     return eval_data(quantkit.load_tokenizer(model), data.dataset, seq_len=data.seq_len, stride=data.stride,
-                     text_field=data.text_field)
+                     text_field=data.text_field, vocab_size=vocab_size)
 
 
 def emit_report(report: dict, output: ReportChoice):
@@ -417,6 +430,9 @@ def compare(base, models, base_logits, data, options, output):
               click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window."),
               click.option("--device", default="cpu", show_default=True,
                            help="Where each layer is calibrated (cpu, cuda)."),
+              click.option("--calib-dtype", type=DTYPE_CHOICE, default=None,
+                           help="What calibration computes in [default: fp32 on CPU, the checkpoint's dtype on CUDA]; "
+                                "never a smaller range than the checkpoint's."),
               build=calibration_options)
 @option_group("export",
               click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
@@ -457,6 +473,11 @@ def quantize(model, output, recipe, method_choice, calibration, export, ignore, 
         kinds = " and ".join(sorted({e["kind"] for e in errors}))
         click.echo(f"relative {kinds} error per linear: mean {sum(e['relative_error'] for e in errors) / len(errors):.4f}, "
                    f"worst {worst['relative_error']:.4f} ({worst['name']}); --json lists them all")
+    dead = [e for e in summary.errors if e.get("dead_inputs")]
+    if dead:
+        click.echo(f"dead inputs: {len(dead)} linears had input channels that were zero on every calibration token "
+                   f"({sum(e['dead_inputs'] for e in dead)} in all; GPTQ set their weight columns to 0): calibrate on "
+                   f"text that uses them; --json lists them")
 
 
 def config_defaults(cls) -> dict:

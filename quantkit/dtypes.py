@@ -26,6 +26,7 @@ ST_DTYPES: dict[torch.dtype, str] = {
     torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2"}
 ST_ITEMSIZE: dict[str, int] = {code: dtype.itemsize for dtype, code in ST_DTYPES.items()}  # "F16" -> 2
+ST_CODES: dict[str, torch.dtype] = {code: dtype for dtype, code in ST_DTYPES.items()}  # "BF16" -> torch.bfloat16
 
 
 def parse_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -29,8 +30,11 @@ from quantkit.formats import QuantFormat, format_names, get_format
 from quantkit.io import atomic_dir
 from quantkit.model.config import LlamaConfig
 from quantkit.model.layout import is_decoder_linear
+from quantkit.model.llama import slicing_problem
 from quantkit.record import LinearReport, linear_reports, record_of
 from quantkit.walker import quantized_modules
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class ExportRecord:
     ignored: list[str] = field(default_factory=list)  # linears kept in full precision
     quantized_weights: int = 0  # parameters of the quantized linears
     quantized_bytes: int = 0  # bytes of their stored tensors
+    tp_problem: str | None = None  # why the written modules cannot run the source's pretraining_tp (the first one)
 
     def bits_per_weight(self) -> float:
         return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
@@ -142,6 +147,9 @@ def quantized_config_json(config: LlamaConfig, fmt: QuantFormat, record: ExportR
     ignored = record.ignored + ["lm_head"]
     d["quantization_config"] = fmt.quantization_config(record.configs, ignored)
     d["quantkit"] = {"version": quantkit.__version__, "format": fmt.name, "recipe": recipe}
+    if record.tp_problem is not None:  # what quantkit (and transformers 4.x) can run; the source's value is kept
+        d["pretraining_tp"] = 1
+        d["quantkit"]["source_pretraining_tp"] = config.pretraining_tp
     return d
 
 
@@ -154,15 +162,19 @@ def shard_metadata(fmt: QuantFormat, recipe: dict[str, Any] | None) -> dict[str,
 class ExportWriter:
     """Takes modules (a whole model or one decoder layer at a time) and sends their tensors to the format's sink."""
 
-    def __init__(self, fmt: QuantFormat, sink):
+    def __init__(self, fmt: QuantFormat, sink, config: LlamaConfig | None = None):
         self.fmt, self.sink = fmt, sink
         self.record = ExportRecord()
+        self.tp = config.pretraining_tp if config is not None else 1  # divides every dimension (checked on load)
         self.reports: list[LinearReport] = []  # per quantized linear, from its QuantRecord
 
     def write(self, module: nn.Module, prefix: str = "", skip: Iterable[str] = ()):
         for name, t in module_tensors(module, self.fmt, self.record, prefix=prefix, skip=skip):
             self.sink.add(name, t)
         self.reports += linear_reports(quantized_modules(module, prefix))
+        if self.tp > 1 and self.record.tp_problem is None:
+            self.record.tp_problem = next(filter(None, (slicing_problem(name, m, self.tp)
+                                                        for name, m in quantized_modules(module, prefix))), None)
 
     def write_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]]):
         """Tensors as they are (the embedding, final norm and lm_head of a streamed checkpoint)."""
@@ -175,9 +187,13 @@ def quantized_writer(out_dir: str | os.PathLike, fmt: QuantFormat, options: Expo
                      recipe: dict[str, Any] | None, dtype: torch.dtype, tokenizer_dir) -> Iterator[ExportWriter]:
     """The one write path: an ExportWriter into an atomic directory, finished by the format when the block ends."""
     with atomic_dir(out_dir, options.overwrite, keep=[tokenizer_dir]) as tmp:
-        writer = ExportWriter(fmt, fmt.open_sink(tmp, options.max_shard_size, shard_metadata(fmt, recipe)))
+        writer = ExportWriter(fmt, fmt.open_sink(tmp, options.max_shard_size, shard_metadata(fmt, recipe)), config)
         yield writer
         writer.sink.close()
+        if writer.record.tp_problem is not None:
+            log.warning("%s: config.json records pretraining_tp=1, not the source's %d: %s (pretraining_tp only "
+                        "changes the float summation order; transformers 5 ignores it)", out_dir,
+                        config.pretraining_tp, writer.record.tp_problem)
         config_json = quantized_config_json(config, fmt, writer.record, recipe, dtype)
         fmt.finish(tmp, config_json, tokenizer_dir, [asdict(r) for r in writer.reports])
 

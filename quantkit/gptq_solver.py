@@ -74,11 +74,12 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "weight",
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; dampening grows 10x on failure.
 
     H is dampened in place (callers pass their own copy): at 70B's down_proj (K = 28672) each
-    fp32 K x K matrix is 3.3 GB, so intermediates are freed as soon as they are used.
+    fp32 K x K matrix is 3.3 GB, so intermediates are freed as soon as they are used. H must be
+    finite (gptq_quantize checks it first: a non-finite H is an overflow, which no dampening fixes).
     """
     mean_diag = torch.mean(torch.diag(H)).item()
-    added = 0.0
-    for _ in range(max_tries):
+    added, first = 0.0, damp
+    for attempt in range(max_tries):
         H.diagonal().add_(damp * mean_diag - added)
         added = damp * mean_diag
         L, info = torch.linalg.cholesky_ex(H)
@@ -88,10 +89,14 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "weight",
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
                 return U
+        if attempt == max_tries - 1:
+            break
         log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", name, damp, damp * 10)
         damp *= 10
-    raise QuantkitError(f"{name}: Hessian is not positive definite even with damp={damp / 10:g}: "
-                        f"use more or different calibration data")
+    raise QuantkitError(f"{name}: the Hessian of its calibration inputs is not positive definite even with "
+                        f"damp={damp:g} ({damp / first:g}x the requested {first:g}): the inputs are degenerate "
+                        f"(too few distinct tokens for {H.shape[0]} input channels): use more calibration samples "
+                        f"(--n-samples), longer windows (--seq-len) or a larger --damp")
 
 
 @dataclass
@@ -99,6 +104,7 @@ class GPTQResult:
     weight: AffineWeight
     loss: float  # the reference's sum of (w - q)^2 / Hinv_ii^2 / 2
     relative_error: float  # ||(W - Q) X|| / ||W X|| from H: sqrt(tr(dW H dW^T) / tr(W H W^T))
+    dead_inputs: int = 0  # input channels that were zero on every calibration token: their columns are set to 0
 
 
 @torch.no_grad()
@@ -110,6 +116,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     g = resolve_group_size(group_size, K, name)
     maxq = 2**bits - 1
     W0, H0 = W.float(), H.float()  # the caller's: the output error is measured against them
+    if not torch.isfinite(H0).all():  # an overflow upstream: no dampening can fix it, so never try
+        raise QuantkitError(f"{name}: the Hessian of its calibration inputs has NaN or Inf values: the inputs "
+                            f"overflowed (in a 16-bit calibration dtype: use float32) or the weights are damaged")
     W = W0.clone()
     H = H0.clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: any value works, choose 0
@@ -157,7 +166,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     del Hinv, W
     weight = _affine_weight(Q[:, torch.argsort(perm)] if act_order else Q, static or groups, perm, bits, g, symmetric,
                             scattered=act_order and not static_groups)
-    return GPTQResult(weight, losses.sum().item(), _relative_error(W0, weight.dequantize(torch.float32), H0))
+    return GPTQResult(weight, losses.sum().item(), _relative_error(W0, weight.dequantize(torch.float32), H0),
+                      dead_inputs=int(dead.sum()))
 
 
 def _affine_weight(q, groups, perm, bits, g, symmetric, scattered: bool) -> AffineWeight:

@@ -5,12 +5,14 @@ Everything quantkit writes goes through `atomic_file` (reports, caches, saved lo
 destination's own directory (so the final rename never crosses a filesystem), flushed to disk, and
 `os.replace`d into place. On any exception, on Ctrl-C and on SIGTERM (what schedulers and `kill`
 send; turned into `Terminated` while a write is open) the temporary is removed and an existing
-destination is left as it was.
+destination is left as it was. Running out of space (ENOSPC, EDQUOT) is a `DiskFull` QuantkitError: one
+line with what was written and what is free, not an OSError traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -20,6 +22,50 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left; disk quota exceeded
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class DiskFull(QuantkitError):
+    """No space left on the device (or over quota) while writing `path`, after `written` bytes: one line with
+    the space free there and, when the writer can estimate it, the space the whole output needs."""
+
+    def __init__(self, path: str | os.PathLike, written: int, needed: int | None = None, at_least: bool = False,
+                 fix: str = "free space or write it elsewhere"):
+        self.path, self.written, self.needed = Path(path), written, needed
+        where = _existing(self.path.parent)
+        need = f"{'at least' if at_least else 'about'} {_gb(needed)} needed, " if needed else ""
+        super().__init__(f"{path}: no space left on device after writing {_gb(written)} ({need}"
+                         f"{_gb(shutil.disk_usage(where).free)} free on {_mount_point(where)}): {fix}")
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory (what a failed write had put there)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 class Terminated(BaseException):
@@ -84,6 +130,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             yield tmp
             fsync_file(tmp)
             os.replace(tmp, path)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFull(path, _size(tmp)) from None
     finally:
         tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove
     fsync_dir(path.parent)
@@ -126,6 +176,10 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, keep=()) -> Iter
                 if f.is_file():
                     fsync_file(f)
             _replace_dir(tmp, out)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFull(out, _size(tmp)) from None
     finally:
         if tmp.exists():
             _remove(tmp)

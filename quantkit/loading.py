@@ -75,17 +75,33 @@ def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device =
     device = check_device(device)
     ckpt = open_checkpoint(path)
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
-    model = build_model(ckpt, dtype, device)
+    tp = ckpt.config.pretraining_tp  # divides every dimension: Checkpoint checks it against the shapes
+    ckpt.config.pretraining_tp = 1  # built at tp=1: the quantized modules are sliced once they are in (_set_tp)
+    try:
+        model = build_model(ckpt, dtype, device)
+    finally:
+        ckpt.config.pretraining_tp = tp
     if ckpt.quantized_modules:
         _load_quantized(model, ckpt, dtype, device)
     model = ready_for_inference(model)
-    if ckpt.quantized_modules and ckpt.config.pretraining_tp > 1:  # slice them now, naming any that cannot
-        try:
-            model.set_pretraining_tp(ckpt.config.pretraining_tp)
-        except QuantkitError as e:
-            raise QuantkitError(f"{ckpt.dir / 'config.json'} sets pretraining_tp={ckpt.config.pretraining_tp}, "
-                                f"which this model cannot run ({e}); set it to 1 there (transformers 5 ignores it)") from None
+    _set_tp(model, ckpt, tp)
     return model
+
+
+def _set_tp(model: LlamaForCausalLM, ckpt: QuantizedCheckpoint, tp: int):
+    """Honour config.json's pretraining_tp; quantized modules that cannot be sliced (bitsandbytes, act-order,
+    groups across the slices: files of other tools or older quantkit) run at tp=1, with one warning."""
+    if tp == 1:
+        return
+    try:
+        model.set_pretraining_tp(tp)
+    except QuantkitError as e:
+        if not ckpt.quantized_modules:
+            raise
+        log.warning("%s sets pretraining_tp=%d, which its quantized modules cannot run (%s): running with "
+                    "pretraining_tp=1 (the same weights; only the float summation order differs, and "
+                    "transformers 5 ignores it)", ckpt.dir / "config.json", tp, e)
+        model.set_pretraining_tp(1)
 
 
 def _load_quantized(model: LlamaForCausalLM, ckpt: QuantizedCheckpoint, dtype: torch.dtype, device: torch.device):
@@ -96,7 +112,8 @@ def _load_quantized(model: LlamaForCausalLM, ckpt: QuantizedCheckpoint, dtype: t
         if config is None:
             config = _config_from_format(ckpt, name, module)
         row = errors.get(name, {})
-        module.quant_record = QuantRecord(config, row.get("relative_error"), row.get("kind"))
+        module.quant_record = QuantRecord(config, row.get("relative_error"), row.get("kind"),
+                                          dead_inputs=row.get("dead_inputs"))
         set_module(model, name, module.to(device))
     model.quant_recipe = recipe.to_dict() if recipe is not None else None
 

@@ -19,6 +19,7 @@ class QuantRecord:
     config: Any  # the backend's QuantConfig
     error: float | None = None  # relative error of the kind below; None where it cannot be measured
     error_kind: str | None = None  # "output" | "weight"
+    dead_inputs: int | None = None  # input channels zero on every calibration token (GPTQ); None: not calibrated
 
     @property
     def method(self) -> str:
@@ -41,9 +42,10 @@ class LinearReport:
     method: str
     relative_error: float | None
     kind: str | None  # "output" | "weight", as QuantRecord.error_kind
+    dead_inputs: int | None = None  # as QuantRecord.dead_inputs; absent from errors files before quantkit wrote it
 
 
 def linear_reports(named_modules) -> list[LinearReport]:
     """Rows for (name, quantized module) pairs, e.g. `linear_reports(quantized_modules(layer, prefix))`."""
-    return [LinearReport(name, r.method, r.error, r.error_kind) for name, m in named_modules
+    return [LinearReport(name, r.method, r.error, r.error_kind, r.dead_inputs) for name, m in named_modules
             if (r := record_of(m)) is not None]

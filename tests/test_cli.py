@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from quantkit.cli import main
@@ -79,7 +80,8 @@ def test_cli_corrupt_safetensors(tiny_model_dir):
 def test_cli_shape_mismatch(tiny_model_dir):
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     (tiny_model_dir / "config.json").write_text(json.dumps({**cfg, "hidden_size": 128}))
-    assert_one_line_error(run("generate", tiny_model_dir, "x"), tiny_model_dir / "model.safetensors", "has shape")
+    assert_one_line_error(run("generate", tiny_model_dir, "x"), tiny_model_dir / "config.json",
+                          "hidden_size is 128 but the stored tensors imply 64")
 
 
 def test_cli_missing_tokenizer(tiny_model_dir):
@@ -217,3 +219,66 @@ def test_cli_gptq_offline_hub_dataset(kernel_model_dir, tmp_path, monkeypatch):
     result = run("quantize", kernel_model_dir, "--method", "gptq", "--calib", "wikitext2", "-o", tmp_path / "q")
     assert_one_line_error(result, "wikitext2", "pass a local file")
     assert not (tmp_path / "q").exists()
+
+
+# ---- token ids beyond a vocabulary, added tokens ---------------------------------------------------
+
+
+def emitting_model(vocab_size: int, token: int):
+    """A tiny random model whose greedy next token is always `token`.
+
+    Layers add nothing (o_proj, down_proj zero), so the final hidden state is the normed embedding, whose
+    dimension 0 is positive for every token; only lm_head row `token` reads that dimension."""
+    model = random_model(tiny_config(vocab_size=vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight[:, 0] = 5.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token, 0] = 1.0
+    return model
+
+
+def emitting_dir(tmp_path, vocab_size: int, token: int, added: dict | None = None):
+    out = tmp_path / f"emits-{token}"
+    save_model(emitting_model(vocab_size, token), out, tokenizer_dir=REPO / "demo" / "model")
+    if added is not None:
+        (out / "added_tokens.json").write_text(json.dumps(added))
+    return out
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generate_prints_an_added_pad_token_as_transformers_decodes_it(tmp_path, chat):
+    """The fine-tune layout: vocab_size 4097 and added_tokens.json {"<pad>": 4096} beside 4096 pieces."""
+    import transformers
+
+    model_dir = emitting_dir(tmp_path, 4097, 4096, {"<pad>": 4096})
+    result = run("generate", model_dir, "Hello", "--max-new-tokens", 3, *(["--chat"] if chat else []))
+    assert result.exit_code == 0, result.output
+    theirs = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert theirs.decode([4096] * 3, skip_special_tokens=True) == "<pad>" * 3
+    assert result.output == ("" if chat else "Hello") + "<pad>" * 3 + "\n"
+
+
+def test_generate_with_a_vocab_padded_beyond_the_tokenizer(tmp_path, caplog):
+    """vocab_size 4160 (a multiple of 64) over 4096 pieces: the ids no token has print nothing, warned once."""
+    result = run("generate", emitting_dir(tmp_path, 4160, 4150), "Hello", "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+    assert result.output == "Hello\n"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "token id" in r.getMessage()]
+    assert len(warnings) == 1 and "token id 4150" in warnings[0]
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model(tmp_path):
+    model_dir = tmp_path / "small-vocab"
+    save_model(random_model(tiny_config(vocab_size=300)), model_dir, tokenizer_dir=REPO / "demo" / "model")
+    import quantkit
+
+    high = max(quantkit.load_tokenizer(model_dir).encode("Hello world"))
+    assert high >= 300
+    result = run("generate", model_dir, "Hello world", "--max-new-tokens", 2)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: {model_dir / 'tokenizer.model'}: gives token id {high}, but the model's "
+                                     f"config.json has vocab_size 300 (this tokenizer has 4096 ids): use the "
+                                     f"tokenizer the model was trained with")

@@ -79,11 +79,15 @@ def test_static_groups_need_no_g_idx():
     assert w.g_idx is None and w.scale.shape == (64, 4)
 
 
-def test_dead_inputs_are_zeroed():
+@pytest.mark.parametrize("dead", [[], [5], [0, 7, 200, 255]], ids=["none", "one", "four"])
+def test_dead_inputs_are_zeroed_and_counted(dead):
     X = correlated_inputs()
-    X[:, 5] = 0  # an input that is never active
-    w = gptq_quantize(W, hessian(X), 4, 64).weight
-    assert w.dequantize()[:, 5].abs().max() <= w.scale[:, 0].max()  # quantized from 0: within one step
+    X[:, dead] = 0  # inputs that are never active
+    result = gptq_quantize(W, hessian(X), 4, 64)
+    assert result.dead_inputs == len(dead)
+    w = result.weight
+    for c in dead:  # quantized from 0: within one step of it
+        assert (w.dequantize()[:, c].abs() <= w.scale[:, c // 64]).all()
 
 
 def test_singular_hessian_retries_with_more_damping(caplog):
@@ -94,9 +98,27 @@ def test_singular_hessian_retries_with_more_damping(caplog):
     assert "retrying with damp=0.1" in caplog.text
 
 
-def test_hopeless_hessian_is_a_clear_error():
-    with pytest.raises(QuantkitError, match="Hessian is not positive definite"):
-        gptq_quantize(W, -torch.eye(256), 4, 64)
+def test_hopeless_hessian_is_a_clear_error_and_no_retry_is_announced_after_the_last(caplog):
+    with caplog.at_level(logging.WARNING, logger="quantkit.gptq_solver"):
+        with pytest.raises(QuantkitError, match=r"^down_proj: the Hessian of its calibration inputs is not positive "
+                                                r"definite even with damp=1000 \(100000x the requested 0.01\): the "
+                                                r"inputs are degenerate .*more calibration samples \(--n-samples\), "
+                                                r"longer windows \(--seq-len\) or a larger --damp$"):
+            gptq_quantize(W, -torch.eye(256), 4, 64, name="down_proj")
+    retries = [r.getMessage() for r in caplog.records]
+    assert len(retries) == 5 and retries[-1].endswith("retrying with damp=1000")  # the 6th try is the last, silent
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_hessian_never_reaches_the_cholesky(bad, monkeypatch):
+    import quantkit.gptq_solver as solver
+
+    monkeypatch.setattr(solver, "inverse_hessian_cholesky", lambda *a, **k: pytest.fail("dampened a non-finite H"))
+    H = hessian(correlated_inputs())
+    H[3, 3] = bad
+    with pytest.raises(QuantkitError, match="^q_proj: the Hessian of its calibration inputs has NaN or Inf values: "
+                                            "the inputs overflowed"):
+        gptq_quantize(W, H, 4, 64, name="q_proj")
 
 
 def test_mse_clipping_search_does_not_hurt():

@@ -237,3 +237,83 @@ def test_a_recipe_naming_a_method_not_installed_falls_back_to_the_format(model_d
     config_path.write_text(json.dumps(config_json))
     record = quantkit.load(tmp_path / "a").model.layers[0].mlp.up_proj.quant_record
     assert (record.config.method, record.config.bits, record.config.symmetric) == ("gptq", 4, True)
+
+
+# -- calibration in its own dtype: the export does not change; dead inputs are counted and reported -------------
+
+CALIB = torch.randint(3, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_a_gptq_export_keeps_the_export_dtype_whatever_calibration_computes_in(model_dir, tmp_path, fmt):
+    """Calibration runs in fp32 on CPU (auto) or as asked: the files hold exactly the tensors (names, dtypes,
+    shapes) an uncalibrated export of the same scheme holds, and everything not quantized is the source's, bit
+    for bit."""
+    from quantkit.backends.gptq import GPTQConfig
+    from quantkit.layerwise import CalibrationOptions
+    from tests.model.test_checkpoint import file_tensors
+
+    quantize_checkpoint(model_dir, RTNConfig(4, 32), tmp_path / "rtn", ExportOptions(format=fmt), progress=False)
+    layout = {k: (t.dtype, t.shape) for k, t in file_tensors(tmp_path / "rtn").items()}
+    source = file_tensors(model_dir)
+    outputs = {}
+    for calib_dtype in (None, "fp16", "fp32"):
+        out = tmp_path / f"gptq-{calib_dtype}"
+        quantize_checkpoint(model_dir, GPTQConfig(4, 32), out, ExportOptions(format=fmt), progress=False,
+                            calibration=CalibrationOptions(CALIB, dtype=calib_dtype))
+        outputs[calib_dtype] = tensors = file_tensors(out)
+        assert {k: (t.dtype, t.shape) for k, t in tensors.items()} == layout
+        kept = [k for k in tensors if k in source]  # norms, embedding, lm_head: not quantized
+        assert len(kept) == 2 * 2 + 3 and all(torch.equal(tensors[k], source[k]) for k in kept)
+    assert any(not torch.equal(outputs[None][k], outputs["fp16"][k]) for k in outputs[None])  # it did compute in fp32
+
+
+def dead_input_model_dir(tmp_path, tokenizer_file, dead: int):
+    """layer 0's up_proj has `dead` zero rows: those input channels of its down_proj are 0 on every token."""
+    model = random_model(tiny_config(**SHAPES))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:dead] = 0
+    save_model(model, tmp_path / "dead", tokenizer_dir=tokenizer_file.parent, dtype="fp16")
+    return tmp_path / "dead"
+
+
+@pytest.mark.parametrize("dead", [0, 12])
+def test_dead_calibration_inputs_are_counted_warned_and_written(tmp_path, tokenizer_file, caplog, dead):
+    import jsonschema
+    from quantkit.backends.gptq import GPTQConfig
+    from quantkit.eval.report import load_schema
+
+    src = dead_input_model_dir(tmp_path, tokenizer_file, dead)
+    summary = quantize_checkpoint(src, GPTQConfig(4, 32), tmp_path / "q", progress=False, calibration=CALIB)
+    counts = {e["name"]: e["dead_inputs"] for e in summary.errors}
+    assert counts == {name: dead if name == "model.layers.0.mlp.down_proj" else 0 for name in counts}
+    written = json.loads((tmp_path / "q" / "quantkit_errors.json").read_text())
+    assert written == summary.errors
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "input channels" in r.getMessage()]
+    assert warned == ([f"model.layers.0.mlp.down_proj: {dead} of 256 input channels were zero on every calibration "
+                       f"token; GPTQ set their weight columns to 0 (the reference does too): calibrate on text that "
+                       f"uses them"] if dead else [])
+    down = quantkit.load(tmp_path / "q", dtype="fp32").model.layers[0].mlp.down_proj
+    assert (down.dequantize()[:, :dead].abs() <= down.weight_scale[:, :1]).all()  # quantized from 0: within a step
+    # the eval report's layer_errors rows are these rows: the schema takes the new field (and rows without it)
+    schema = load_schema()
+    rows = {"type": "array", "items": {"$ref": "#/$defs/layer_error"}, "$defs": schema["$defs"]}
+    jsonschema.validate([dict(e, layer=0) for e in written], rows)
+    jsonschema.validate([{k: v for k, v in dict(e, layer=0).items() if k != "dead_inputs"} for e in written], rows)
+
+
+def test_dead_inputs_in_the_cli_summary_and_rtn_rows_have_none(tmp_path, tokenizer_file):
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    src = dead_input_model_dir(tmp_path, tokenizer_file, 12)
+    torch.save(CALIB, tmp_path / "tokens.pt")
+    result = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "q"), "--method", "gptq",
+                                       "--group-size", "32", "--calib", str(tmp_path / "tokens.pt"),
+                                       "--n-samples", "8", "--seq-len", "32"])
+    assert result.exit_code == 0, result.output
+    assert ("dead inputs: 1 linears had input channels that were zero on every calibration token (12 in all; GPTQ "
+            "set their weight columns to 0): calibrate on text that uses them") in result.output
+    summary = quantize_checkpoint(src, RTNConfig(4, 32), tmp_path / "rtn", progress=False)
+    assert {e["dead_inputs"] for e in summary.errors} == {None}  # not calibrated: not measured

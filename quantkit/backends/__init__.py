@@ -42,15 +42,19 @@ def check_finite(name: str, weight: torch.Tensor):
         raise QuantkitError(f"{name}: contains NaN or Inf: the checkpoint is damaged; fix or re-download it")
 
 
-def replace_linear(model: nn.Module, name: str, full_name: str, config: QuantConfig, **handler_kwargs) -> nn.Module:
+def replace_linear(model: nn.Module, name: str, full_name: str, config: QuantConfig, dtype: torch.dtype | None = None,
+                   **handler_kwargs) -> nn.Module:
     """Swap the nn.Linear at `name` in `model` for its quantized module; `full_name` is its name in the full model.
 
     The one place every backend's handler is called from: NaN/Inf check, handler, the module's
     QuantRecord (config and error; exporters read the config to write quantization_config).
-    `handler_kwargs`: the statistics of the backend's observer (GPTQ: hessian=).
+    `handler_kwargs`: the statistics of the backend's observer (GPTQ: hessian=). `dtype`: the dtype
+    the module is built in (the export dtype) where the layer computes in another (calibration).
     """
     linear = model.get_submodule(name)
     check_finite(full_name, linear.weight)
+    if dtype is not None:
+        linear.to(dtype)  # in place (it is swapped out below): handlers build their modules in the weight's dtype
     quantized = BACKENDS.for_config(config).handler(linear, config, full_name, **handler_kwargs)
     measured = record_of(quantized)  # a handler that measured the output error records it itself
     if measured is None or measured.error is None:

@@ -40,6 +40,26 @@ log = logging.getLogger(__name__)
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes.functional.quantize_4bit accepts
 CPU_REPACK_BLOCK_N = 32  # bitsandbytes' _convert_weight_packed_for_cpu tiles out_features by 32
+# bitsandbytes 0.50.2 logs a warning from this logger at import on AVX512-BF16 CPUs when it cannot fetch an
+# optional hub kernel (`kernels` missing, offline, or the repository untrusted); it then uses its own CPU kernel.
+BNB_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def import_bitsandbytes():
+    """`bitsandbytes`, imported with its hub-kernel import warning silenced (only for the import: nothing else).
+
+    The message is noise for a quantkit user: the fallback is bitsandbytes' own CPU kernel (gemv_4bit_inference_cpu),
+    the path it always took before `kernels` existed. Other bitsandbytes warnings still come through.
+    """
+    import importlib
+
+    ops_log = logging.getLogger(BNB_CPU_OPS_LOGGER)
+    level = ops_log.level
+    ops_log.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module("bitsandbytes")
+    finally:
+        ops_log.setLevel(level)
 
 
 # -- configs ---------------------------------------------------------------------------------------
@@ -99,7 +119,7 @@ def _new_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
 def linear8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                scb: torch.Tensor | None = None) -> nn.Module:
     """A Linear8bitLt from an fp weight (N, K), or from an int8 weight (N, K) with its row scales `scb` (N,)."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     out_features, in_features = weight.shape
     module = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False,
@@ -115,7 +135,7 @@ def linear8bit(weight: torch.Tensor, bias: torch.Tensor | None, threshold: float
 def linear4bit(weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str, double_quant: bool, blocksize: int,
                compute_dtype: torch.dtype) -> nn.Module:
     """A Linear4bit quantizing the fp weight (N, K) in blocks of `blocksize` consecutive elements."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     out_features, in_features = weight.shape
     module = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
@@ -131,7 +151,7 @@ def linear4bit(weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str,
 
 def prequantized_linear4bit(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> nn.Module:
     """A Linear4bit from its state_dict tensors (`weight` packed uint8 (N*K/2, 1), `weight.absmax`, ...)."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     weight = tensors["weight"]
     stats = {k: v for k, v in tensors.items() if k.startswith("weight.")}
@@ -201,8 +221,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor | None:
 
     Read before any CPU forward (bitsandbytes' AVX512 repack changes the 4-bit layout in place).
     """
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bf
+    bnb = import_bitsandbytes()
+    bf = bnb.functional
 
     if isinstance(module, bnb.nn.Linear4bit) and not _repacked_for_cpu(module):
         return bf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()

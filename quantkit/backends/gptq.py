@@ -54,7 +54,14 @@ def quantize_gptq(linear: nn.Linear, config: GPTQConfig, name: str, hessian: tor
     result = gptq_quantize(linear.weight.data, hessian, config.bits, config.group_size, config.symmetric,
                            act_order=config.desc_act, static_groups=config.static_groups,
                            damp=config.damp_percent, block_size=config.block_size, mse=config.mse, name=name)
+    if result.dead_inputs:
+        log.warning("%s: %d of %d input channels were zero on every calibration token; GPTQ set their weight "
+                    "columns to 0 (the reference does too): calibrate on text that uses them",
+                    name, result.dead_inputs, linear.in_features)
+    # Built in the weight's dtype, the export dtype: replace_linear hands over the linear in it even when
+    # the layer was calibrated in a wider dtype.
     module = AffineLinear(result.weight, linear.bias, dtype=linear.weight.dtype)
-    module.quant_record = QuantRecord(config, result.relative_error, "output")  # ||(W - Q) X|| / ||W X||
+    module.quant_record = QuantRecord(config, result.relative_error, "output",  # ||(W - Q) X|| / ||W X||
+                                      dead_inputs=result.dead_inputs)
     log.info("%s: gptq relative output error %.5f (loss %.4g)", name, result.relative_error, result.loss)
     return module

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.backends.bnb import (Bnb4bitConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config, linear8bit,
-                                   portable_state_dict, prequantized_linear4bit)
+from quantkit.backends.bnb import (Bnb4bitConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config, import_bitsandbytes,
+                                   linear8bit, portable_state_dict, prequantized_linear4bit)
 from quantkit.dtypes import DTYPES, dtype_name, parse_dtype, short_name
 from quantkit.backends.registry import distinct_configs
 from quantkit.errors import QuantkitError
@@ -68,7 +68,7 @@ class BnbFormat(QuantFormat):
         return distinct[0]
 
     def refuses_module(self, module: nn.Module) -> str | None:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
 
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             return None
@@ -116,7 +116,10 @@ class BnbFormat(QuantFormat):
         if quant_state is None:
             return BnbInt8Config(float(quantization_config.get("llm_int8_threshold", 6.0)))
         compute = quantization_config.get("bnb_4bit_compute_dtype") or "float32"  # transformers' default when unset
-        return CONFIG_4BIT[quant_state.quant_type](double_quant=quant_state.nested, blocksize=quant_state.blocksize,
+        # After a CPU forward bitsandbytes may have repacked the weight and dequantized a nested absmax
+        # (quant_state.nested turns False): the portable tensors say how it was quantized.
+        nested = "weight.nested_absmax" in portable_state_dict(module)
+        return CONFIG_4BIT[quant_state.quant_type](double_quant=nested, blocksize=quant_state.blocksize,
                                                    compute_dtype=short_name(compute))
 
 

@@ -8,13 +8,66 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit.dtypes import ALIASES, DTYPES, dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
 
 ROPE_TYPES = ("default", "linear", "dynamic")
+POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "pretraining_tp")
+POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta", "rope_factor")
+BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Keys transformers' LlamaConfig accepts as null (it derives them or has no such token); null elsewhere is an error.
+NULLABLE = frozenset({"num_key_value_heads", "head_dim", *TOKEN_IDS})
+NOT_SAVED = ("extra", "stated", "rope_type", "rope_factor", "rope_theta", "torch_dtype")  # written in HF's own way
+
+
+def shown(value: Any) -> str:
+    """A config value as config.json spells it (null, true, "text"), cut short for a one-line message."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_positive_int(key: str, value: Any) -> int:
+    # bool is an int subclass and 4096.0 a float: both refused, as transformers' typed config refuses them
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise QuantkitError(f"{key} is {shown(value)}: it must be a positive integer")
+    return value
+
+
+def check_positive_number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise QuantkitError(f"{key} is {shown(value)}: it must be a positive number")
+    return float(value)
+
+
+def check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise QuantkitError(f"{key} is {shown(value)}: it must be true or false")
+    return value
+
+
+def check_token_id(key: str, value: Any) -> int | None:
+    # pad may be -1 (some conversions write it for "no pad token"); bos/eos index the vocabulary
+    minimum = -1 if key == "pad_token_id" else 0
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise QuantkitError(f"{key} is {shown(value)}: it must be a token id (an integer >= {max(minimum, 0)}) "
+                            f"or null")
+    return value
+
+
+def check_dtype(key: str, value: Any) -> str | None:
+    """A config.json dtype name ('float16', 'bf16', 'torch.float16') as transformers spells it; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str) and ALIASES.get(value, value.removeprefix("torch.")) in DTYPES:
+        return dtype_name(parse_dtype(value))
+    raise QuantkitError(f"{key} is {shown(value)}: it must be one of {', '.join(DTYPES)}")
 
 
 @dataclass
@@ -38,14 +91,33 @@ class LlamaConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = None
-    torch_dtype: str = "float16"
+    torch_dtype: str | None = "float16"  # None: config.json states no dtype (the checkpoint's stored one applies)
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # other keys, kept for saving
+    # The fields config.json stated; None (an in-code config, a preset) means all of them. The checkpoint
+    # reader infers the shapes of unstated ones from the tensors, as transformers' dtype="auto" does the dtype.
+    stated: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.stated is None:
+            self.stated = frozenset(f.name for f in dataclasses.fields(self))
+        for key in BOOLS:
+            check_bool(key, getattr(self, key))
+        for key in TOKEN_IDS:
+            check_token_id(key, getattr(self, key))
+        for key in ("num_attention_heads", "hidden_size"):
+            check_positive_int(key, getattr(self, key))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise QuantkitError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                                    f"{self.num_attention_heads}: set head_dim or fix one of them")
             self.head_dim = self.hidden_size // self.num_attention_heads
+        for key in POSITIVE_INTS:
+            check_positive_int(key, getattr(self, key))
+        for key in POSITIVE_NUMBERS:
+            setattr(self, key, check_positive_number(key, getattr(self, key)))
+        self.torch_dtype = check_dtype("torch_dtype", self.torch_dtype)
         if self.num_attention_heads % self.num_key_value_heads:
             raise QuantkitError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -53,11 +125,8 @@ class LlamaConfig:
             )
         if self.rope_type not in ROPE_TYPES:
             raise QuantkitError(
-                f"rope scaling type {self.rope_type!r} is not supported: use one of {', '.join(ROPE_TYPES)}"
+                f"rope scaling type {shown(self.rope_type)} is not supported: use one of {', '.join(ROPE_TYPES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise QuantkitError(f"{name}={getattr(self, name)} must be positive: fix config.json")
 
     @property
     def n_rep(self) -> int:
@@ -68,29 +137,23 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        """Every malformed value is one QuantkitError naming `source` and the key."""
         model_type = d.get("model_type")
         if model_type != "llama":
             raise QuantkitError(
                 f"{source}: model_type is {model_type!r}, not 'llama': quantkit reads Llama 2 checkpoints only"
             )
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_type", "rope_factor", "torch_dtype"}
-        kwargs = {k: d[k] for k in known if k in d and d[k] is not None}
-        # transformers 5 nests rope_theta and scaling in rope_parameters; 4.x uses rope_theta + rope_scaling.
-        rope = dict(d.get("rope_parameters") or {})
-        rope.update(d.get("rope_scaling") or {})
-        if "rope_theta" in rope:
-            kwargs["rope_theta"] = rope["rope_theta"]
-        kwargs["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-        kwargs["rope_factor"] = float(rope.get("factor", 1.0))
-        kwargs["torch_dtype"] = d.get("dtype") or d.get("torch_dtype") or "float16"
-        for key in ("eos_token_id", "bos_token_id"):
-            if isinstance(kwargs.get(key), list):  # some configs list several EOS ids
-                kwargs[key] = kwargs[key][0]
-        consumed = known | {"rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype"}
+        try:
+            kwargs = _fields_from_hf(d)
+        except QuantkitError as e:
+            raise QuantkitError(f"{source}: {e}") from None
+        stated = frozenset(kwargs)
+        kwargs.setdefault("torch_dtype", None)  # silent: the checkpoint's stored dtype applies
+        consumed = _HF_FIELDS | {"rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype"}
         extra = {k: v for k, v in d.items() if k not in consumed}
         try:
-            return cls(**kwargs, extra=extra)
-        except TypeError as e:
+            return cls(**kwargs, extra=extra, stated=stated)
+        except QuantkitError as e:
             raise QuantkitError(f"{source}: {e}") from None
 
     @classmethod
@@ -101,7 +164,12 @@ class LlamaConfig:
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise QuantkitError(f"{path}: not valid JSON ({e}): restore the file") from None
+            raise QuantkitError(f"{path}: not valid JSON ({str(e).splitlines()[0]}): restore the file") from None
+        except RecursionError:  # JSON nested thousands deep
+            raise QuantkitError(f"{path}: not valid JSON (nested too deep): restore the file") from None
+        except OSError as e:  # unreadable: permissions, a broken disk
+            raise QuantkitError(f"{path}: cannot be read ({e.strerror or type(e).__name__}): fix its "
+                                f"permissions or restore it") from None
         if not isinstance(d, dict):
             raise QuantkitError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(d, source=str(path))
@@ -109,16 +177,67 @@ class LlamaConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json in transformers 5's dialect (which transformers 4.x also reads)."""
         d = dict(self.extra)
-        d.update(
-            {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("extra", "rope_type", "rope_factor", "rope_theta", "torch_dtype")}
-        )
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_SAVED})
         rope = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
         if self.rope_type != "default":
             rope["factor"] = self.rope_factor
-        d.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters=rope,
-                 dtype=self.torch_dtype, hidden_act="silu")
+        d.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters=rope, hidden_act="silu")
+        if self.torch_dtype is not None:
+            d["dtype"] = self.torch_dtype
         return dict(sorted(d.items()))
+
+
+_HF_FIELDS = frozenset(f.name for f in dataclasses.fields(LlamaConfig)) - set(NOT_SAVED)
+
+
+def _fields_from_hf(d: dict[str, Any]) -> dict[str, Any]:
+    """The dataclass fields config.json states (null ones left out where transformers allows null), checked."""
+    kwargs = {}
+    for key in sorted(_HF_FIELDS & d.keys()):
+        value = d[key]
+        if value is None and key in NULLABLE:
+            continue
+        if key in ("eos_token_id", "bos_token_id") and isinstance(value, list):  # some configs list several EOS ids
+            if not value:
+                raise QuantkitError(f"{key} is []: it must be a token id or a non-empty list of them")
+            for item in value:
+                check_token_id(key, item)
+            value = value[0]
+        kwargs[key] = value  # types and ranges: checked by __post_init__, for in-code configs too
+    kwargs.update(_rope_from_hf(d))
+    for key in ("dtype", "torch_dtype"):  # transformers 5's name first
+        if d.get(key) is not None:
+            kwargs["torch_dtype"] = check_dtype(key, d[key])
+            break
+    return kwargs
+
+
+def _rope_from_hf(d: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta, rope_type, rope_factor from transformers 5's rope_parameters or 4.x's rope_theta + rope_scaling."""
+    out: dict[str, Any] = {}
+    if "rope_theta" in d:
+        out["rope_theta"] = check_positive_number("rope_theta", d["rope_theta"])
+    for key in ("rope_parameters", "rope_scaling"):  # 4.x's rope_scaling wins, as before
+        rope = d.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise QuantkitError(f"{key} is {shown(rope)}: it must be an object such as "
+                                f'{{"rope_type": "linear", "factor": 2.0}} or null')
+        if "rope_theta" in rope:
+            out["rope_theta"] = check_positive_number(f"{key}.rope_theta", rope["rope_theta"])
+        type_key = "rope_type" if "rope_type" in rope else "type"
+        rope_type = rope.get(type_key, "default")
+        if rope_type not in ROPE_TYPES:
+            raise QuantkitError(f"{key}.{type_key} is {shown(rope_type)}: quantkit supports "
+                                f"{', '.join(ROPE_TYPES)}")
+        if rope_type != "default" or "factor" in rope:
+            if "factor" not in rope:
+                raise QuantkitError(f"{key}.factor is missing: {rope_type} scaling needs a positive number")
+            out["rope_factor"] = check_positive_number(f"{key}.factor", rope["factor"])
+        if type_key in rope:
+            out["rope_type"] = rope_type
+    return out
 
 
 # The real shapes of Meta's Llama 2 checkpoints (Hugging Face conversions).

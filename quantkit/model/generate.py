@@ -51,6 +51,7 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], sampling: Sampli
     Prompts of different lengths are left-padded and masked. `on_token` gets each step's tokens (B,).
     """
     ids, mask = pad_left(prompts, pad_id)
+    check_prompt_ids(ids, model.config.vocab_size)
     device = model.lm_head.weight.device
     ids, mask = ids.to(device), mask.to(device)
     generator = None
@@ -78,6 +79,14 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], sampling: Sampli
             step_ids, step_mask = ids, mask
     tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
     return [_cut_at(row, eos_id) for row in tokens]
+
+
+def check_prompt_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Prompt ids (B, T) must have embedding rows: one line, not an IndexError inside the embedding."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise QuantkitError(f"prompt token id {low if low < 0 else high} is outside the model's vocabulary "
+                            f"[0, {vocab_size}) (config.json vocab_size): encode prompts with the model's tokenizer")
 
 
 def _cut_at(row: list[int], eos_id: int | None) -> list[int]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.model.config import LlamaConfig
-from quantkit.model.layout import DECODER_LINEARS, layer_prefix
+from quantkit.model.layout import DECODER_LINEARS, layer_prefix, parse
 
 
 class RMSNorm(nn.Module):
@@ -133,6 +133,28 @@ def unsliceable(name: str, linear: nn.Module, tp: int) -> str:
     kind = type(linear).__name__ + (f" ({config.method})" if getattr(config, "method", "") else "")
     return (f"pretraining_tp={tp}: {name} is a {kind}, which cannot be sliced (it has no split(tp, dim)): "
             f"use pretraining_tp=1, or a dense or integer-affine (int4/rtn/gptq) model")
+
+
+def slicing_problem(name: str, linear: nn.Module, tp: int) -> str | None:
+    """Why pretraining_tp=tp cannot slice the module `name` (a decoder linear or lm_head), or None if it can.
+
+    Decided without building the parts where the module says so itself (AffineLinear's _split_problem);
+    another module with a split() is tried once (its parts are dropped at once).
+    """
+    dim = DECODER_LINEARS.get(parse(name)[1], 0)  # lm_head: rows
+    if tp == 1 or type(linear) is nn.Linear:
+        return None
+    if not callable(getattr(linear, "split", None)):
+        return unsliceable(name, linear, tp)
+    problem = getattr(linear, "_split_problem", None)
+    if callable(problem):
+        reason = problem(tp, dim)
+        return None if reason is None else f"pretraining_tp={tp}: {name}: {reason}"
+    try:
+        linear.split(tp, dim)
+    except QuantkitError as e:
+        return f"pretraining_tp={tp}: {name}: {e}"
+    return None
 
 
 def indivisible_dims(config: LlamaConfig, tp: int) -> list[str]:

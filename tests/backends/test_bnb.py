@@ -165,3 +165,49 @@ def test_running_a_row_crossing_module_on_cpu_raises():
     module = linear4bit(torch.randn(128, 96) * 0.02, None, "nf4", False, 64, torch.float16).eval()
     with pytest.raises(QuantkitError, match="blocksize 64 does not divide in_features, which bitsandbytes 0.50.2"):
         module(torch.randn(1, 96))
+
+
+NF4_CPU_FORWARD = """
+import logging, torch
+from quantkit.backends.bnb import BNB_CPU_OPS_LOGGER, linear4bit
+module = linear4bit(torch.randn(128, 128) * 0.02, None, "nf4", True, 64, torch.bfloat16).eval()
+x = torch.randn(2, 128, dtype=torch.bfloat16)
+with torch.no_grad():
+    y = module(x)
+assert y.shape == (2, 128) and torch.isfinite(y).all()
+assert logging.getLogger(BNB_CPU_OPS_LOGGER).level == logging.NOTSET  # the silencing ended with the import
+print("ok")
+"""
+
+
+def run_python(code: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_bitsandbytes_cpu_forward_prints_nothing_about_kernels():
+    """bitsandbytes 0.50.2 warns at import on AVX512-BF16 CPUs that it cannot fetch a hub kernel (the `kernels`
+    package missing, offline, or untrusted); quantkit imports it with that one logger silenced."""
+    result = run_python(NF4_CPU_FORWARD)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert "kernels" not in result.stderr.lower() + result.stdout.lower(), result.stderr
+    assert "Failed to load" not in result.stderr, result.stderr
+    if bnb.functional.has_avx512bf16():  # the control: imported plainly, this CPU does print it
+        plain = run_python("import bitsandbytes")
+        assert "gemm_4bit_forward" in plain.stderr, plain.stderr
+
+
+def test_silenced_import_still_runs_bitsandbytes_own_cpu_kernel():
+    from quantkit.backends.bnb import linear4bit
+
+    weight = torch.randn(128, 128) * 0.02
+    module = linear4bit(weight, None, "nf4", False, 64, torch.bfloat16).eval()
+    dequantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = module(x).float()
+    torch.testing.assert_close(y, x.float() @ dequantized.T, rtol=0.05, atol=0.02)

@@ -258,3 +258,36 @@ def test_unwritable_cache_dir_warns(tok, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="quantkit"):
         got = calibration_tokens([TEXT], tok, n_samples=2, seq_len=32, cache_dir=blocker / "calib")
     assert got.shape == (2, 32) and "could not write the token cache" in caplog.text
+
+
+# ---- ids against the model's vocabulary ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["tokenized", "cached"])
+@pytest.mark.parametrize("mode", ["random", "document"])
+def test_text_tokenized_beyond_the_models_vocab_is_refused(tok, tmp_path, mode, cached):
+    """A tokenizer.model with more pieces (4096) than the model's config.json vocab_size; the cache has no model."""
+    kwargs = dict(n_samples=4, seq_len=64, seed=0, mode=mode, cache_dir=tmp_path)
+    windows = calibration_tokens(DOCS, tok, **kwargs, vocab_size=4096)
+    high = int(windows.max())
+    assert torch.equal(calibration_tokens(DOCS, tok, **kwargs, vocab_size=high + 1), windows)
+    if not cached:
+        for entry in tmp_path.iterdir():
+            entry.unlink()
+    with pytest.raises(QuantkitError, match=rf"tokenizer.model: gives token id {high}, but the model's config.json "
+                                            rf"has vocab_size {high} \(this tokenizer has 4096 ids\)"):
+        calibration_tokens(DOCS, tok, **kwargs, vocab_size=high)
+
+
+def test_ready_ids_of_added_tokens_are_the_tokenizers_but_not_a_smaller_models(tmp_path):
+    directory = tmp_path / "tok"
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes((TRAIN_TXT.parent / "tokenizer.model").read_bytes())
+    (directory / "added_tokens.json").write_text('{"<pad>": 4096}')
+    tokens = torch.full((2, 8), 4096)
+    added = quantkit.load_tokenizer(directory)
+    assert torch.equal(calibration_tokens(tokens, added, n_samples=2, seq_len=8), tokens)  # len(tokenizer) 4097
+    with pytest.raises(QuantkitError, match=r"token id 4096 is outside the tokenizer's vocabulary \[0, 4096\)"):
+        calibration_tokens(tokens, added, n_samples=2, seq_len=8, vocab_size=4096)
+    with pytest.raises(QuantkitError, match=r"token id 4096 is outside the tokenizer's vocabulary \[0, 4096\)"):
+        calibration_tokens(tokens, quantkit.load_tokenizer(TRAIN_TXT.parent), n_samples=2, seq_len=8)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import quantkit
-from quantkit.eval import eval_data, perplexity, text_data
+from quantkit.eval import eval_data, perplexity, text_data, token_windows
 from quantkit.eval.data import Window, windows_of
 from quantkit.errors import QuantkitError
 from tests.conftest import random_model, tiny_config
@@ -28,6 +28,9 @@ class ToyTokenizer:
 
     def encode(self, text, bos=True, eos=False):
         return [1] * bos + [3 + (ord(c) % 60) for c in text]
+
+    def check_ids(self, ids, vocab_size):  # quantkit.model.Tokenizer's: every id here is below 64
+        assert int(max(ids)) < vocab_size
 
 
 @pytest.fixture
@@ -246,3 +249,21 @@ def test_wikitext2_offline_says_to_pass_a_local_file(tok, offline):
     with pytest.raises(QuantkitError, match="wikitext2") as e:
         eval_data(tok, "wikitext2", seq_len=64)
     assert "--dataset" in str(e.value) and "local file" in str(e.value)
+
+
+# ---- a tokenizer larger than the model ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda tok, vocab: eval_data(tok, [TEXT], seq_len=16, vocab_size=vocab),
+    lambda tok, vocab: text_data(tok, TEXT, seq_len=16, stride=8, vocab_size=vocab),
+    lambda tok, vocab: token_windows(tok, TEXT, 16, vocab_size=vocab),
+], ids=["eval_data", "text_data", "token_windows"])
+def test_ids_beyond_the_models_vocab_are_refused_naming_the_tokenizer(tok, make):
+    high = max(tok.encode(TEXT))
+    make(tok, high + 1)  # the largest id fits
+    with pytest.raises(QuantkitError, match=rf"tokenizer.model: gives token id {high}, but the model's config.json "
+                                            rf"has vocab_size {high} \(this tokenizer has 4096 ids\)") as error:
+        make(tok, high)
+    assert str(tok.path) in str(error.value)
+

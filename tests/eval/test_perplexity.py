@@ -19,6 +19,9 @@ class ToyTokenizer:
     def encode(self, text, bos=True, eos=False):
         return [1] * bos + [3 + (ord(c) % 60) for c in text]
 
+    def check_ids(self, ids, vocab_size):  # quantkit.model.Tokenizer's: every id here is below 64
+        assert int(max(ids)) < vocab_size
+
 
 def test_windows_follow_the_gptq_protocol():
     windows = token_windows(ToyTokenizer(), "abcdefghij", seq_len=4)  # BOS + 10 chars = 11 tokens -> 2 windows

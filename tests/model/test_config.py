@@ -54,5 +54,106 @@ def test_non_llama_config_is_refused():
 
 
 def test_unsupported_rope_scaling_is_refused():
-    with pytest.raises(QuantkitError, match="rope scaling type 'yarn'"):
+    with pytest.raises(QuantkitError, match="rope_scaling.type is \"yarn\": quantkit supports"):
         LlamaConfig.from_hf_dict({**HF4_7B, "rope_scaling": {"type": "yarn", "factor": 2.0}})
+
+
+# -- what config.json states ------------------------------------------------------------------
+
+def test_a_config_remembers_which_keys_it_stated():
+    d = {k: v for k, v in HF4_7B.items() if k not in ("torch_dtype", "vocab_size", "num_key_value_heads")}
+    c = LlamaConfig.from_hf_dict(d)
+    assert c.torch_dtype is None and "dtype" not in c.to_hf_dict()
+    assert {"hidden_size", "intermediate_size", "num_hidden_layers"} <= c.stated
+    assert not {"vocab_size", "num_key_value_heads", "torch_dtype", "head_dim"} & c.stated
+    assert preset("llama2-7b").stated >= {"vocab_size", "torch_dtype", "num_key_value_heads"}  # in code: all stated
+    assert LlamaConfig.from_hf_dict(HF4_7B).torch_dtype == "float16"
+
+
+@pytest.mark.parametrize("key, value", [("num_key_value_heads", None), ("head_dim", None), ("pad_token_id", None),
+                                        ("rope_scaling", None), ("pad_token_id", -1), ("eos_token_id", [2, 32000]),
+                                        ("torch_dtype", "bf16"), ("rope_theta", 10000)])
+def test_values_transformers_accepts_are_read(key, value):
+    c = LlamaConfig.from_hf_dict({**HF4_7B, key: value})
+    assert (c.num_key_value_heads, c.head_dim, c.eos_token_id) == (32, 128, 2)
+    assert c.torch_dtype == ("bfloat16" if key == "torch_dtype" else "float16")
+
+
+def test_unknown_keys_round_trip(tmp_path):
+    c = LlamaConfig.from_hf_dict({**HF4_7B, "my_key": {"nested": [1, 2]}, "stated": "mine", "extra": 3})
+    assert c.to_hf_dict()["my_key"] == {"nested": [1, 2]}
+    assert c.to_hf_dict()["stated"] == "mine" and c.to_hf_dict()["extra"] == 3
+
+
+# -- malformed values: one line naming config.json and the key --------------------------------
+
+MALFORMED = [
+    ("hidden_size", True, "hidden_size is true: it must be a positive integer"),
+    ("hidden_size", "4096", 'hidden_size is "4096": it must be a positive integer'),
+    ("hidden_size", 4096.0, "hidden_size is 4096.0: it must be a positive integer"),
+    ("hidden_size", None, "hidden_size is null: it must be a positive integer"),
+    ("hidden_size", [4096], "hidden_size is [4096]: it must be a positive integer"),
+    ("vocab_size", -1, "vocab_size is -1: it must be a positive integer"),
+    ("num_hidden_layers", 0, "num_hidden_layers is 0: it must be a positive integer"),
+    ("num_attention_heads", 0, "num_attention_heads is 0: it must be a positive integer"),
+    ("num_attention_heads", 3, "hidden_size=4096 is not a multiple of num_attention_heads=3"),
+    ("num_key_value_heads", 5, "num_attention_heads=32 is not a multiple of num_key_value_heads=5"),
+    ("num_key_value_heads", False, "num_key_value_heads is false: it must be a positive integer"),
+    ("head_dim", 0, "head_dim is 0: it must be a positive integer"),
+    ("max_position_embeddings", 0, "max_position_embeddings is 0: it must be a positive integer"),
+    ("pretraining_tp", 0, "pretraining_tp is 0: it must be a positive integer"),
+    ("rms_norm_eps", 0, "rms_norm_eps is 0: it must be a positive number"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps is NaN: it must be a positive number"),
+    ("rms_norm_eps", float("inf"), "rms_norm_eps is Infinity: it must be a positive number"),
+    ("rms_norm_eps", "1e-5", 'rms_norm_eps is "1e-5": it must be a positive number'),
+    ("rope_theta", 0, "rope_theta is 0: it must be a positive number"),
+    ("rope_theta", True, "rope_theta is true: it must be a positive number"),
+    ("rope_scaling", {"type": "linear", "factor": None}, "rope_scaling.factor is null: it must be a positive number"),
+    ("rope_scaling", {"type": "linear", "factor": 0}, "rope_scaling.factor is 0: it must be a positive number"),
+    ("rope_scaling", {"type": "linear", "factor": -2.0}, "rope_scaling.factor is -2.0: it must be a positive number"),
+    ("rope_scaling", {"type": "dynamic"}, "rope_scaling.factor is missing: dynamic scaling needs a positive number"),
+    ("rope_scaling", {"type": "ntk", "factor": 2.0}, 'rope_scaling.type is "ntk": quantkit supports default'),
+    ("rope_scaling", "linear", 'rope_scaling is "linear": it must be an object'),
+    ("rope_scaling", [2.0], "rope_scaling is [2.0]: it must be an object"),
+    ("rope_parameters", {"rope_type": "linear", "factor": "2"}, 'rope_parameters.factor is "2": it must be a positive'),
+    ("rope_parameters", {"rope_theta": -1}, "rope_parameters.rope_theta is -1: it must be a positive number"),
+    ("torch_dtype", "float64", 'torch_dtype is "float64": it must be one of float32, float16, bfloat16'),
+    ("torch_dtype", 16, "torch_dtype is 16: it must be one of float32, float16, bfloat16"),
+    ("dtype", ["float16"], 'dtype is ["float16"]: it must be one of float32, float16, bfloat16'),
+    ("eos_token_id", "2", 'eos_token_id is "2": it must be a token id'),
+    ("eos_token_id", [], "eos_token_id is []: it must be a token id or a non-empty list of them"),
+    ("eos_token_id", [2, "x"], 'eos_token_id is "x": it must be a token id'),
+    ("bos_token_id", True, "bos_token_id is true: it must be a token id"),
+    ("bos_token_id", -1, "bos_token_id is -1: it must be a token id"),
+    ("pad_token_id", 1.5, "pad_token_id is 1.5: it must be a token id"),
+    ("tie_word_embeddings", "yes", 'tie_word_embeddings is "yes": it must be true or false'),
+    ("tie_word_embeddings", None, "tie_word_embeddings is null: it must be true or false"),
+    ("attention_bias", 1, "attention_bias is 1: it must be true or false"),
+]
+
+
+@pytest.mark.parametrize("key, value, says", MALFORMED, ids=[f"{k}={v!r}" for k, v, _ in MALFORMED])
+def test_malformed_values_are_one_line_naming_the_file_and_key(tmp_path, key, value, says):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**HF4_7B, key: value}))
+    with pytest.raises(QuantkitError) as e:
+        LlamaConfig.from_file(path)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    assert says in message, message
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", '"x"', "[" * 100000 + "]" * 100000, "\xff\xfe"])
+def test_unreadable_config_json_is_one_line(tmp_path, text):
+    path = tmp_path / "config.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(QuantkitError) as e:
+        LlamaConfig.from_file(path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: ")
+
+
+def test_in_code_configs_are_checked_too():
+    with pytest.raises(QuantkitError, match="hidden_size is true: it must be a positive integer"):
+        LlamaConfig(hidden_size=True)
+    with pytest.raises(QuantkitError, match="torch_dtype is \"int8\""):
+        LlamaConfig(torch_dtype="int8")

@@ -12,7 +12,7 @@ from numbers import Real
 
 import torch
 
-from quantkit.dtypes import short_name
+from quantkit.dtypes import overflow_hint, short_name
 from quantkit.errors import QuantkitError
 
 FP16_MAX = 65504.0  # the largest finite fp16: activations or logits beyond it become inf, then NaN
@@ -27,12 +27,8 @@ def model_label(model) -> str:
 
 
 def likely_cause(dtype: torch.dtype) -> str:
-    """The likely cause and the fix, for a model computing in `dtype`."""
-    if dtype == torch.float16:
-        return (f"likely an fp16 overflow (logits or activations beyond {FP16_MAX:g}, as with a bf16-trained model "
-                f"run in fp16): run it with --dtype bf16 or --dtype fp32")
-    return (f"its weights or activations hold inf/NaN in {short_name(dtype)} (check the checkpoint's tensors): "
-            f"try --dtype fp32")
+    """The likely cause and the fix, for a model computing in `dtype` (no fix that is already in use)."""
+    return overflow_hint(dtype)
 
 
 def check_logits(logits: torch.Tensor, window, label: str, dtype: torch.dtype, data=None,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 
+from typing import TYPE_CHECKING
+
 from quantkit.errors import QuantkitError
-from quantkit.model import LlamaConfig, LlamaForCausalLM, SamplingConfig, Tokenizer, generate, save_model
-from quantkit.model.checkpoint import resolve_model_dir
+
+if TYPE_CHECKING:
+    from quantkit.model import LlamaForCausalLM, Tokenizer
 
 __version__ = "0.1.0"
 
@@ -20,12 +23,19 @@ def load(path: str | os.PathLike, dtype=None, device: str = "cpu") -> LlamaForCa
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The sentencepiece tokenizer of a model directory (or a tokenizer.model file)."""
+    from quantkit.model import Tokenizer
+    from quantkit.model.checkpoint import resolve_model_dir
+
     path = os.fspath(path)
     return Tokenizer(path if path.endswith(".model") else resolve_model_dir(path))
 
 
-# The quantization API imports torchao (slow, and noisy on CPU builds): load it on first use.
-_LAZY = {"quantize": "quantkit.backends", "Recipe": "quantkit.backends", "BACKENDS": "quantkit.backends",
+# Everything that imports torch loads on first use: `import quantkit` stays cheap (the command line's entry
+# point, quantkit.entry, can then turn a Ctrl-C during the imports into one line), and the quantization API
+# imports torchao (slow, and noisy on CPU builds).
+_LAZY = {"LlamaConfig": "quantkit.model", "LlamaForCausalLM": "quantkit.model", "SamplingConfig": "quantkit.model",
+         "Tokenizer": "quantkit.model", "generate": "quantkit.model", "save_model": "quantkit.model",
+         "quantize": "quantkit.backends", "Recipe": "quantkit.backends", "BACKENDS": "quantkit.backends",
          "quantize_checkpoint": "quantkit.pipeline", "save_quantized": "quantkit.export",
          "ExportOptions": "quantkit.export", "CalibrationOptions": "quantkit.layerwise"}
 

@@ -14,24 +14,32 @@ import click
 import quantkit
 from quantkit.dtypes import CHOICES
 from quantkit.errors import QuantkitError
-from quantkit.io import Terminated, is_disk_full
+from quantkit.io import Terminated, is_disk_full, terminate_as_exception
 from quantkit.model.generate import SamplingConfig, generate as generate_ids
 from quantkit.model.tokenizer import TextStream
 
 DTYPE_CHOICE = click.Choice(CHOICES)
 
 
+INTERRUPTED = 128 + 2  # the exit status of a command stopped by Ctrl-C (SIGINT), as shells report it
+
+
 class QuantkitGroup(click.Group):
-    """Turns library errors into one-line `Error: ...` messages with exit code 1 (143 for SIGTERM)."""
+    """Turns library errors into one-line `Error: ...` messages with exit code 1; Ctrl-C exits 130 and SIGTERM
+    (handled for the whole command) 143, each with one line saying what was kept."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with terminate_as_exception():
+                return super().invoke(ctx)
         except QuantkitError as e:
             raise click.ClickException(str(e)) from None
-        except Terminated:  # SIGTERM during a write: the atomic writers removed what they had started
-            click.echo("Error: terminated by SIGTERM; nothing was left half-written", err=True)
+        except Terminated as e:  # the atomic writers removed what they had started; quantize says what it kept
+            click.echo(f"Error: {str(e) or 'terminated by SIGTERM; nothing was left half-written'}", err=True)
             ctx.exit(Terminated.exit_code)
+        except KeyboardInterrupt as e:
+            click.echo(f"\nError: {str(e) or 'interrupted (Ctrl-C); nothing was left half-written'}", err=True)
+            ctx.exit(INTERRUPTED)
         except OSError as e:  # a full disk outside the atomic writers (which raise DiskFull, a QuantkitError)
             if not is_disk_full(e):
                 raise
@@ -39,12 +47,35 @@ class QuantkitGroup(click.Group):
                                        f"elsewhere") from None
 
 
+class OncePerCommand(logging.Filter):
+    """Each warning once: a command opens a checkpoint several times (tokenizer, metadata, weights), and what
+    the checkpoint reader warns about (a config dtype unlike the stored one, a stale index) is one fact."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 @click.group(cls=QuantkitGroup)
 @click.version_option(quantkit.__version__, prog_name="quantkit")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
 def main(verbose: bool):
     """Quantize Llama 2 models and measure what it cost."""
+    root = logging.getLogger()
+    existing = list(root.handlers)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in root.handlers:
+        if handler not in existing:  # the stderr handler of this command (not a host application's)
+            handler.addFilter(OncePerCommand())
     if not verbose:  # CPU builds of torchao warn at import about CUDA-only extensions: noise for a user
         for name in ("torchao", "torch.utils._pytree"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -84,8 +115,10 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, syst
 
     if not chat:
         click.echo(prompt, nl=False)
-    generate_ids(llm, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, on_token=emit)
-    click.echo()
+    try:
+        generate_ids(llm, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, on_token=emit)
+    finally:
+        click.echo()  # the text so far ends its line, also before an error
 
 
 def option_group(name: str, *options, build=dict):
@@ -439,12 +472,20 @@ def compare(base, models, base_logits, data, options, output):
               click.option("--dtype", type=DTYPE_CHOICE, default=None,
                            help="dtype of what stays unquantized [default: the checkpoint's]."),
               click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
-              click.option("--force", is_flag=True, help="Replace OUTPUT if it exists."),
+              click.option("--force", is_flag=True, help="Replace OUTPUT if it exists; without --resume, also discard "
+                                                         "what a previous run to OUTPUT left."),
               build=export_options)
 @click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue a previous run to OUTPUT after its last finished layer "
+                                             "(refused if the model, options or environment changed).")
+@click.option("--keep-work/--no-keep-work", default=True, show_default=True,
+              help="Keep the finished layers (.OUTPUT.quantkit-work) when the run stops, for --resume.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def quantize(model, output, recipe, method_choice, calibration, export, ignore, as_json):
-    """Quantize MODEL layer by layer and write it to OUTPUT in an export format."""
+def quantize(model, output, recipe, method_choice, calibration, export, ignore, resume, keep_work, as_json):
+    """Quantize MODEL layer by layer and write it to OUTPUT in an export format.
+
+    Each finished layer is kept beside OUTPUT (.OUTPUT.quantkit-work) until the output is complete, so a run
+    stopped by Ctrl-C, SIGTERM, a full disk, a crash or SIGKILL continues with --resume."""
     from quantkit.backends import Recipe, needs_calibration
     from quantkit.pipeline import quantize_checkpoint
 
@@ -458,7 +499,8 @@ def quantize(model, output, recipe, method_choice, calibration, export, ignore, 
         config = build_config(method_choice)
     if calibration is not None and not needs_calibration(Recipe.of(config)):
         raise click.UsageError("--calib applies to calibrated methods (gptq) only")
-    summary = quantize_checkpoint(model, config, output, export=export, calibration=calibration, ignore=tuple(ignore))
+    summary = quantize_checkpoint(model, config, output, export=export, calibration=calibration, ignore=tuple(ignore),
+                                  resume=resume, keep_work=keep_work)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
@@ -478,6 +520,25 @@ def quantize(model, output, recipe, method_choice, calibration, export, ignore, 
         click.echo(f"dead inputs: {len(dead)} linears had input channels that were zero on every calibration token "
                    f"({sum(e['dead_inputs'] for e in dead)} in all; GPTQ set their weight columns to 0): calibrate on "
                    f"text that uses them; --json lists them")
+
+
+@main.command()
+@click.argument("directory")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(directory, as_json):
+    """Check DIRECTORY against its sha256 manifest, config.json and its format; exit 1 listing every problem."""
+    from quantkit.verify import verify_dir
+
+    report = verify_dir(directory)
+    for warning in report.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo("\n".join(report.problems) if report.problems else report.summary())
+    if report.problems:
+        raise QuantkitError(f"{report.directory}: {len(report.problems)} problem(s) found: restore the files named "
+                            f"from a good copy, or quantize again")
 
 
 def config_defaults(cls) -> dict:
@@ -505,6 +566,51 @@ def backends(as_json):
         click.echo(f"{r['method']:<10} calibration={'yes' if r['calibration'] else 'no ':<3}  "
                    f"devices={','.join(r['devices']):<8}  formats={','.join(r['formats']):<25}  {status}")
         click.echo(f"{'':<10} {r['description']}")
+
+
+def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len=2048, device="cpu", calib_dtype=None):
+    """The calibration a plan assumes: the flags' n_samples, seq_len, device and dtype (the data is not read)."""
+    from quantkit.layerwise import CalibrationOptions
+
+    return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
+                              text_field=calib_field, device=device, dtype=calib_dtype)
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where the output would go: adds its free disk.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="JSON/YAML recipe mapping module patterns to configs.")
+@method_options()
+@option_group("calibration", *CALIBRATION_FLAGS,
+              click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window."),
+              click.option("--device", default="cpu", show_default=True, help="Where each layer is calibrated."),
+              click.option("--calib-dtype", type=DTYPE_CHOICE, default=None, help="What calibration computes in."),
+              build=plan_calibration)
+@option_group("export",
+              click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
+              click.option("--dtype", type=DTYPE_CHOICE, default=None,
+                           help="dtype of what stays unquantized [default: the checkpoint's]."),
+              build=lambda fmt, dtype: export_options(fmt, dtype, "5GB", False))
+@click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes and seconds).")
+def plan(model, output, recipe, method_choice, calibration, export, ignore, as_json):
+    """Estimate what quantizing MODEL takes (peak RAM and GPU, output and work-directory size, time) before it runs.
+
+    MODEL is a directory, a hub id, or a preset (llama2-7b, llama2-13b, llama2-70b: fp16, no weights needed).
+    Options as `quantize` takes them; calibration data is not read (only --n-samples and --seq-len count).
+    """
+    from quantkit.backends import Recipe, needs_calibration
+    from quantkit.plan import make_plan, plan_table
+
+    if (method_choice.method is None) == (recipe is None):
+        raise click.UsageError("give exactly one of --method and --recipe")
+    if recipe is not None and method_choice.given():
+        raise click.UsageError("method options (--bits, --group-size, -O, ...) go into the recipe file with --recipe")
+    config = Recipe.from_file(recipe) if recipe is not None else build_config(method_choice)
+    if calibration.source is not None and not needs_calibration(Recipe.of(config)):
+        raise click.UsageError("--calib applies to calibrated methods (gptq) only")
+    result = make_plan(model, config, export=export, calibration=calibration, ignore=tuple(ignore), out_dir=output)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else plan_table(result))
 
 
 if __name__ == "__main__":

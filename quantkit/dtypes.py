@@ -29,6 +29,17 @@ ST_ITEMSIZE: dict[str, int] = {code: dtype.itemsize for dtype, code in ST_DTYPES
 ST_CODES: dict[str, torch.dtype] = {code: dtype for dtype, code in ST_DTYPES.items()}  # "BF16" -> torch.bfloat16
 
 
+def overflow_hint(dtype: torch.dtype) -> str:
+    """The likely cause of inf/NaN in a model computing in `dtype`, and the fix (for one-line errors)."""
+    if dtype == torch.float16:
+        return (f"likely an fp16 overflow (logits or activations beyond {torch.finfo(dtype).max:g}, as with a "
+                f"bf16-trained model run in fp16): run it with --dtype bf16 or --dtype fp32")
+    if dtype == torch.bfloat16:
+        return "its weights or activations hold inf/NaN in bf16: try --dtype fp32, or check the checkpoint's tensors"
+    return (f"its weights or activations hold inf/NaN even in {dtype_name(dtype)}: the checkpoint's tensors are "
+            f"damaged or out of range (check them)")
+
+
 def parse_dtype(name: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:
     """'fp16' / 'float16' / 'torch.float16' / torch.float16 -> torch.float16; None stays None.
 

@@ -28,6 +28,7 @@ from quantkit.dtypes import dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
 from quantkit.formats import QuantFormat, format_names, get_format
 from quantkit.io import atomic_dir
+from quantkit.manifest import write_manifest
 from quantkit.model.config import LlamaConfig
 from quantkit.model.layout import is_decoder_linear
 from quantkit.model.llama import slicing_problem
@@ -97,6 +98,25 @@ class ExportRecord:
 
     def bits_per_weight(self) -> float:
         return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (configs as their to_dict()): what a resumable run keeps per finished layer."""
+        return {"configs": {name: c.to_dict() for name, c in self.configs.items()}, "ignored": list(self.ignored),
+                "quantized_weights": self.quantized_weights, "quantized_bytes": self.quantized_bytes,
+                "tp_problem": self.tp_problem}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExportRecord":
+        return cls({name: QuantConfig.from_dict(c) for name, c in d["configs"].items()}, list(d["ignored"]),
+                   d["quantized_weights"], d["quantized_bytes"], d["tp_problem"])
+
+    def merge(self, other: "ExportRecord"):
+        """Add what `other` recorded for modules written after these (the first tp_problem stays)."""
+        self.configs.update(other.configs)
+        self.ignored += other.ignored
+        self.quantized_weights += other.quantized_weights
+        self.quantized_bytes += other.quantized_bytes
+        self.tp_problem = self.tp_problem if self.tp_problem is not None else other.tp_problem
 
 
 def config_of(name: str, module: nn.Module) -> QuantConfig:
@@ -181,6 +201,12 @@ class ExportWriter:
         for name, t in tensors:
             self.sink.add(name, t)
 
+    def add_written(self, record: ExportRecord, reports: Iterable[LinearReport]):
+        """Take the record and reports of modules another writer exported, whose tensors come here through
+        write_tensors (a layer checkpointed in a resumable run's work directory)."""
+        self.record.merge(record)
+        self.reports += list(reports)
+
 
 @contextlib.contextmanager
 def quantized_writer(out_dir: str | os.PathLike, fmt: QuantFormat, options: ExportOptions, config: LlamaConfig,
@@ -196,6 +222,7 @@ def quantized_writer(out_dir: str | os.PathLike, fmt: QuantFormat, options: Expo
                         config.pretraining_tp, writer.record.tp_problem)
         config_json = quantized_config_json(config, fmt, writer.record, recipe, dtype)
         fmt.finish(tmp, config_json, tokenizer_dir, [asdict(r) for r in writer.reports])
+        write_manifest(tmp)  # last: it covers every file the format wrote
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, options: ExportOptions | None = None,

@@ -5,7 +5,8 @@ Everything quantkit writes goes through `atomic_file` (reports, caches, saved lo
 destination's own directory (so the final rename never crosses a filesystem), flushed to disk, and
 `os.replace`d into place. On any exception, on Ctrl-C and on SIGTERM (what schedulers and `kill`
 send; turned into `Terminated` while a write is open) the temporary is removed and an existing
-destination is left as it was. Running out of space (ENOSPC, EDQUOT) is a `DiskFull` QuantkitError: one
+destination is left as it was. SIGKILL cannot be caught: temporaries are named for their process
+(`.NAME.quantkit-PID-XXXX.tmp`), and the next write of NAME removes those whose process is gone. Running out of space (ENOSPC, EDQUOT) is a `DiskFull` QuantkitError: one
 line with what was written and what is free, not an OSError traceback.
 """
 
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -21,7 +25,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
 
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left; disk quota exceeded
@@ -75,7 +83,7 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated(f"terminated by signal {signum}")
+    raise Terminated()  # no message: whoever stops the work says what it left (the CLI: one line)
 
 
 @contextlib.contextmanager
@@ -115,6 +123,24 @@ def _remove(path: Path):
         path.unlink(missing_ok=True)
 
 
+def temporary_for(path: Path) -> Path:
+    """A new hidden temporary name beside `path`, naming this process: `.NAME.quantkit-PID-XXXXXXXX.tmp`."""
+    return path.with_name(f".{path.name}.quantkit-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries for `path` that a killed quantkit process left (SIGKILL, a power loss): those
+    whose process no longer runs. Returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.quantkit-(\d+)-[0-9a-f]+\.tmp")
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.quantkit-*.tmp")
+             if (m := pattern.fullmatch(p.name)) and not psutil.pid_exists(int(m[1]))]
+    for p in stale:
+        log.warning("%s: removed %s, left by an earlier quantkit run that was killed (process %s)", path, p.name,
+                    pattern.fullmatch(p.name)[1])
+        _remove(p)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends normally, it replaces `path` atomically.
@@ -122,7 +148,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     The caller writes the temporary however it likes (open, safetensors.save_file, a ShardWriter).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    remove_stale_temporaries(path)
+    tmp = temporary_for(path)
     # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as a plain open() would (mkstemp: 0600)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
@@ -167,7 +194,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, keep=()) -> Iter
     out = Path(out)
     check_output_dir(out, overwrite, keep)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    remove_stale_temporaries(out)
+    tmp = temporary_for(out)
     tmp.mkdir(0o777)  # the umask decides, as for a plain mkdir (mkdtemp's 0700 would make the output private)
     try:
         with terminate_as_exception():

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -285,6 +287,22 @@ class LayerCalibrator:
 
     def advance(self, layer: nn.Module, prefix: str = ""):
         self.hidden = self._run(layer, prefix)
+
+    def save_activations(self, path: Path):
+        """Write the current activations (n, T, hidden) to a safetensors file, exactly (their dtype, on CPU)."""
+        save_file({"hidden": self.hidden.contiguous().cpu()}, path)
+
+    def load_activations(self, path: Path):
+        """Continue from activations saved by save_activations (a resumed run); they must match these in shape
+        and dtype (the run's fingerprint makes sure they come from the same tokens and calibration dtype)."""
+        shape, dtype = tuple(self.hidden.shape), self.hidden.dtype
+        self.hidden = None  # the embedded tokens are replaced: free them first
+        hidden = load_file(path)["hidden"]
+        if tuple(hidden.shape) != shape or hidden.dtype != dtype:
+            raise QuantkitError(f"{path}: activations {list(hidden.shape)} in {dtype_name(hidden.dtype)}, not "
+                                f"{list(shape)} in {dtype_name(dtype)}: the work directory is damaged: pass --force "
+                                f"to start over")
+        self.hidden = hidden.to(self.device)
 
 
 def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: tuple[str, ...] = (),

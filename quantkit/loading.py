@@ -18,7 +18,10 @@ import torch
 
 from quantkit.dtypes import parse_dtype
 from quantkit.errors import QuantkitError
+from quantkit.formats.base import raise_first, shape_problems
+from quantkit.manifest import check_intact
 from quantkit.model.checkpoint import Checkpoint, build_model, check_device, ready_for_inference
+from quantkit.model.layout import checkpoint_shapes
 from quantkit.model.llama import LlamaForCausalLM
 from quantkit.record import ERRORS_FILE, QuantRecord
 from quantkit.walker import set_module
@@ -53,6 +56,11 @@ class QuantizedCheckpoint(Checkpoint):
                         "re-export with its exact config; the format's metadata stands in", self.dir, e)
             return None
 
+    def module_files(self, module: str) -> str:
+        """The file(s) holding a quantized module's tensors, for messages."""
+        files = sorted({self.weight_map[n] for n in self.weight_map if n.startswith(module + ".")})
+        return ", ".join(str(self.dir / f) for f in files) or str(self.dir)
+
     def errors(self) -> dict[str, dict]:
         """Per-linear errors quantkit recorded (name -> row of quantkit_errors.json); {} if none."""
         file = self.dir / ERRORS_FILE
@@ -71,9 +79,14 @@ def open_checkpoint(path: str | os.PathLike) -> QuantizedCheckpoint:
 
 
 def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """A dense or quantized checkpoint as a native model; quantized modules run on their kernels."""
+    """A dense or quantized checkpoint as a native model; quantized modules run on their kernels.
+
+    Files that differ from quantkit's manifest (size or sha256), and quantization parameters that make no sense
+    (NaN or non-positive scales, a broken group map), are refused with the file named.
+    """
     device = check_device(device)
     ckpt = open_checkpoint(path)
+    check_intact(ckpt.dir)
     dtype = parse_dtype(dtype) or ckpt.default_dtype()
     tp = ckpt.config.pretraining_tp  # divides every dimension: Checkpoint checks it against the shapes
     ckpt.config.pretraining_tp = 1  # built at tp=1: the quantized modules are sliced once they are in (_set_tp)
@@ -106,8 +119,13 @@ def _set_tp(model: LlamaForCausalLM, ckpt: QuantizedCheckpoint, tp: int):
 
 def _load_quantized(model: LlamaForCausalLM, ckpt: QuantizedCheckpoint, dtype: torch.dtype, device: torch.device):
     recipe, errors, qc = ckpt.recipe(), ckpt.errors(), ckpt.quantization_config
+    shapes = checkpoint_shapes(ckpt.config)
     for name in sorted(ckpt.quantized_modules):  # their stored tensors are kept as stored (packed ints)
-        module = ckpt.format.load_module(name, ckpt.module_tensors(name), qc, dtype)
+        try:
+            module = ckpt.format.load_module(name, ckpt.module_tensors(name), qc, dtype)
+            raise_first(shape_problems(name, (module.out_features, module.in_features), shapes[f"{name}.weight"]))
+        except QuantkitError as e:  # the format names the module and tensor; add the file holding it
+            raise QuantkitError(f"{ckpt.module_files(name)}: {e}") from None
         config = recipe.config_for(name) if recipe is not None else None
         if config is None:
             config = _config_from_format(ckpt, name, module)

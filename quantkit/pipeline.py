@@ -1,9 +1,12 @@
 """Streaming quantization of a checkpoint: one decoder layer in memory at a time.
 
-read layer i (memory-mapped, only its tensors) -> quantize its linears -> append its tensors to the
-output shards (spooled to disk, see model/shards.py) -> free it. Peak memory is about one layer,
-whatever the number of layers: this is what lets 70B (80 layers of ~1.7 GB in fp16) be quantized on
-a 32 GB machine.
+read layer i (memory-mapped, only its tensors) -> quantize its linears -> checkpoint its exported
+tensors in the run's work directory (quantkit.resume) -> free it; at the end the output is assembled
+from the work directory into an atomic directory. Peak memory is about one layer, whatever the number
+of layers: this is what lets 70B (80 layers of ~1.7 GB in fp16) be quantized on a 32 GB machine. Peak
+disk is about twice the output (the work directory and the assembled output), plus for calibrated
+methods the activations file twice. A run that stops after a layer finished (Ctrl-C, SIGTERM, a crash,
+a full disk; SIGKILL too) keeps the work directory, and `resume=True` continues it.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import torch
 from tqdm.auto import tqdm
 
 from quantkit.backends import QuantConfig, Recipe, needs_calibration, quantize, runnable_recipe
-from quantkit.dtypes import parse_dtype
+from quantkit.dtypes import dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
-from quantkit.export import ExportOptions, choose_format, quantized_writer
-from quantkit.io import DiskFull, check_output_dir
+from quantkit.export import ExportOptions, ExportWriter, choose_format, quantized_writer
+from quantkit.io import DiskFull, Terminated, check_output_dir, terminate_as_exception
 from quantkit.layerwise import CalibrationOptions, LayerCalibrator, calibration_tensor
 from quantkit.loading import open_checkpoint
 from quantkit.model.layout import layer_prefix, linear_of
 from quantkit.model.shards import parse_size
+from quantkit.plan import check_free_space
+from quantkit.resume import NON_LAYER, WorkDir, fingerprint, layer_unit
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +59,16 @@ class Written:
     layers: int = 0
     layer_bytes: int = 0
 
-    def layer_done(self, total_size: int):
+    @classmethod
+    def of(cls, work: WorkDir) -> "Written":
+        """What the work directory holds already (a resumed run)."""
+        state = work.state or {}
+        return cls((state.get("non_layer") or {}).get("bytes", 0), work.done,
+                   sum(u["bytes"] for u in state.get("layers", [])))
+
+    def layer_done(self, layer_bytes: int):
         self.layers += 1
-        self.layer_bytes = total_size - self.non_layer
+        self.layer_bytes += layer_bytes
 
 
 def space_needed(ckpt, recipe: Recipe, dtype: torch.dtype, written: Written,
@@ -78,12 +90,19 @@ def space_needed(ckpt, recipe: Recipe, dtype: torch.dtype, written: Written,
 
 def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, out_dir: str | os.PathLike,
                         export: ExportOptions | None = None, calibration=None, ignore: tuple[str, ...] = (),
-                        progress: bool = True) -> QuantizeSummary:
+                        progress: bool = True, resume: bool = False, keep_work: bool = True) -> QuantizeSummary:
     """Quantize the checkpoint at `src` layer by layer into `out_dir` in an export format.
 
     export: ExportOptions (format, dtype of what stays unquantized, shard size, overwrite).
     calibration: for calibrated methods (gptq), CalibrationOptions, or just its source (a LongTensor
     (n, seq_len) of token ids, a dataset name or a file), sampled with the default options.
+    Each finished layer is kept in a work directory beside out_dir (quantkit.resume). resume: continue a
+    previous run to out_dir after its last finished layer (refused, naming what changed, if the source,
+    recipe, options, calibration or environment differ; with no previous run, start normally); without it
+    a previous run's work directory is refused unless export.overwrite, which discards it. keep_work: keep
+    the work directory when the run stops (KeyboardInterrupt, Terminated, a full disk, an unexpected error; not a
+    QuantkitError, whose fix changes the fingerprint) after a
+    layer finished; the exception's message says so.
     Raises QuantkitError for a bad source, recipe or format before any layer is read.
     """
     start = time.perf_counter()
@@ -97,30 +116,72 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     fmt = choose_format(recipe.configs(), export.format)
     dtype = parse_dtype(export.dtype, "--dtype") or ckpt.output_dtype()  # never a silent cast of the source
     recipe_dict = recipe.to_dict()
-    calibrator = None
+    work = WorkDir(out_dir, ckpt.config.num_hidden_layers)
+    work.check(resume, export.overwrite)  # a previous run's layers: refused, kept or discarded, before any work
+    check_free_space(out_dir, ckpt, recipe, fmt, dtype, calibration)  # output + work dir must fit: refused now
+    calibrator = tokens = calib_dtype = None
     if needs_calibration(recipe):
         calib_dtype = calibration.compute_dtype(ckpt, dtype)  # refused here if it could overflow or round the layers
         tokens = calibration_tensor(calibration, ckpt)
         calibrator = LayerCalibrator(ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe,
                                      calibration.batch_size, calibration.device, progress, calib_dtype)
-    written = Written()
+    export_fields = {"format": fmt.name, "dtype": dtype_name(dtype), "max_shard_size": export.max_shard_size}
+    work.begin(fingerprint(ckpt, recipe_dict, export_fields, calibration if calibrator else None, tokens, calib_dtype))
+    written = Written.of(work)
     try:
-        with quantized_writer(out_dir, fmt, export, ckpt.config, recipe_dict, dtype, ckpt.dir) as writer:
-            writer.write_tensors(ckpt.read(ckpt.non_layer_names(), dtype))
-            written.non_layer = writer.sink.total_size
-            for index in tqdm(range(ckpt.config.num_hidden_layers), desc="quantize", unit="layer",
-                              disable=not progress):
-                prefix = layer_prefix(index)
-                layer = ckpt.layer_module(index, dtype)
-                layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
-                writer.write(layer, prefix=prefix)
-                written.layer_done(writer.sink.total_size)
-                del layer  # the next layer replaces it: memory stays at one layer
-    except DiskFull as e:  # the temporary directory is gone; say how much the whole output needs
-        needed, at_least = space_needed(ckpt, recipe, dtype, written, export.max_shard_size)
-        raise DiskFull(out_dir, e.written, needed, at_least, fix="free space or choose another output (-o)") from None
+        with terminate_as_exception():  # SIGTERM anywhere in the run: Terminated, so that the cleanup below runs
+            _checkpoint_layers(ckpt, recipe, fmt, dtype, work, calibrator, written, progress)
+            with quantized_writer(out_dir, fmt, export, ckpt.config, recipe_dict, dtype, ckpt.dir) as writer:
+                work.assemble(writer, progress)
+    except BaseException as e:
+        raise _stopped(e, work, keep_work,
+                       lambda: space_needed(ckpt, recipe, dtype, written, export.max_shard_size)) from None
+    work.remove()
     before = sum(torch.Size(s).numel() for s in ckpt.shapes.values()) * ckpt.output_dtype().itemsize
     return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe_dict,
                            layers=ckpt.config.num_hidden_layers, bytes_before=before,
                            bytes_after=writer.sink.total_size, bits_per_weight=writer.record.bits_per_weight(),
                            seconds=time.perf_counter() - start, errors=[asdict(r) for r in writer.reports])
+
+
+def _checkpoint_layers(ckpt, recipe: Recipe, fmt, dtype: torch.dtype, work: WorkDir,
+                       calibrator: LayerCalibrator | None, written: Written, progress: bool):
+    """The non-layer tensors and each decoder layer the work directory does not hold yet: read, quantize, keep."""
+    n = ckpt.config.num_hidden_layers
+    writer_of = lambda sink: ExportWriter(fmt, sink, ckpt.config)  # noqa: E731
+    if not work.has_non_layer:
+        unit = work.write_unit(NON_LAYER, writer_of,
+                               lambda writer: writer.write_tensors(ckpt.read(ckpt.non_layer_names(), dtype)))
+        work.finish_non_layer(unit)
+        written.non_layer = unit["bytes"]
+    if calibrator is not None and 0 < work.done < n:
+        calibrator.load_activations(work.activations())
+    for index in tqdm(range(work.done, n), desc="quantize", unit="layer", initial=work.done, total=n,
+                      disable=not progress):
+        prefix = layer_prefix(index)
+        layer = ckpt.layer_module(index, dtype)
+        layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
+        unit = work.write_unit(layer_unit(index), writer_of, lambda writer: writer.write(layer, prefix=prefix))
+        work.finish_layer(unit, calibrator.save_activations if calibrator else None)
+        written.layer_done(unit["bytes"])
+        del layer  # the next layer replaces it: memory stays at one layer
+
+
+def _stopped(e: BaseException, work: WorkDir, keep_work: bool, needed) -> BaseException:
+    """The exception to raise for a run stopped by `e`, once the work directory is kept or removed (`needed`:
+    space_needed's estimate, for a full disk). Kept (with keep_work) after an interruption, a full disk or an
+    unexpected error; removed after a QuantkitError, whose fix always changes what the fingerprint covers."""
+    if isinstance(e, DiskFull):  # the temporary is gone; say how much the whole output needs
+        on_disk, (total, at_least) = work.size() + e.written, needed()
+        fix = f"free space or choose another output (-o); stopped {work.stopped(keep_work)}"
+        return DiskFull(work.out, on_disk, total, at_least, fix=fix)
+    if isinstance(e, QuantkitError):  # bad input: its fix (another source, recipe or option) could not resume
+        work.stopped(keep=False)
+        return e
+    kept = work.stopped(keep_work)
+    if isinstance(e, Terminated):
+        return Terminated(f"{work.out}: terminated by SIGTERM {kept}")
+    if isinstance(e, KeyboardInterrupt):
+        return KeyboardInterrupt(f"{work.out}: interrupted (Ctrl-C) {kept}")
+    log.error("%s: the run failed %s", work.out, kept)
+    return e

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from quantkit.cli import main
+from quantkit.manifest import MANIFEST_FILE
 from quantkit.model import save_model
 from tests.conftest import REPO, random_model, tiny_config
 
@@ -55,6 +56,13 @@ def test_cli_missing_directory(tmp_path):
 def test_cli_missing_config(tiny_model_dir):
     (tiny_model_dir / "config.json").unlink()
     assert_one_line_error(run("generate", tiny_model_dir, "x"), tiny_model_dir / "config.json")
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_model_dir):
+    """conftest's, without quantkit's manifest: the tests here edit its files (tests/test_verify.py: with it)."""
+    (tiny_model_dir / MANIFEST_FILE).unlink()
+    return tiny_model_dir
 
 
 def test_cli_non_llama_config(tiny_model_dir):
@@ -245,6 +253,7 @@ def emitting_dir(tmp_path, vocab_size: int, token: int, added: dict | None = Non
     save_model(emitting_model(vocab_size, token), out, tokenizer_dir=REPO / "demo" / "model")
     if added is not None:
         (out / "added_tokens.json").write_text(json.dumps(added))
+        (out / MANIFEST_FILE).unlink()  # a fine-tune's directory, edited after saving
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO
 
 # (package prefix, rank): a module may import only modules of its own rank or lower.
-RANKS = [("quantkit.errors", 0), ("quantkit.dtypes", 0), ("quantkit.io", 0), ("quantkit.model.layout", 0),
+RANKS = [("quantkit.errors", 0), ("quantkit.dtypes", 0), ("quantkit.io", 0), ("quantkit.manifest", 0), ("quantkit.model.layout", 0),
          ("quantkit.model", 1),
          ("quantkit.affine", 2), ("quantkit.packing", 2), ("quantkit.gptq_solver", 2), ("quantkit.modules", 2),
          ("quantkit.record", 2), ("quantkit.walker", 2), ("quantkit.observers", 2),

@@ -14,6 +14,7 @@ from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
 from quantkit.export import ExportOptions, save_quantized
+from quantkit.manifest import MANIFEST_FILE
 from quantkit.model import save_model
 from quantkit.pipeline import quantize_checkpoint
 from tests.conftest import random_model, tiny_config
@@ -147,6 +148,7 @@ def test_nan_weight_names_the_tensor_and_writes_nothing(model_dir, tmp_path):
     tensors = file_tensors(model_dir)
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, model_dir / "model.safetensors")
+    (model_dir / MANIFEST_FILE).unlink()  # a source another tool wrote
     with pytest.raises(QuantkitError, match="model.layers.1.mlp.up_proj: contains NaN or Inf"):
         quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
@@ -213,6 +215,7 @@ def test_a_file_another_tool_wrote_loads_with_a_config_from_its_metadata(model_d
     del config_json["quantkit"]
     config_path.write_text(json.dumps(config_json))
     (tmp_path / "a" / "quantkit_errors.json").unlink()
+    (tmp_path / "a" / MANIFEST_FILE).unlink()
     record = quantkit.load(tmp_path / "a").model.layers[0].mlp.up_proj.quant_record
     assert (record.config.method, record.config.bits, record.config.group_size, record.config.symmetric) == \
         ("gptq", 4, 32, True)
@@ -235,6 +238,7 @@ def test_a_recipe_naming_a_method_not_installed_falls_back_to_the_format(model_d
     config_json = json.loads(config_path.read_text())
     config_json["quantkit"]["recipe"]["default"]["method"] = "not-installed"
     config_path.write_text(json.dumps(config_json))
+    (tmp_path / "a" / MANIFEST_FILE).unlink()
     record = quantkit.load(tmp_path / "a").model.layers[0].mlp.up_proj.quant_record
     assert (record.config.method, record.config.bits, record.config.symmetric) == ("gptq", 4, True)
 

@@ -19,6 +19,7 @@ from quantkit.backends import QuantConfig
 from quantkit.errors import QuantkitError
 from quantkit.eval import perplexity_of, text_data
 from quantkit.export import ExportOptions
+from quantkit.manifest import MANIFEST_FILE
 from quantkit.model import save_model
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
 
@@ -98,6 +99,7 @@ def test_directories_from_other_tools_fall_back_to_tp_1(sources, data, tmp_path,
     written = quantize(src, config, fmt, tmp_path / "out")
     written["pretraining_tp"] = 2
     (tmp_path / "out" / "config.json").write_text(json.dumps(written))
+    (tmp_path / "out" / MANIFEST_FILE).unlink()  # another tool's directory
     caplog.clear()
     model = quantkit.load(tmp_path / "out")
     (warning,) = tp_warnings(caplog)
@@ -118,6 +120,7 @@ def test_tp_that_does_not_divide_the_shapes_is_an_error_naming_config_json(sourc
         save_model(random_model(tiny_config()), out, tokenizer_dir=DEMO_MODEL)
         written = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**written, "pretraining_tp": 3}))  # hidden 64 % 3 != 0
+    (out / MANIFEST_FILE).unlink()  # else the manifest refuses the edited file first
     with pytest.raises(QuantkitError, match=r"config\.json: pretraining_tp is 3, which does not divide .*set it to 1"):
         quantkit.load(out)
 
@@ -126,6 +129,7 @@ def test_in_memory_re_export_of_a_fallback_model_records_tp_1(sources, tmp_path)
     quantize(sources["tiny"], {"method": "bnb-nf4"}, "bnb", tmp_path / "a")
     written = json.loads((tmp_path / "a" / "config.json").read_text())
     (tmp_path / "a" / "config.json").write_text(json.dumps({**written, "pretraining_tp": 2}))
+    (tmp_path / "a" / MANIFEST_FILE).unlink()  # an older quantkit's directory
     quantkit.save_quantized(quantkit.load(tmp_path / "a"), tmp_path / "b")
     again = json.loads((tmp_path / "b" / "config.json").read_text())
     assert again["pretraining_tp"] == 1 and again["quantkit"]["source_pretraining_tp"] == 2

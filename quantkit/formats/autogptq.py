@@ -28,15 +28,15 @@ from torch import nn
 from quantkit.affine import PER_CHANNEL, AffineWeight, affine_scheme, resolve_group_size, trivial_g_idx
 from quantkit.dtypes import FLOAT_DTYPES
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import (QuantFormat, affine_of, check_g_idx, check_known, check_tensor,
+from quantkit.formats.base import (AffineFormat, affine_of, check_g_idx, check_known, check_tensor, padding_problems,
                                    refuses_non_affine)
 from quantkit.model.layout import block_of
-from quantkit.modules import AffineLinear
 from quantkit.packing import pack, packed_size, unpack
 
 log = logging.getLogger(__name__)
 
 TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+QPARAM_KEYS = ("scales", "qzeros", "g_idx")  # where scales, zero points and the group map are stored
 # quantization_config key -> (QuantConfig attribute, default when the config has none)
 OPTIONS = {"desc_act": ("desc_act", False), "damp_percent": ("damp_percent", 0.01),
            "true_sequential": ("true_sequential", True), "static_groups": ("static_groups", False)}
@@ -74,7 +74,8 @@ def block_modules(quantized: list[str], ignored: list[str]) -> list[str] | None:
     return sorted(next(iter(per_block.values())))
 
 
-class GPTQFormat(QuantFormat):
+class GPTQFormat(AffineFormat):
+    qparam_keys = QPARAM_KEYS
     name = "gptq"
 
     def refuses_config(self, config: Any) -> str | None:
@@ -146,8 +147,13 @@ class GPTQFormat(QuantFormat):
     def quantized_modules(self, tensor_names: set[str]) -> set[str]:
         return {n.removesuffix(".qweight") for n in tensor_names if n.endswith(".qweight")}
 
-    def load_module(self, name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
-                    dtype: torch.dtype) -> nn.Module:
+    def _padding_problems(self, name: str, tensors: dict[str, torch.Tensor], w: AffineWeight) -> list[str]:
+        problems = padding_problems(name, "qweight", tensors["qweight"], w.bits, w.shape[1], dim=0)
+        return problems + padding_problems(name, "qzeros", tensors["qzeros"], w.bits, w.shape[0], dim=1)
+
+    def _stored_affine(self, name: str, tensors: dict[str, torch.Tensor],
+                       quantization_config: dict[str, Any]) -> AffineWeight:
+        """The module's weight from its tensors, their names, shapes and dtypes checked against the config."""
         qc = quantization_config
         bits, group_size, sym = qc.get("bits"), qc.get("group_size", -1), bool(qc.get("sym", True))
         if bits not in (2, 3, 4, 8) or not isinstance(group_size, int) or not (group_size > 0 or group_size == PER_CHANNEL):
@@ -156,10 +162,7 @@ class GPTQFormat(QuantFormat):
         # v1 stores z - 1; gptqmodel's v2 stores z.
         zero_offset = 0 if qc.get("checkpoint_format", qc.get("format")) == "gptq_v2" else 1
         check_known(name, tensors, TENSORS)
-        w = self._affine(name, tensors, bits, group_size, sym, zero_offset)
-        n = w.shape[0]
-        bias = check_tensor(name, "bias", tensors, (n,), FLOAT_DTYPES) if "bias" in tensors else None
-        return AffineLinear(w, bias, dtype=dtype)
+        return self._affine(name, tensors, bits, group_size, sym, zero_offset)
 
     def config_of(self, name: str, module: nn.Module, quantization_config: dict[str, Any]) -> Any:
         """GPTQ with the stored scheme and options (damp, act-order, ...), whatever wrote the file."""

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from quantkit.affine import AffineWeight
-from quantkit.dtypes import dtype_name
+from quantkit.dtypes import FLOAT_DTYPES, dtype_name
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import copy_tokenizer_files
 from quantkit.model.shards import ShardWriter
 from quantkit.modules import AffineLinear
+from quantkit.packing import pack, unpack
 from quantkit.record import ERRORS_FILE
 
 
@@ -102,8 +103,55 @@ class QuantFormat:
         """The QuantConfig a loaded module stands for, when config.json carries no quantkit recipe."""
         raise NotImplementedError
 
+    def check_module_tensors(self, name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
+                             shape: tuple[int, int]) -> list[str]:
+        """Every problem of one stored module (one line each, naming `name.key`): tensor names, shapes and dtypes
+        against the format and `shape` (out, in features, from config.json), and its quantization parameters.
+
+        This default loads the module (reporting the first error) and compares its shape; the built-in formats
+        check without building the module and report every problem (`quantkit verify`).
+        """
+        try:
+            module = self.load_module(name, tensors, quantization_config, torch.float32)
+        except QuantkitError as e:
+            return [str(e)]
+        return shape_problems(name, (module.out_features, module.in_features), shape)
+
 
 # -- checks shared by the formats -------------------------------------------------------------
+
+class AffineFormat(QuantFormat):
+    """A format storing AffineWeights (compressed-tensors, GPTQ): loading and checking go through `_stored_affine`
+    (its tensors -> the weight, structural checks) and the qparams' sanity checks (affine_problems)."""
+
+    qparam_keys: ClassVar[tuple[str, str, str]]  # the stored names of the scales, zero points and group map
+
+    def _stored_affine(self, name: str, tensors: dict[str, torch.Tensor],
+                       quantization_config: dict[str, Any]) -> AffineWeight:
+        raise NotImplementedError
+
+    def _padding_problems(self, name: str, tensors: dict[str, torch.Tensor], w: AffineWeight) -> list[str]:
+        """Stray bits past the last value of each packed tensor."""
+        return []
+
+    def load_module(self, name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
+                    dtype: torch.dtype) -> nn.Module:
+        w = self._stored_affine(name, tensors, quantization_config)
+        raise_first(affine_problems(name, w, *self.qparam_keys))
+        bias = check_tensor(name, "bias", tensors, (w.shape[0],), FLOAT_DTYPES) if "bias" in tensors else None
+        return AffineLinear(w, bias, dtype=dtype)
+
+    def check_module_tensors(self, name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
+                             shape: tuple[int, int]) -> list[str]:
+        try:
+            w = self._stored_affine(name, tensors, quantization_config)
+            if "bias" in tensors:
+                check_tensor(name, "bias", tensors, (w.shape[0],), FLOAT_DTYPES)
+        except QuantkitError as e:
+            return [str(e)]
+        problems = shape_problems(name, w.shape, shape) + affine_problems(name, w, *self.qparam_keys)
+        return problems + self._padding_problems(name, tensors, w)
+
 
 def refuses_non_affine(module: nn.Module, format_name: str) -> str | None:
     """The reason an integer-affine format gives for any other module, or None for an AffineLinear."""
@@ -141,6 +189,68 @@ def check_g_idx(name: str, key: str, tensors: dict[str, torch.Tensor], k: int, g
     if k and not (0 <= int(g_idx.min()) and int(g_idx.max()) < groups):
         raise QuantkitError(f"{name}.{key}: group indices outside [0, {groups}): re-export the model")
     return g_idx
+
+
+def raise_first(problems: list[str]):
+    """A module's problems, as load refuses them: the first one (verify lists them all)."""
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise QuantkitError(problems[0] + more)
+
+
+def shape_problems(name: str, stored: tuple[int, int], expected: tuple[int, ...]) -> list[str]:
+    """The stored (out, in) features against config.json's."""
+    if tuple(stored) == tuple(expected):
+        return []
+    return [f"{name}: stores a {stored[0]}x{stored[1]} (out x in) weight but config.json implies "
+            f"{expected[0]}x{expected[1]}: the checkpoint does not match its config.json; re-export it"]
+
+
+def finite_problems(name: str, key: str, t: torch.Tensor, what: str, non_negative: bool) -> list[str]:
+    """Values of tensor `key` that are NaN or infinite, or (non_negative) below zero."""
+    t = t.float()
+    problems = []
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        problems.append(f"{name}.{key}: {bad} of {t.numel()} {what} are NaN or infinite: re-export the model")
+    low = int((t < 0).sum()) if non_negative else 0
+    if low:
+        problems.append(f"{name}.{key}: {low} of {t.numel()} {what} are negative: re-export the model")
+    return problems
+
+
+def affine_problems(name: str, w: AffineWeight, scale_key: str, zero_key: str, g_idx_key: str) -> list[str]:
+    """The quantization parameters of a stored affine weight: scales finite and not negative (0: a group of zero
+    weights, as GPTQ leaves dead inputs), symmetric zero points at 2^(bits-1) (unpacked zero points are in
+    [0, 2^bits) by construction), g_idx a map onto whole groups."""
+    problems = finite_problems(name, scale_key, w.scale, "scales", non_negative=True)
+    if w.symmetric:
+        off = int((w.zero != 2 ** (w.bits - 1)).sum())
+        if off:
+            problems.append(f"{name}.{zero_key}: the scheme is symmetric but {off} zero point(s) are not "
+                            f"2^(bits-1) = {2 ** (w.bits - 1)}: re-export the model")
+    if w.g_idx is not None:
+        problems += group_map_problems(name, g_idx_key, w.g_idx, w.shape[1], w.group_size)
+    return problems
+
+
+def group_map_problems(name: str, key: str, g_idx: torch.Tensor, k: int, group_size: int) -> list[str]:
+    """An act-order g_idx must use each group as often as the trivial map (column // group_size) does."""
+    groups = -(-k // group_size)
+    want = torch.bincount(torch.arange(k) // group_size, minlength=groups)
+    got = torch.bincount(g_idx.long().clamp(0, groups - 1), minlength=groups)
+    if torch.equal(got, want):
+        return []
+    group = int((got != want).nonzero()[0])
+    return [f"{name}.{key}: not a group map: group {group} has {int(got[group])} columns, expected "
+            f"{int(want[group])} (group size {group_size}): re-export the model"]
+
+
+def padding_problems(name: str, key: str, packed: torch.Tensor, bits: int, n: int, dim: int) -> list[str]:
+    """Bits past the last value of each packed row must be zero, as pack writes them."""
+    if n * bits % 32 == 0 or torch.equal(pack(unpack(packed, bits, n, dim), bits, dim), packed):
+        return []
+    return [f"{name}.{key}: nonzero bits past the last packed value: the tensor is corrupt; re-export the model"]
 
 
 def check_known(name: str, tensors: dict[str, torch.Tensor], known: tuple[str, ...]):

@@ -23,7 +23,7 @@ from quantkit.backends.bnb import (Bnb4bitConfig, BnbFP4Config, BnbInt8Config, B
 from quantkit.dtypes import DTYPES, dtype_name, parse_dtype, short_name
 from quantkit.backends.registry import distinct_configs
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import QuantFormat
+from quantkit.formats.base import QuantFormat, finite_problems, raise_first
 
 QUANT_STATE = "weight.quant_state.bitsandbytes__"  # the 4-bit module's marker tensor: ...bitsandbytes__nf4
 INT8_KEYS = ("weight", "SCB", "weight_format")  # what transformers' Bnb8bitDeserialize reads
@@ -104,11 +104,23 @@ class BnbFormat(QuantFormat):
         if is_4bit != bool(load_in_4bit):
             raise QuantkitError(f"{name}: its tensors are {'4' if is_4bit else '8'}-bit but quantization_config says "
                                 f"load_in_4bit={load_in_4bit}: the checkpoint is inconsistent")
+        raise_first(_stat_problems(name, tensors))
         tensors = dict(tensors)
         if "bias" in tensors:
             tensors["bias"] = tensors["bias"].to(dtype)
         load = _load_4bit if is_4bit else _load_int8
         return load(name, tensors, quantization_config).eval()  # inference: Linear8bitLt computes differently in train
+
+    def check_module_tensors(self, name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
+                             shape: tuple[int, int]) -> list[str]:
+        """The default load check (bitsandbytes reads the tensors), then every statistic's values."""
+        problems = super().check_module_tensors(name, tensors, quantization_config, shape)
+        if problems:
+            return problems
+        expected = {"weight": ((shape[0] * shape[1] + 1) // 2, 1)} if any(k.startswith(QUANT_STATE) for k in tensors) \
+            else {"weight": tuple(shape), "SCB": (shape[0],)}
+        return [f"{name}.{key}: stored as {list(tensors[key].shape)}, but config.json implies {list(want)}: "
+                f"re-export the model" for key, want in expected.items() if tuple(tensors[key].shape) != want]
 
     def config_of(self, name: str, module: nn.Module, quantization_config: dict[str, Any]) -> Any:
         """The bnb config of a loaded module: 4-bit settings from its quant_state, int8's threshold from the config."""
@@ -121,6 +133,21 @@ class BnbFormat(QuantFormat):
         nested = "weight.nested_absmax" in portable_state_dict(module)
         return CONFIG_4BIT[quant_state.quant_type](double_quant=nested, blocksize=quant_state.blocksize,
                                                    compute_dtype=short_name(compute))
+
+
+# statistic -> (what it is, whether it is non-negative): absmax 0 is an all-zero block; the maps are signed
+STATS = {"weight.absmax": ("block absmax", True), "weight.nested_absmax": ("block absmax", True),
+         "SCB": ("row absmax", True), "weight.quant_map": ("quantization map values", False),
+         "weight.nested_quant_map": ("quantization map values", False)}
+
+
+def _stat_problems(name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Every floating-point statistic finite and of its sign (double quant's absmax is uint8: any value)."""
+    problems = []
+    for key, (what, non_negative) in STATS.items():
+        if key in tensors and tensors[key].is_floating_point():
+            problems += finite_problems(name, key, tensors[key], what, non_negative)
+    return problems
 
 
 def _load_4bit(name: str, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) -> nn.Module:

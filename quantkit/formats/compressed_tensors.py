@@ -35,10 +35,9 @@ from torch import nn
 from quantkit.affine import PER_CHANNEL, AffineScheme, AffineWeight, affine_scheme, resolve_group_size, trivial_g_idx
 from quantkit.dtypes import FLOAT_DTYPES
 from quantkit.errors import QuantkitError
-from quantkit.formats.base import (QuantFormat, affine_of, check_g_idx, check_known, check_tensor,
+from quantkit.formats.base import (AffineFormat, affine_of, check_g_idx, check_known, check_tensor, padding_problems,
                                    refuses_non_affine)
 from quantkit.model.layout import FUSED_SHARDS, layer_index, local_name
-from quantkit.modules import AffineLinear
 from quantkit.packing import pack, packed_size, unpack
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,7 @@ log = logging.getLogger(__name__)
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout and config this writes
 PACK_QUANTIZED = "pack-quantized"
 TENSORS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+QPARAM_KEYS = ("weight_scale", "weight_zero_point", "weight_g_idx")  # where scales, zero points, g_idx are stored
 ACT_ORDER_REFUSED = ("compressed-tensors 0.20 no longer reads act-order groups (actorder 'group', weight_g_idx): "
                      "export with --format gptq, or quantize with gptq static_groups=True")
 
@@ -133,7 +133,8 @@ def resolve_group(name: str, quantization_config: dict[str, Any]) -> tuple[str, 
 
 # -- the format ----------------------------------------------------------------------------------
 
-class CompressedTensorsFormat(QuantFormat):
+class CompressedTensorsFormat(AffineFormat):
+    qparam_keys = QPARAM_KEYS
     name = "compressed-tensors"
 
     def refuses_config(self, config: Any) -> str | None:
@@ -204,17 +205,23 @@ class CompressedTensorsFormat(QuantFormat):
     def quantized_modules(self, tensor_names: set[str]) -> set[str]:
         return {n.removesuffix(".weight_packed") for n in tensor_names if n.endswith(".weight_packed")}
 
-    def load_module(self, name: str, tensors: dict[str, torch.Tensor], quantization_config: dict[str, Any],
-                    dtype: torch.dtype) -> nn.Module:
+    def _padding_problems(self, name: str, tensors: dict[str, torch.Tensor], w: AffineWeight) -> list[str]:
+        problems = padding_problems(name, "weight_packed", tensors["weight_packed"], w.bits, w.shape[1], dim=1)
+        if "weight_zero_point" in tensors:
+            problems += padding_problems(name, "weight_zero_point", tensors["weight_zero_point"], w.bits, w.shape[0],
+                                         dim=0)
+        return problems
+
+    def _stored_affine(self, name: str, tensors: dict[str, torch.Tensor],
+                       quantization_config: dict[str, Any]) -> AffineWeight:
+        """The module's weight from its tensors, their names, shapes and dtypes checked against its config group."""
         group, scheme = resolve_group(name, quantization_config)
         if scheme.get("input_activations") or scheme.get("output_activations"):
             raise QuantkitError(f"{name}: config group {group} quantizes activations, which quantkit does not run")
         s = WeightScheme.of_json(scheme.get("weights") or {}, group)
         check_known(name, tensors, TENSORS + ("bias",))
         n, k = (int(v) for v in check_tensor(name, "weight_shape", tensors, (2,), (torch.int64, torch.int32)))
-        w = self._affine(name, tensors, s, n, k)
-        bias = check_tensor(name, "bias", tensors, (n,), FLOAT_DTYPES) if "bias" in tensors else None
-        return AffineLinear(w, bias, dtype=dtype)
+        return self._affine(name, tensors, s, n, k)
 
     def config_of(self, name: str, module: nn.Module, quantization_config: dict[str, Any]) -> Any:
         """Round-to-nearest of the stored scheme: what any integer-affine weight is, whatever made it."""

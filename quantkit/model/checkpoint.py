@@ -29,6 +29,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.io import atomic_dir
+from quantkit.manifest import check_intact, write_manifest
 from quantkit.dtypes import DTYPES, FLOAT_DTYPES, ST_CODES, ST_DTYPES, dtype_name, parse_dtype, short_name
 from quantkit.model.config import LlamaConfig, shown
 from quantkit.model.layout import checkpoint_shapes, layer_index, layer_prefix
@@ -89,6 +90,7 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.dir = resolve_model_dir(path)
+        check_intact(self.dir, hashes=False)  # sizes against quantkit's manifest (a truncated file), before any read
         self.config_path = self.dir / "config.json"
         config = LlamaConfig.from_file(self.config_path)
         self.quantization_config = config.extra.get("quantization_config")
@@ -364,12 +366,17 @@ class Checkpoint:
                                 f"implies {list(want)}: the config does not belong to these weights")
 
     def _stored_dtype(self) -> torch.dtype:
-        """The embedding's stored dtype (the bulk of the weights' where it is stored quantized)."""
-        name = "model.embed_tokens.weight"
-        if name in self.shapes:
-            return ST_CODES[self.stored[name][1]]
+        """The dense tensors' stored dtype; for a mix (some bf16, some fp16), float32, which holds each exactly:
+        one dtype that would round some of them (fp16 overflows past 65504, bf16 drops mantissa) is never chosen."""
         codes = Counter(self.stored[n][1] for n in self.shapes)
-        return ST_CODES[codes.most_common(1)[0][0]] if codes else torch.float16
+        if not codes:
+            return torch.float16
+        if len(codes) > 1:
+            mix = ", ".join(f"{dtype_name(ST_CODES[code])}: {n} tensors" for code, n in codes.most_common())
+            log.warning("%s: the weights are stored in a mix of dtypes (%s): using float32, which holds each "
+                        "exactly; pass --dtype to choose another", self.weights_source, mix)
+            return torch.float32
+        return ST_CODES[next(iter(codes))]
 
     def _log_dtype_choice(self):
         stated, stored = self.config.torch_dtype, dtype_name(self.stored_dtype)
@@ -413,13 +420,13 @@ class Checkpoint:
             if file_name.endswith(".safetensors"):
                 with self._open_safetensors(file_name) as f:
                     for name in group:
-                        yield name, _cast(f.get_tensor(name), dtype)
+                        yield name, _cast_checked(name, f.get_tensor(name), dtype)
             else:
                 tensors = self._load_bin(file_name)
                 for name in group:
                     t = tensors[name]
                     self._check_shape(name, tuple(t.shape), file_name)
-                    yield name, _cast(t, dtype)
+                    yield name, _cast_checked(name, t, dtype)
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.weight_map:
@@ -469,6 +476,17 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
+def _cast_checked(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """_cast, refusing a cast to a smaller range that turns finite values into inf (bf16's 1e6 in fp16)."""
+    out = _cast(t, dtype)
+    if out is not t and torch.finfo(dtype).max < torch.finfo(t.dtype).max and not bool(torch.isfinite(out).all()) \
+            and bool(torch.isfinite(t).all()):
+        raise QuantkitError(f"{name}: its {dtype_name(t.dtype)} values exceed {dtype_name(dtype)}'s range "
+                            f"({torch.finfo(dtype).max:g}) and would be written as inf: pass --dtype "
+                            f"{short_name(t.dtype)} (or fp32)")
+    return out
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Float tensors to dtype; integer (packed, quantized) tensors stay as stored."""
     return t if dtype is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
@@ -505,9 +523,11 @@ def ready_for_inference(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """A dense checkpoint as a native model (quantized ones: quantkit.load)."""
+    """A dense checkpoint as a native model (quantized ones: quantkit.load); files that differ from quantkit's
+    manifest (sha256) are refused."""
     device = check_device(device)
     ckpt = Checkpoint(path)
+    check_intact(ckpt.dir)
     return ready_for_inference(build_model(ckpt, parse_dtype(dtype) or ckpt.default_dtype(), device))
 
 
@@ -528,7 +548,8 @@ def copy_tokenizer_files(src_dir: Path | None, out_dir: Path):
 
 def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False) -> Path:
-    """Save in Hugging Face's layout: config.json, safetensors (sharded with an index), tokenizer files."""
+    """Save in Hugging Face's layout: config.json, safetensors (sharded with an index), tokenizer files, and
+    quantkit_manifest.json (every file's size and sha256)."""
     dtype = parse_dtype(dtype)
     config = model.config
     tensors = {k: _cast(v, dtype) for k, v in model.state_dict().items()}
@@ -541,5 +562,6 @@ def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_di
         write_safetensors(tensors, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         copy_tokenizer_files(tokenizer_dir, tmp)
+        write_manifest(tmp)  # last: it covers every other file
     log.info("saved %d tensors to %s", len(tensors), out_dir)
     return Path(out_dir)

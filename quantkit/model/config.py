@@ -40,9 +40,17 @@ def check_positive_int(key: str, value: Any) -> int:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: the model computes these in fp32 or less
+
+
 def check_positive_number(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise QuantkitError(f"{key} is {shown(value)}: it must be a positive number")
+    if value > FLOAT32_MAX:
+        raise QuantkitError(f"{key} is {shown(value)}: it must be a positive number that float32 holds "
+                            f"(at most {FLOAT32_MAX:.3g})")
+    if key == "rms_norm_eps" and value >= 1:  # it is added to mean(x^2): a large one flattens every activation
+        raise QuantkitError(f"{key} is {shown(value)}: it must be a small positive number (Llama 2 uses 1e-05)")
     return float(value)
 
 
@@ -205,6 +213,10 @@ def _fields_from_hf(d: dict[str, Any]) -> dict[str, Any]:
             value = value[0]
         kwargs[key] = value  # types and ranges: checked by __post_init__, for in-code configs too
     kwargs.update(_rope_from_hf(d))
+    activation = d.get("hidden_act", "silu")  # the native model computes SwiGLU with silu, Llama's only activation
+    if activation != "silu":
+        raise QuantkitError(f"hidden_act is {shown(activation)}: quantkit's Llama computes silu (Llama 2's "
+                            f"activation); a model trained with another one is not Llama 2")
     for key in ("dtype", "torch_dtype"):  # transformers 5's name first
         if d.get(key) is not None:
             kwargs["torch_dtype"] = check_dtype(key, d[key])

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.dtypes import overflow_hint, short_name
 from quantkit.errors import QuantkitError
 from quantkit.model.llama import LlamaForCausalLM
 from quantkit.model.tokenizer import pad_left
@@ -64,6 +65,7 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], sampling: Sampli
     step_ids, step_mask = ids, mask
     for _ in range(sampling.max_new_tokens):
         logits = model(step_ids, step_mask, cache)[:, -1]  # (B, vocab)
+        check_step_logits(model, logits, len(out))
         token = sample_next(logits, sampling, generator)
         out.append(token)
         if on_token is not None:
@@ -79,6 +81,14 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], sampling: Sampli
             step_ids, step_mask = ids, mask
     tokens = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
     return [_cut_at(row, eos_id) for row in tokens]
+
+
+def check_step_logits(model: LlamaForCausalLM, logits: torch.Tensor, step: int) -> None:
+    """Inf/NaN logits (B, vocab) are an error, never a token: greedy would pick id 0 and sampling would crash."""
+    if not bool(torch.isfinite(logits).all()):
+        source = getattr(model, "source_dir", None) or "the model"
+        raise QuantkitError(f"{source}: non-finite logits at generated token {step} (computing in "
+                            f"{short_name(logits.dtype)}): {overflow_hint(logits.dtype)}")
 
 
 def check_prompt_ids(ids: torch.Tensor, vocab_size: int) -> None:

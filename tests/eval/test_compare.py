@@ -140,6 +140,7 @@ def other_tokenizer_base(dirs, tmp_path_factory):
     path = tmp_path_factory.mktemp("other-tok") / "base"
     shutil.copytree(dirs["base"], path)
     (path / "tokenizer.model").write_bytes(other_tokenizer_model())
+    (path / "quantkit_manifest.json").unlink()  # a model with another tokenizer, not a damaged copy of the base
     return path
 
 

@@ -10,10 +10,24 @@ from safetensors.torch import save_file
 
 import quantkit
 from quantkit.errors import QuantkitError
+from quantkit.manifest import MANIFEST_FILE
 from quantkit.model import Checkpoint, save_model
 from quantkit.model.checkpoint import resolve_model_dir
 from quantkit.model.shards import parse_size
 from tests.conftest import random_model, tiny_config
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_model_dir):
+    """conftest's, without quantkit's manifest: these tests edit its files as checkpoints from other tools come
+    (with the manifest, any edit is refused first: tests/test_manifest.py)."""
+    return unsealed(tiny_model_dir)
+
+
+def unsealed(model_dir):
+    """A saved directory without its manifest, to be edited as another tool's files."""
+    (model_dir / MANIFEST_FILE).unlink()
+    return model_dir
 
 
 def file_tensors(model_dir):
@@ -165,6 +179,7 @@ def test_shard_missing_from_index(tmp_path):
     out = save_model(random_model(tiny_config()), tmp_path / "m", max_shard_size="60KB")
     victim = sorted(out.glob("model-*.safetensors"))[1]
     victim.unlink()
+    unsealed(out)  # the manifest would name the missing file first
     with pytest.raises(QuantkitError, match=f"{victim.name}: shard named in model.safetensors.index.json is missing"):
         quantkit.load(out)
 
@@ -243,7 +258,7 @@ def warnings_of(caplog):
 
 @pytest.fixture
 def bf16_dir(tmp_path):
-    return save_model(random_model(tiny_config()), tmp_path / "bf16", dtype="bf16")
+    return unsealed(save_model(random_model(tiny_config()), tmp_path / "bf16", dtype="bf16"))  # the tests edit it
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "bin"])
@@ -360,7 +375,7 @@ def test_a_pretraining_tp_that_does_not_divide_is_one_line(tiny_model_dir):
 
 
 def test_a_missing_decoder_layer_is_named(tmp_path):
-    out = save_model(random_model(tiny_config(num_hidden_layers=3)), tmp_path / "m")
+    out = unsealed(save_model(random_model(tiny_config(num_hidden_layers=3)), tmp_path / "m"))
     tensors = {k: v for k, v in file_tensors(out).items() if not k.startswith("model.layers.1.")}
     save_file(tensors, out / "model.safetensors")
     edit_config(out, drop=["num_hidden_layers"])
@@ -374,7 +389,7 @@ def test_a_missing_decoder_layer_is_named(tmp_path):
 def test_a_stale_index_beside_a_complete_file_is_ignored_with_a_warning(tmp_path, caplog, kind):
     stale = save_model(random_model(tiny_config(), seed=0), tmp_path / "stale", max_shard_size="60KB")
     current = random_model(tiny_config(), seed=1)
-    out = save_model(current, tmp_path / "m")
+    out = unsealed(save_model(current, tmp_path / "m"))
     if kind == "safetensors":
         for f in stale.glob("model*"):
             if f.name != "model.safetensors":
@@ -395,7 +410,7 @@ def test_a_stale_index_beside_a_complete_file_is_ignored_with_a_warning(tmp_path
 
 def test_safetensors_shards_come_before_a_pytorch_bin(tmp_path, caplog):
     current = random_model(tiny_config(), seed=1)
-    out = save_model(current, tmp_path / "m", max_shard_size="60KB")
+    out = unsealed(save_model(current, tmp_path / "m", max_shard_size="60KB"))
     torch.save(random_model(tiny_config(), seed=0).state_dict(), out / "pytorch_model.bin")
     loaded = quantkit.load(out)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), current.state_dict().values()))
@@ -409,8 +424,8 @@ def test_cli_eval_on_a_bf16_model_without_a_config_dtype(tmp_path, tokenizer_fil
 
     from quantkit.cli import main
 
-    model_dir = save_model(random_model(tiny_config()), tmp_path / "m", tokenizer_dir=tokenizer_file.parent,
-                           dtype="bf16")
+    model_dir = unsealed(save_model(random_model(tiny_config()), tmp_path / "m", tokenizer_dir=tokenizer_file.parent,
+                                    dtype="bf16"))
     edit_config(model_dir, drop=("dtype", "torch_dtype"))
     text = tmp_path / "text.txt"
     text.write_text((tokenizer_file.parent / "test.txt").read_text()[:4000])

@@ -21,14 +21,17 @@ from safetensors.torch import save_file
 import quantkit
 import quantkit.model.checkpoint as checkpoint
 from quantkit.errors import QuantkitError
+from quantkit.manifest import MANIFEST_FILE
 from quantkit.model import Checkpoint, save_model
 from tests.conftest import random_model, tiny_config
 
 
 @pytest.fixture
 def small_dir(tmp_path):
-    """A one-layer bf16 model with a 128-token vocabulary."""
-    return save_model(random_model(tiny_config(vocab_size=128, num_hidden_layers=1)), tmp_path / "m", dtype="bf16")
+    """A one-layer bf16 model with a 128-token vocabulary, without quantkit's manifest (as hostile files come)."""
+    out = save_model(random_model(tiny_config(vocab_size=128, num_hidden_layers=1)), tmp_path / "m", dtype="bf16")
+    (out / MANIFEST_FILE).unlink()
+    return out
 
 
 @pytest.fixture
@@ -36,6 +39,7 @@ def sharded_dir(tmp_path):
     out = save_model(random_model(tiny_config(vocab_size=128, num_hidden_layers=1)), tmp_path / "sharded",
                      max_shard_size="40KB", dtype="bf16")
     assert (out / "model.safetensors.index.json").is_file()
+    (out / MANIFEST_FILE).unlink()  # as hostile files come
     return out
 
 

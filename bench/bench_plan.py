@@ -15,24 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from quantkit.model import LlamaConfig, LlamaForCausalLM, save_model
+from bench_rss import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"int4": ["--method", "int4", "--group-size", "128"], "rtn": ["--method", "rtn", "--bits", "4"],
            "bnb-nf4": ["--method", "bnb-nf4"], "gptq": ["--method", "gptq", "--group-size", "128"]}
-
-
-def make_checkpoint(path: Path, layers: int, hidden: int):
-    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 128 * 128,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 128, torch_dtype="float16")
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").half()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    save_model(model, path, tokenizer_dir=REPO / "demo" / "model")
 
 
 def measured_run(cmd: list[str]) -> tuple[int, float]:
@@ -61,7 +48,7 @@ def main():
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
-        make_checkpoint(src, args.layers, args.hidden)
+        make_checkpoint(src, args.layers, args.hidden, tokenizer_dir=REPO / "demo" / "model")
         for method in args.methods:
             flags = METHODS[method] + (calib if method == "gptq" else [])
             start = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 from quantkit.model import LlamaConfig, LlamaForCausalLM, save_model
 
 
-def make_checkpoint(path: Path, layers: int, hidden: int):
+def make_checkpoint(path: Path, layers: int, hidden: int, tokenizer_dir: Path | None = None):
     config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 128 * 128,
                          num_hidden_layers=layers, num_attention_heads=hidden // 128, torch_dtype="float16")
     with torch.device("meta"):
@@ -26,7 +26,7 @@ def make_checkpoint(path: Path, layers: int, hidden: int):
     model = model.to_empty(device="cpu").half()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    save_model(model, path, max_shard_size="1GB")
+    save_model(model, path, tokenizer_dir=tokenizer_dir, max_shard_size="1GB")
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 

@@ -39,18 +39,21 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
-def _gb(n: int) -> str:
+def human_bytes(n: int) -> str:
+    """Bytes for a message: '3.9 GB', or '4.2 MB' below 0.1 GB (decimal units, as disk sizes are sold)."""
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _mount_point(path: Path) -> Path:
+def mount_point(path: Path) -> Path:
+    """The mount point holding `path` (an existing path): where a message says space is free."""
     path = path.resolve()
     while not os.path.ismount(path) and path != path.parent:
         path = path.parent
     return path
 
 
-def _existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest existing parent: what shutil.disk_usage can measure for a directory not made yet."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
@@ -63,10 +66,10 @@ class DiskFull(QuantkitError):
     def __init__(self, path: str | os.PathLike, written: int, needed: int | None = None, at_least: bool = False,
                  fix: str = "free space or write it elsewhere"):
         self.path, self.written, self.needed = Path(path), written, needed
-        where = _existing(self.path.parent)
-        need = f"{'at least' if at_least else 'about'} {_gb(needed)} needed, " if needed else ""
-        super().__init__(f"{path}: no space left on device after writing {_gb(written)} ({need}"
-                         f"{_gb(shutil.disk_usage(where).free)} free on {_mount_point(where)}): {fix}")
+        where = nearest_existing(self.path.parent)
+        need = f"{'at least' if at_least else 'about'} {human_bytes(needed)} needed, " if needed else ""
+        super().__init__(f"{path}: no space left on device after writing {human_bytes(written)} ({need}"
+                         f"{human_bytes(shutil.disk_usage(where).free)} free on {mount_point(where)}): {fix}")
 
 
 def _size(path: Path) -> int:

@@ -38,7 +38,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export import ExportOptions, choose_format
 from quantkit.formats import QuantFormat
 from quantkit.gptq_solver import inverse_hessian_cholesky
-from quantkit.io import _existing, _gb, _mount_point
+from quantkit.io import nearest_existing, human_bytes, mount_point
 from quantkit.layerwise import CalibrationOptions, calibration_dtype
 from quantkit.loading import open_checkpoint
 from quantkit.model.checkpoint import TOKENIZER_FILES, check_device
@@ -242,8 +242,8 @@ def disk_plan(output: OutputSize, activations: int, out_dir: str | os.PathLike |
 
 def free_space(out_dir: str | os.PathLike) -> tuple[int, Path]:
     """(free bytes, mount point) of the filesystem OUT would be written to (its nearest existing parent)."""
-    where = _existing(Path(out_dir).absolute().parent)
-    return shutil.disk_usage(where).free, _mount_point(where)
+    where = nearest_existing(Path(out_dir).absolute().parent)
+    return shutil.disk_usage(where).free, mount_point(where)
 
 
 def check_free_space(out_dir: str | os.PathLike, ckpt, recipe: Recipe, fmt: QuantFormat, dtype: torch.dtype,
@@ -257,8 +257,8 @@ def check_free_space(out_dir: str | os.PathLike, ckpt, recipe: Recipe, fmt: Quan
     disk = disk_plan(output_size(source, recipe, fmt, dtype), activations, out_dir)
     free, mount = free_space(out_dir)
     if disk.needed > free:
-        raise QuantkitError(f"{out_dir}: needs about {_gb(disk.needed)} (output {_gb(disk.output)} + work directory "
-                            f"{_gb(max(disk.work - disk.already_done, 0))}), {_gb(free)} free on {mount}: free "
+        raise QuantkitError(f"{out_dir}: needs about {human_bytes(disk.needed)} (output {human_bytes(disk.output)} + work directory "
+                            f"{human_bytes(max(disk.work - disk.already_done, 0))}), {human_bytes(free)} free on {mount}: free "
                             f"space or choose another output")
     return disk
 
@@ -568,7 +568,7 @@ def _seconds(source: Source, recipe: Recipe, fmt: QuantFormat, dtype: torch.dtyp
     written = 2 * output.tensors + activations * source.config.num_hidden_layers  # work dir, then the output
     parts["read and write"] = (source_bytes + written) / bandwidth
     notes.append(f"disk: {bandwidth / 1e6:.0f} MB/s writing {BANDWIDTH_PROBE >> 20} MB in {where} (reading the source "
-                 f"assumed as fast): {_gb(source_bytes)} read, {_gb(written)} written")
+                 f"assumed as fast): {human_bytes(source_bytes)} read, {human_bytes(written)} written")
     return parts, notes
 
 
@@ -596,12 +596,12 @@ def make_plan(model: str | os.PathLike, config: QuantConfig | Recipe, export: Ex
     disk = disk_plan(output, activations, out_dir)
     baseline = measure_baseline(recipe, fmt, device, largest_linear(source)) if measure else (0, 0.0, 0.0)
     memory = memory_plan(source, output, dtype, baseline, calibration, calib_dtype)
-    where = _existing(Path(out_dir).absolute().parent) if out_dir is not None else Path(tempfile.gettempdir())
+    where = nearest_existing(Path(out_dir).absolute().parent) if out_dir is not None else Path(tempfile.gettempdir())
     parts, notes = (_seconds(source, recipe, fmt, dtype, calibration, calib_dtype, output, activations, where)
                     if measure else ({}, []))
     if measure:
         parts = {"start": baseline[2], **parts}  # imports and first use of the backends, as timed above
-    notes.insert(0, f"baseline RSS {_gb(baseline[0])} (a new process with quantkit imported), quantize + export "
+    notes.insert(0, f"baseline RSS {human_bytes(baseline[0])} (a new process with quantkit imported), quantize + export "
                     f"of a linear {baseline[1]:.0f} bytes per weight")
     return Plan(model=source.name, format=fmt.name, recipe=recipe.to_dict(), device=str(device),
                 layers=source.config.num_hidden_layers, peak_ram=memory.ram, peak_gpu=memory.gpu,
@@ -623,14 +623,14 @@ def plan_table(plan: Plan) -> str:
     ram_phase = max(plan.ram_phases, key=lambda p: sum(plan.ram_phases[p].values()))
     rows = [("model", f"{plan.model} ({plan.layers} layers), {plan.format}, {plan.bits_per_weight:.2f} bits per "
                       f"quantized weight"),
-            ("peak RAM", f"{_gb(plan.peak_ram)} (while: {ram_phase})"),
-            ("peak GPU", _gb(plan.peak_gpu) if plan.gpu_phases else "none (runs on the CPU)"),
-            ("output", _gb(plan.output_bytes)),
-            ("work directory", f"{_gb(plan.work_bytes)} (removed at the end)"),
-            ("disk needed", _gb(plan.disk_needed))]
+            ("peak RAM", f"{human_bytes(plan.peak_ram)} (while: {ram_phase})"),
+            ("peak GPU", human_bytes(plan.peak_gpu) if plan.gpu_phases else "none (runs on the CPU)"),
+            ("output", human_bytes(plan.output_bytes)),
+            ("work directory", f"{human_bytes(plan.work_bytes)} (removed at the end)"),
+            ("disk needed", human_bytes(plan.disk_needed))]
     if plan.free_bytes is not None:
         fits = "fits" if plan.free_bytes >= plan.disk_needed else "DOES NOT FIT"
-        rows.append(("free disk", f"{_gb(plan.free_bytes)} where {plan.out} goes: {fits}"))
+        rows.append(("free disk", f"{human_bytes(plan.free_bytes)} where {plan.out} goes: {fits}"))
     parts = ", ".join(f"{name} {_duration(s)}" for name, s in plan.seconds_parts.items())
     rows.append(("time", f"about {_duration(plan.seconds)} ({parts})" if plan.seconds_parts else "not measured"))
     width = max(len(name) for name, _ in rows)

@@ -38,7 +38,8 @@ import quantkit
 from quantkit.dtypes import dtype_name
 from quantkit.errors import QuantkitError
 from quantkit.export import ExportRecord, ExportWriter
-from quantkit.io import _gb, atomic_dir, atomic_file, write_text
+from quantkit.io import human_bytes, atomic_dir, atomic_file, write_text
+from quantkit.manifest import sha256_file
 from quantkit.model.checkpoint import TOKENIZER_FILES, Checkpoint
 from quantkit.model.shards import SAFETENSORS_SINGLE, ShardWriter, parse_size
 from quantkit.record import LinearReport
@@ -67,11 +68,6 @@ def activations_name(done: int) -> str:
 
 # -- the fingerprint ------------------------------------------------------------------------------
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def safetensors_sample_sha256(path: Path) -> str:
     """sha256 of a safetensors file's header (length prefix and JSON: names, dtypes, shapes, offsets) and of
     the first and last MiB of its data: a cheap check (milliseconds whatever the size) that catches another
@@ -92,9 +88,9 @@ def source_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
     files = sorted(set(ckpt.weight_map.values()) | {ckpt.weights_source.name})
     weights = {name: {"size": (ckpt.dir / name).stat().st_size,
                       "sha256": safetensors_sample_sha256(ckpt.dir / name) if name.endswith(".safetensors")
-                      else file_sha256(ckpt.dir / name)} for name in files}
-    tokenizer = {name: file_sha256(ckpt.dir / name) for name in TOKENIZER_FILES if (ckpt.dir / name).is_file()}
-    return {"config.json": file_sha256(ckpt.config_path), "weights": weights, "tokenizer": tokenizer}
+                      else sha256_file(ckpt.dir / name)} for name in files}
+    tokenizer = {name: sha256_file(ckpt.dir / name) for name in TOKENIZER_FILES if (ckpt.dir / name).is_file()}
+    return {"config.json": sha256_file(ckpt.config_path), "weights": weights, "tokenizer": tokenizer}
 
 
 def fingerprint(ckpt: Checkpoint, recipe: dict, export: dict, calibration=None,
@@ -199,7 +195,7 @@ class WorkDir:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.is_dir() else 0
 
     def describe(self) -> str:
-        return f"{self.done} of {self.layers} layers done ({_gb(self.size())})"
+        return f"{self.done} of {self.layers} layers done ({human_bytes(self.size())})"
 
     def _read_state(self) -> dict | None:
         """state.json as written, or None where there is none or it is not quantkit's (a run killed early)."""
@@ -320,7 +316,7 @@ class WorkDir:
         it; returns what became of it, for the one-line message."""
         if self.done and keep:
             return (f"after {self.done} of {self.layers} layers: --resume continues (the work directory {self.path} "
-                    f"holds {_gb(self.size())}; delete it to start over)")
+                    f"holds {human_bytes(self.size())}; delete it to start over)")
         done = self.done
         self.remove()
         if done:

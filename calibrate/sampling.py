@@ -46,7 +46,7 @@ def calibration_tokens(source, tokenizer, n_samples: int = 128, seq_len: int = 2
     or the caller (ready ids); without it, ready ids are checked against len(tokenizer) (pieces and added
     tokens).
     """
-    _check_sizes(n_samples, seq_len, mode)
+    check_sizes(n_samples, seq_len, mode)
     if is_token_source(source):
         tokens, name = load_tokens(source)
         return ready_windows(tokens, name, len(tokenizer) if vocab_size is None else vocab_size, n_samples, seq_len)
@@ -63,7 +63,8 @@ def calibration_tokens(source, tokenizer, n_samples: int = 128, seq_len: int = 2
     return windows
 
 
-def _check_sizes(n_samples: int, seq_len: int, mode: str | None) -> None:
+def check_sizes(n_samples: int, seq_len: int, mode: str | None) -> None:
+    """One line for a calibration set that cannot exist (no windows, empty windows, an unknown mode)."""
     if mode is not None and mode not in MODES:
         raise QuantkitError(f"calibration mode {mode!r} is unknown: use one of {', '.join(MODES)}")
     if int(n_samples) < 1:

@@ -178,6 +178,9 @@ def write_text(path: str | os.PathLike, text: str):
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, keep=()):
     """Refuse an existing `out` unless overwrite, and always an `out` that is, or holds, one of `keep` (the source)."""
     out = Path(out)
+    parent = nearest_existing(out.absolute().parent)
+    if not parent.is_dir():
+        raise QuantkitError(f"{out}: {parent} is a file, not a directory: choose an output inside a directory")
     for path in keep:
         if path is not None and (out.resolve() == Path(path).resolve() or out.resolve() in Path(path).resolve().parents):
             raise QuantkitError(f"{out}: is (or holds) the source {path}, which writing there would destroy: "

@@ -69,6 +69,13 @@ class CalibrationOptions:
     device: str = "cpu"
     dtype: str | torch.dtype | None = None
 
+    def __post_init__(self):
+        from quantkit.calibrate.sampling import check_sizes
+
+        check_sizes(self.n_samples, self.seq_len, self.mode)  # refused before anything is read (plan, quantize)
+        if self.batch_size < 1:
+            raise QuantkitError(f"batch_size={self.batch_size}: calibration needs at least one window a batch")
+
     @classmethod
     def of(cls, calibration) -> "CalibrationOptions | None":
         """Options as given, or the defaults around a bare source (a tensor, a path, a dataset name)."""

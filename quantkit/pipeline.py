@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ from quantkit.loading import open_checkpoint
 from quantkit.model.layout import layer_prefix, linear_of
 from quantkit.model.shards import parse_size
 from quantkit.plan import check_free_space
-from quantkit.resume import NON_LAYER, WorkDir, fingerprint, layer_unit
+from quantkit.resume import NON_LAYER, WorkDir, fingerprint, layer_unit, work_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     if ckpt.quantization_config:
         raise QuantkitError(f"{ckpt.dir / 'config.json'}: the source is already quantized "
                             f"({ckpt.quantization_config.get('quant_method')}): start from the fp16/bf16 checkpoint")
+    if resume and not export.overwrite and Path(out_dir).exists() and not work_dir_of(out_dir).exists():
+        raise QuantkitError(f"{out_dir}: already complete, and no interrupted run is left beside it: nothing to "
+                            f"--resume (pass --force without --resume to quantize it again)")
     check_output_dir(out_dir, export.overwrite, keep=[ckpt.dir])  # before calibration data is fetched
     recipe = runnable_recipe(config, ignore, calibrated=calibration is not None)  # checked before any work
     fmt = choose_format(recipe.configs(), export.format)

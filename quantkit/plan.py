@@ -38,7 +38,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export import ExportOptions, choose_format
 from quantkit.formats import QuantFormat
 from quantkit.gptq_solver import inverse_hessian_cholesky
-from quantkit.io import nearest_existing, human_bytes, mount_point
+from quantkit.io import check_output_dir, human_bytes, mount_point, nearest_existing
 from quantkit.layerwise import CalibrationOptions, calibration_dtype
 from quantkit.loading import open_checkpoint
 from quantkit.model.checkpoint import TOKENIZER_FILES, check_device
@@ -581,6 +581,8 @@ def make_plan(model: str | os.PathLike, config: QuantConfig | Recipe, export: Ex
     not read; None: the defaults). measure=False skips the timing and the baseline measurement (0 for both).
     """
     export, source = export or ExportOptions(), Source.of(model)
+    if out_dir is not None:  # as quantize would judge it: not under a file, not the source (an existing OUT is fine)
+        check_output_dir(out_dir, overwrite=True, keep=[source.dir])
     recipe = runnable_recipe(config, ignore, calibrated=True)
     fmt = choose_format(recipe.configs(), export.format)
     dtype = parse_dtype(export.dtype, "--dtype") or source.stored_dtype

@@ -83,10 +83,11 @@ def safetensors_sample_sha256(path: Path) -> str:
 
 
 def source_fingerprint(ckpt: Checkpoint) -> dict[str, Any]:
-    """config.json's sha256; per weight file its size and safetensors_sample_sha256 (the whole file's sha256 for
-    a .bin or an index); the tokenizer files' sha256."""
+    """config.json's sha256; per weight file its size, modification time (an edit in place anywhere in a 140 GB
+    file, which the samples may miss) and safetensors_sample_sha256 (the whole file's sha256 for a .bin or an
+    index); the tokenizer files' sha256."""
     files = sorted(set(ckpt.weight_map.values()) | {ckpt.weights_source.name})
-    weights = {name: {"size": (ckpt.dir / name).stat().st_size,
+    weights = {name: {"size": (ckpt.dir / name).stat().st_size, "mtime_ns": (ckpt.dir / name).stat().st_mtime_ns,
                       "sha256": safetensors_sample_sha256(ckpt.dir / name) if name.endswith(".safetensors")
                       else sha256_file(ckpt.dir / name)} for name in files}
     tokenizer = {name: sha256_file(ckpt.dir / name) for name in TOKENIZER_FILES if (ckpt.dir / name).is_file()}
@@ -121,7 +122,9 @@ def _source_change(old: dict, new: dict) -> str:
             return f"the source's {kind} files changed ({', '.join(['-' + n for n in gone] + ['+' + n for n in added])})"
         changed = [name for name in now if before[name] != now[name]]
         if changed:
-            return f"the source's {changed[0]} changed"
+            touched = kind == "weights" and {k: v for k, v in before[changed[0]].items() if k != "mtime_ns"} == \
+                {k: v for k, v in now[changed[0]].items() if k != "mtime_ns"}
+            return f"the source's {changed[0]} changed" + (" (modified since the run began)" if touched else "")
     return "the source changed"
 
 
@@ -154,8 +157,8 @@ def what_changed(old: dict, new: dict) -> str | None:
         if key == "calibration":
             return _calibration_change(before, value)
         if key == "threads":
-            return (f"torch now uses {value} threads, the previous run {before} (float sums depend on the thread "
-                    f"count, so the output would not be byte-identical to an uninterrupted run)")
+            return (f"torch now uses {value} threads where the previous run used {before} (float sums depend on the "
+                    f"thread count, so the output would not be byte-identical to an uninterrupted run)")
         return f"{key} changed ({before} -> {value})"
     return None
 
@@ -236,7 +239,8 @@ class WorkDir:
             if changed is not None:
                 fix = (f"set OMP_NUM_THREADS={self.state['fingerprint']['threads']}" if changed.startswith("torch now")
                        else "run it as before")
-                raise QuantkitError(f"{self.out}: cannot --resume: {changed} since the previous run: {fix}, or pass "
+                since = "" if changed.startswith("torch now") else " since the previous run"
+                raise QuantkitError(f"{self.out}: cannot --resume: {changed}{since}: {fix}, or pass "
                                     f"--force instead of --resume to start over")
             log.warning("%s: resuming after %s", self.out, self.describe())
             self._prune()

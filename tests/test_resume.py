@@ -143,6 +143,16 @@ def change_header(src, tokens, args):
     return src, args
 
 
+def change_data_in_place(src, tokens, args):
+    """One bit flipped in the middle of the file, where the fingerprint's samples do not look: its mtime says so."""
+    path = src / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000_000))
+    return src, args
+
+
 def change_calibration(src, tokens, args):
     torch.save(torch.load(tokens) + 1, tokens)
     return src, args
@@ -155,8 +165,10 @@ def change_threads(src, tokens, args):
 CHANGES = {"recipe": (change_recipe, "cannot --resume: the recipe changed"),
            "config.json": (change_config, "cannot --resume: the source's config.json changed"),
            "header": (change_header, "cannot --resume: the source's model.safetensors changed"),
+           "data in place": (change_data_in_place, "cannot --resume: the source's model.safetensors changed "
+                                                   "(modified since the run began)"),
            "calibration": (change_calibration, "cannot --resume: the calibration tokens changed"),
-           "threads": (change_threads, "cannot --resume: torch now uses 7 threads, the previous run ")}
+           "threads": (change_threads, "cannot --resume: torch now uses 7 threads where the previous run used ")}
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
@@ -204,3 +216,10 @@ def test_a_work_directory_of_a_running_process_is_refused_even_with_force(src, t
     for flag in ("--resume", "--force"):
         assert_one_line_error(run("quantize", src, *METHODS["int4"], "-o", out, flag),
                               f"{out}: another quantkit process (pid {parent.pid}) is writing it now")
+
+
+def test_resume_of_a_complete_output_says_there_is_nothing_to_resume(src, tmp_path):
+    out = tmp_path / "done"
+    assert run("quantize", src, "--method", "int4", "--group-size", "32", "-o", out).exit_code == 0
+    result = run("quantize", src, "--method", "int4", "--group-size", "32", "-o", out, "--resume")
+    assert result.exit_code == 1 and "nothing to --resume" in result.output and "Traceback" not in result.output

@@ -149,3 +149,20 @@ def test_a_command_says_each_warning_once(fp16_dir, tmp_path):
                            "--seq-len", "32", "--no-speed"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("the weights are stored as float16") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("command", ["quantize", "plan"])
+def test_an_output_under_a_file_is_one_line(fp16_dir, tmp_path, command):
+    (tmp_path / "afile").write_text("x")
+    one_line_error(run(command, fp16_dir, "--method", "int4", "--group-size", "32", "-o", tmp_path / "afile" / "x"),
+                   "is a file, not a directory")
+
+
+@pytest.mark.parametrize("flags, needle", [(["--n-samples", "0"], "n_samples=0"), (["--seq-len", "-5"], "seq_len=-5")])
+def test_plan_refuses_calibration_that_cannot_exist(fp16_dir, flags, needle):
+    one_line_error(run("plan", fp16_dir, "--method", "gptq", "--group-size", "32", *flags), needle)
+
+
+def test_plan_refuses_the_source_as_output(fp16_dir):
+    one_line_error(run("plan", fp16_dir, "--method", "int4", "--group-size", "32", "-o", fp16_dir),
+                   "is (or holds) the source")

@@ -26,11 +26,6 @@ def model_label(model) -> str:
     return str(source) if source is not None else "the model"
 
 
-def likely_cause(dtype: torch.dtype) -> str:
-    """The likely cause and the fix, for a model computing in `dtype` (no fix that is already in use)."""
-    return overflow_hint(dtype)
-
-
 def check_logits(logits: torch.Tensor, window, label: str, dtype: torch.dtype, data=None,
                  cause: str | None = None) -> None:
     """Raise if a window's logits (n_scored, vocab) hold inf or NaN; the message names the window (its index
@@ -42,7 +37,7 @@ def check_logits(logits: torch.Tensor, window, label: str, dtype: torch.dtype, d
     index = data.windows.index(window) if data is not None and window in data.windows else None
     where = f"window {index} " if index is not None else "the window "
     raise QuantkitError(f"{label}: non-finite logits in {where}(tokens {window.start}-{window.end}, first at token "
-                        f"{first}) computed in {short_name(dtype)}: {cause or likely_cause(dtype)}")
+                        f"{first}) computed in {short_name(dtype)}: {cause or overflow_hint(dtype)}")
 
 
 def check_numbers(values, label: str, what: str, cause: str | None = None) -> None:

@@ -250,6 +250,21 @@ def build_config(choice: MethodChoice):
     return QuantConfig.from_dict({"method": choice.method, **given, **pairs})
 
 
+def chosen_config(choice: MethodChoice, recipe: Path | None, calibrated: bool):
+    """The config (or Recipe) of --method and its options, or of --recipe FILE: exactly one of them; --calib
+    (`calibrated`) only for calibrated methods. Shared by quantize and plan."""
+    from quantkit.backends import Recipe, needs_calibration
+
+    if (choice.method is None) == (recipe is None):
+        raise click.UsageError("give exactly one of --method and --recipe")
+    if recipe is not None and choice.given():
+        raise click.UsageError("method options (--bits, --group-size, -O, ...) go into the recipe file with --recipe")
+    config = Recipe.from_file(recipe) if recipe is not None else build_config(choice)
+    if calibrated and not needs_calibration(Recipe.of(config)):
+        raise click.UsageError("--calib applies to calibrated methods (gptq) only")
+    return config
+
+
 # -- calibration, export and dataset options --------------------------------------------------------
 
 CALIB_HELP = ("Calibration data (gptq): wikitext2, c4, ptb, a text/jsonl/parquet/csv file, a saved dataset "
@@ -486,19 +501,9 @@ def quantize(model, output, recipe, method_choice, calibration, export, ignore, 
 
     Each finished layer is kept beside OUTPUT (.OUTPUT.quantkit-work) until the output is complete, so a run
     stopped by Ctrl-C, SIGTERM, a full disk, a crash or SIGKILL continues with --resume."""
-    from quantkit.backends import Recipe, needs_calibration
     from quantkit.pipeline import quantize_checkpoint
 
-    if (method_choice.method is None) == (recipe is None):
-        raise click.UsageError("give exactly one of --method and --recipe")
-    if recipe is not None:
-        if method_choice.given():
-            raise click.UsageError("method options (--bits, --group-size, -O, ...) go into the recipe file with --recipe")
-        config = Recipe.from_file(recipe)
-    else:
-        config = build_config(method_choice)
-    if calibration is not None and not needs_calibration(Recipe.of(config)):
-        raise click.UsageError("--calib applies to calibrated methods (gptq) only")
+    config = chosen_config(method_choice, recipe, calibrated=calibration is not None)
     summary = quantize_checkpoint(model, config, output, export=export, calibration=calibration, ignore=tuple(ignore),
                                   resume=resume, keep_work=keep_work)
     if as_json:
@@ -599,16 +604,9 @@ def plan(model, output, recipe, method_choice, calibration, export, ignore, as_j
     MODEL is a directory, a hub id, or a preset (llama2-7b, llama2-13b, llama2-70b: fp16, no weights needed).
     Options as `quantize` takes them; calibration data is not read (only --n-samples and --seq-len count).
     """
-    from quantkit.backends import Recipe, needs_calibration
     from quantkit.plan import make_plan, plan_table
 
-    if (method_choice.method is None) == (recipe is None):
-        raise click.UsageError("give exactly one of --method and --recipe")
-    if recipe is not None and method_choice.given():
-        raise click.UsageError("method options (--bits, --group-size, -O, ...) go into the recipe file with --recipe")
-    config = Recipe.from_file(recipe) if recipe is not None else build_config(method_choice)
-    if calibration.source is not None and not needs_calibration(Recipe.of(config)):
-        raise click.UsageError("--calib applies to calibrated methods (gptq) only")
+    config = chosen_config(method_choice, recipe, calibrated=calibration.source is not None)
     result = make_plan(model, config, export=export, calibration=calibration, ignore=tuple(ignore), out_dir=output)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else plan_table(result))
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from quantkit.io import DiskFull, atomic_file
+from quantkit.errors import QuantkitError
+from quantkit.io import atomic_file
 
 log = logging.getLogger("quantkit.calibrate")
 
@@ -84,7 +85,7 @@ class TokenCache:
             with atomic_file(self.path) as tmp:
                 save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp),
                           metadata={"format": FORMAT, **self.meta})
-        except (OSError, DiskFull) as e:  # a cache is an optimisation: a full disk is no reason to stop
+        except (OSError, QuantkitError) as e:  # a cache is an optimisation: an unwritable one is no reason to stop
             log.warning("calibration: could not write the token cache %s (%s); the next run tokenizes again "
                         "(set cache_dir or $%s to a writable directory)", self.path, e, CACHE_ENV)
             return

@@ -63,14 +63,17 @@ def calibration_tokens(source, tokenizer, n_samples: int = 128, seq_len: int = 2
     return windows
 
 
+RANDOM_MODE = "--calib-mode random (mode='random' in Python)"
+
+
 def check_sizes(n_samples: int, seq_len: int, mode: str | None) -> None:
     """One line for a calibration set that cannot exist (no windows, empty windows, an unknown mode)."""
     if mode is not None and mode not in MODES:
-        raise QuantkitError(f"calibration mode {mode!r} is unknown: use one of {', '.join(MODES)}")
+        raise QuantkitError(f"--calib-mode {mode!r} (mode= in Python) is unknown: use one of {', '.join(MODES)}")
     if int(n_samples) < 1:
-        raise QuantkitError(f"n_samples={n_samples}: calibration needs at least one sample")
+        raise QuantkitError(f"--n-samples {n_samples} (n_samples={n_samples}): calibration needs at least one sample")
     if int(seq_len) < 1:
-        raise QuantkitError(f"seq_len={seq_len}: a calibration window needs at least one token")
+        raise QuantkitError(f"--seq-len {seq_len} (seq_len={seq_len}): a calibration window needs at least one token")
 
 
 def _token_cache(corpus: Corpus, tokenizer, mode: str, cache_dir) -> TokenCache:
@@ -110,12 +113,12 @@ def random_windows(ids: torch.Tensor, n_samples: int, seq_len: int, generator: t
     """[n_samples, seq_len] windows of a token stream at distinct random start offsets."""
     n_starts = len(ids) - seq_len + 1  # a window starts anywhere its seq_len tokens fit
     if n_starts < 1:
-        raise QuantkitError(f"{name}: the text has {len(ids)} tokens, fewer than seq_len={seq_len}: "
-                            f"use a longer text or a smaller seq_len")
+        raise QuantkitError(f"{name}: the text has {len(ids)} tokens, fewer than --seq-len {seq_len}: "
+                            f"use a longer text or a smaller --seq-len")
     if n_samples > n_starts:
         raise QuantkitError(f"{name}: {len(ids)} tokens leave room for only {n_starts} distinct windows of "
-                            f"seq_len={seq_len}, fewer than n_samples={n_samples}: use a longer text, or a smaller "
-                            f"n_samples or seq_len")
+                            f"--seq-len {seq_len}, fewer than --n-samples {n_samples}: use a longer text, or a smaller "
+                            f"--n-samples or --seq-len")
     starts = distinct_randint(n_starts, n_samples, generator)  # (n_samples,)
     return ids[starts[:, None] + torch.arange(seq_len)].long()  # (n_samples, seq_len)
 
@@ -189,10 +192,11 @@ def document_windows(corpus: Corpus, tokenizer, cache: TokenCache, n_samples: in
 def _too_few_documents(corpus: Corpus, found: int, n_samples: int, seq_len: int, longest: int) -> QuantkitError:
     n_docs = len(corpus.docs)
     if found == 0:
-        return QuantkitError(f"{corpus.name}: no document has seq_len={seq_len} tokens (the longest of the {n_docs} "
-                             f"has {longest} tokens): use a smaller seq_len, or mode='random', which joins the documents")
-    return QuantkitError(f"{corpus.name}: only {found} of {n_docs} documents have at least seq_len={seq_len} tokens, "
-                         f"fewer than n_samples={n_samples}: lower n_samples or seq_len, or use mode='random', "
+        return QuantkitError(f"{corpus.name}: no document has --seq-len {seq_len} tokens (the longest of the {n_docs} "
+                             f"has {longest} tokens): use a smaller --seq-len, or {RANDOM_MODE}, which joins the "
+                             f"documents")
+    return QuantkitError(f"{corpus.name}: only {found} of {n_docs} documents have at least --seq-len {seq_len} tokens, "
+                         f"fewer than --n-samples {n_samples}: lower --n-samples or --seq-len, or use {RANDOM_MODE}, "
                          f"which joins the documents")
 
 
@@ -203,11 +207,11 @@ def ready_windows(tokens: torch.Tensor, name: str, vocab_size: int, n_samples: i
     """Token ids given by the caller, checked and used as they are: the first n_samples rows."""
     check_token_tensor(tokens, vocab_size, name)
     if tokens.shape[1] != seq_len:
-        raise QuantkitError(f"{name}: windows of {tokens.shape[1]} tokens, but seq_len={seq_len}: "
-                            f"pass seq_len={tokens.shape[1]} or re-cut the token ids")
+        raise QuantkitError(f"{name}: windows of {tokens.shape[1]} tokens, but --seq-len {seq_len}: "
+                            f"pass --seq-len {tokens.shape[1]} or re-cut the token ids")
     if tokens.shape[0] < n_samples:
-        raise QuantkitError(f"{name}: {tokens.shape[0]} windows, fewer than n_samples={n_samples}: "
-                            f"pass n_samples={tokens.shape[0]} or more token ids")
+        raise QuantkitError(f"{name}: {tokens.shape[0]} windows, fewer than --n-samples {n_samples}: "
+                            f"pass --n-samples {tokens.shape[0]} or more token ids")
     if tokens.shape[0] > n_samples:
         log.info("calibration: using the first %d of the %d windows of %s", n_samples, tokens.shape[0], name)
     return tokens[:n_samples].to(torch.long, copy=True).contiguous()

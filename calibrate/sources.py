@@ -71,11 +71,12 @@ class SourceRole:
 
     what: str  # "calibration source", "dataset"
     flag: str  # the command-line flag that takes the source
+    field_flag: str  # the flag that names the text field of .jsonl/.parquet/.csv sources (text_field= in Python)
     known: dict[str, HubDataset]
     splits: tuple[str, ...]  # preferred split of a save_to_disk DatasetDict, in order
 
 
-CALIBRATION = SourceRole("calibration source", "--calib", KNOWN_DATASETS, ("train",))
+CALIBRATION = SourceRole("calibration source", "--calib", "--calib-field", KNOWN_DATASETS, ("train",))
 
 DATASET_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 TOKEN_SUFFIXES = (".pt", ".safetensors")
@@ -184,10 +185,26 @@ def _corpus_from_list(source) -> Corpus:
     return Corpus(f"a list of {len(source)} strings", list(source))
 
 
-def _corpus_from_path(path: Path, text_field: str, role: SourceRole) -> Corpus:
+def check_source(source, role: SourceRole = CALIBRATION) -> None:
+    """Refuse (one QuantkitError) a source that cannot be read, without reading it: a path that does not exist,
+    cannot be read or has an unsupported suffix. Hub names, lists and tensors pass (they are checked when read).
+    What quantkit plan and quantize decide before any work."""
+    if not isinstance(source, (str, os.PathLike)) or (isinstance(source, str) and source in role.known):
+        return
+    path = Path(source)
     if not path.exists():
         raise QuantkitError(f"{role.what} {str(path)!r} is neither a known dataset ({', '.join(role.known)}) "
                             f"nor an existing file or directory: pass one of those names or a path ({SUPPORTED})")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise QuantkitError(f"{role.what} {path} cannot be read (permission denied): fix its permissions "
+                            f"({role.flag})")
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix not in (*TOKEN_SUFFIXES, ".txt", *DATASET_BUILDERS):
+        raise QuantkitError(f"{path}: unsupported {role.what} file type {suffix or '(none)'!r}: use {SUPPORTED}")
+
+
+def _corpus_from_path(path: Path, text_field: str, role: SourceRole) -> Corpus:
+    check_source(path, role)
     if path.is_dir():
         return _corpus_from_disk(path, text_field, role)
     suffix = path.suffix.lower()
@@ -195,9 +212,7 @@ def _corpus_from_path(path: Path, text_field: str, role: SourceRole) -> Corpus:
         raise QuantkitError(f"{path} holds token ids, not text: pass it to calibration_tokens")
     if suffix == ".txt":
         return _corpus_from_txt(path, role)
-    if suffix in DATASET_BUILDERS:
-        return _corpus_from_file(path, DATASET_BUILDERS[suffix], text_field, role)
-    raise QuantkitError(f"{path}: unsupported {role.what} file type {suffix or '(none)'!r}: use {SUPPORTED}")
+    return _corpus_from_file(path, DATASET_BUILDERS[suffix], text_field, role)
 
 
 def _corpus_from_txt(path: Path, role: SourceRole) -> Corpus:
@@ -219,7 +234,7 @@ def _corpus_from_file(path: Path, builder: str, text_field: str, role: SourceRol
         cause = e.__cause__ or e
         raise QuantkitError(f"{path}: not readable as {builder} ({type(cause).__name__}: {cause}): "
                             f"fix the file or convert it to .jsonl with one {{\"{text_field}\": ...}} per line") from e
-    return _corpus_from_dataset(ds, text_field, str(path))
+    return _corpus_from_dataset(ds, text_field, str(path), field_flag=role.field_flag)
 
 
 def _check_has_rows(path: Path, builder: str, role: SourceRole) -> None:
@@ -259,7 +274,7 @@ def _corpus_from_disk(path: Path, text_field: str, role: SourceRole) -> Corpus:
             raise QuantkitError(f"{path}: a DatasetDict with splits {', '.join(ds)} and none of "
                                 f"{', '.join(role.splits)}: save the split to use with Dataset.save_to_disk")
         ds = ds[split] if split else next(iter(ds.values()))
-    return _corpus_from_dataset(ds, text_field, str(path))
+    return _corpus_from_dataset(ds, text_field, str(path), field_flag=role.field_flag)
 
 
 def _check_disk_has_rows(path: Path, role: SourceRole) -> None:
@@ -310,15 +325,16 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 def _corpus_from_dataset(ds, text_field: str, name: str, joiner: str = "\n\n", mode: str = "random",
-                         details: dict | None = None) -> Corpus:
+                         details: dict | None = None, field_flag: str = "--calib-field") -> Corpus:
     from datasets import Value
 
+    how = f"{field_flag} (text_field= in Python)"
     if text_field not in ds.column_names:
         raise QuantkitError(f"{name}: no text field {text_field!r}; its fields are {', '.join(ds.column_names)}: "
-                            f"pass text_field=<one of them>")
+                            f"pass {how} <one of them>")
     feature = ds.features[text_field]
     if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
-        raise QuantkitError(f"{name}: field {text_field!r} holds {feature}, not text: pass the text field as text_field")
+        raise QuantkitError(f"{name}: field {text_field!r} holds {feature}, not text: name the text field with {how}")
     column = ds.with_format("arrow")[text_field]  # pyarrow.ChunkedArray, memory-mapped
     if column.null_count:
         log.warning("%s: %d of %d rows of %r are null; they count as empty documents",

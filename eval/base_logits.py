@@ -35,7 +35,7 @@ from quantkit.eval.data import EvalData, Window
 from quantkit.eval.fidelity import TopK, compress
 from quantkit.eval.runner import window_logprobs
 from quantkit.errors import QuantkitError
-from quantkit.io import DiskFull, atomic_file, is_disk_full
+from quantkit.io import DiskFull, atomic_file, check_writable, is_disk_full
 from quantkit.model.shards import ShardWriter
 
 FORMAT = "quantkit-base-logits"
@@ -71,8 +71,7 @@ def save_base_logits(model, tokenizer, data: EvalData, path: str | os.PathLike, 
     path = Path(path)
     if top_k is not None and top_k < 5:
         raise QuantkitError(f"--top-k {top_k}: top-5 overlap needs at least 5 saved tokens; use --top-k 5 or more")
-    if not path.parent.is_dir():
-        raise QuantkitError(f"{path}: directory {path.parent} does not exist: create it first")
+    check_writable(path)  # before the model runs: a read-only or missing directory, no permission, a long name
     metadata = {"format": FORMAT, "version": VERSION, "encoding": "topk" if top_k else "uint16",
                 "top_k": str(top_k or 0), "vocab_size": str(model.config.vocab_size),
                 "tokenizer": tokenizer.fingerprint(), "dataset": json.dumps(data.describe()),

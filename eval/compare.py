@@ -18,6 +18,7 @@ from quantkit.eval.evaluate import (EvalResult, build_report, check_same_tokeniz
 from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll
 from quantkit.eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
+from quantkit.io import check_writable
 from quantkit.loading import open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     with `save_logits`, the model's own log-probs saved as a base for later runs."""
     options = options or EvalOptions()
     _check_tps(model_path, options)
+    if save_logits is not None:
+        check_writable(save_logits)  # before the base and the model run
     tokenizer = quantkit.load_tokenizer(model_path)
     info = model_info(model_path)
     reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path,

@@ -30,7 +30,7 @@ EVAL_DATASETS: dict[str, HubDataset] = {
                      data_files="en/c4-validation.00000-of-00008.json.gz"),
 }
 C4_DOCUMENTS, C4_WINDOWS = 1100, 256  # GPTQ datautils.get_c4_new: valdata[:1100], valenc[:, :256 * seqlen]
-EVAL = SourceRole("dataset", "--dataset", EVAL_DATASETS, ("test", "validation"))
+EVAL = SourceRole("dataset", "--dataset", "--text-field", EVAL_DATASETS, ("test", "validation"))
 PROTOCOLS = ("windows", "sliding")
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence, Union
 
 from quantkit.eval import fidelity, plots
 from quantkit.errors import QuantkitError
-from quantkit.io import write_text
+from quantkit.io import check_writable, write_text
 from quantkit.model.layout import local_name
 
 __all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "SUFFIXES", "check_report_path", "load_schema", "noise_floor", "to_html",
@@ -73,10 +73,7 @@ def write_report(report: dict, path: Union[str, os.PathLike]) -> Path:
     """Write `report` as JSON, Markdown or HTML according to the suffix of `path`, atomically."""
     path = check_report_path(path)
     text = _renderer_for(path)(report)  # rendered first: a failing render writes nothing
-    try:
-        write_text(path, text)
-    except OSError as error:
-        raise QuantkitError(f"cannot write the report to {path}: {error.strerror or error}") from None
+    write_text(path, text)  # an OSError is one QuantkitError naming the path (quantkit.io.write_error)
     return path
 
 
@@ -89,6 +86,7 @@ def check_report_path(path: Union[str, os.PathLike]) -> Path:
                             f"{', '.join(SUFFIXES)}")
     if not path.parent.is_dir():
         raise QuantkitError(f"cannot write the report to {path}: the directory {path.parent} does not exist")
+    check_writable(path)  # read-only, no permission, a name too long: refused before the evaluation
     return path
 
 

@@ -14,7 +14,7 @@ import click
 import quantkit
 from quantkit.dtypes import CHOICES
 from quantkit.errors import QuantkitError
-from quantkit.io import Terminated, is_disk_full, terminate_as_exception
+from quantkit.io import Terminated, os_error_line, terminate_as_exception
 from quantkit.model.generate import SamplingConfig, generate as generate_ids
 from quantkit.model.tokenizer import TextStream
 
@@ -40,11 +40,8 @@ class QuantkitGroup(click.Group):
         except KeyboardInterrupt as e:
             click.echo(f"\nError: {str(e) or 'interrupted (Ctrl-C); nothing was left half-written'}", err=True)
             ctx.exit(INTERRUPTED)
-        except OSError as e:  # a full disk outside the atomic writers (which raise DiskFull, a QuantkitError)
-            if not is_disk_full(e):
-                raise
-            raise click.ClickException(f"{e.filename or 'writing'}: {e.strerror}: free space or write "
-                                       f"elsewhere") from None
+        except OSError as e:  # outside the atomic writers (whose errors are QuantkitErrors already): one line too
+            raise click.ClickException(os_error_line(e)) from None
 
 
 class OncePerCommand(logging.Filter):
@@ -391,11 +388,17 @@ def load_eval_data(model, data: DatasetChoice, output: ReportChoice):
 def emit_report(report: dict, output: ReportChoice):
     from quantkit.eval.report import to_json, to_markdown, write_report
 
+    click.echo(to_json(report) if output.as_json else to_markdown(report))  # first: a failed write loses no number
+    written, failed = [], []
     for path in output.reports:
-        write_report(report, path)
-    click.echo(to_json(report) if output.as_json else to_markdown(report))
-    if output.reports and not output.as_json:
-        click.echo(f"report written to {', '.join(map(str, output.reports))}")
+        try:
+            written.append(write_report(report, path))
+        except QuantkitError as e:  # the other reports are still written; the first failure is the exit status
+            failed.append(e)
+    if written and not output.as_json:
+        click.echo(f"report written to {', '.join(map(str, written))}")
+    if failed:
+        raise failed[0]
 
 
 @main.command("eval")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.backends import BACKENDS, QuantConfig
+from quantkit.backends import BACKENDS, QuantConfig, Recipe
 from quantkit.backends.registry import distinct_configs
 from quantkit.dtypes import dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
@@ -30,10 +30,10 @@ from quantkit.formats import QuantFormat, format_names, get_format
 from quantkit.io import atomic_dir
 from quantkit.manifest import write_manifest
 from quantkit.model.config import LlamaConfig
-from quantkit.model.layout import is_decoder_linear
+from quantkit.model.layout import is_decoder_linear, module_names
 from quantkit.model.llama import slicing_problem
 from quantkit.record import LinearReport, linear_reports, record_of
-from quantkit.walker import quantized_modules
+from quantkit.walker import decoder_linears, quantized_modules
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,30 @@ def choose_format(configs: Iterable[QuantConfig], name: str | None = None) -> Qu
     if reason is not None:
         raise QuantkitError(f"--format {name}: {reason}{_way_out(configs, reason)}")
     return fmt
+
+
+def planned_format(recipe: Recipe, config: LlamaConfig, name: str | None = None
+                   ) -> tuple[QuantFormat, dict[str, QuantConfig | None]]:
+    """The format (`name`, or the first method's preferred one) and each decoder linear's config, judged before
+    any tensor is read: every recipe pattern applies to some module (Recipe.assign), the format holds the
+    configs (choose_format) and their layout over the layers (check_layout). Raises QuantkitError."""
+    linears, others = module_names(config)
+    assignment = recipe.assign(linears, others)
+    fmt = choose_format((c for c in assignment.values() if c is not None), name)
+    check_layout(fmt, assignment)
+    return fmt, assignment
+
+
+def check_layout(fmt: QuantFormat, assignment: dict[str, QuantConfig | None]):
+    """Refuse an assignment (decoder linear -> config, None for full precision) the format cannot hold; log what
+    it would cost in the runtimes that serve the format (layout_warnings)."""
+    configs = {name: c for name, c in assignment.items() if c is not None}
+    ignored = [name for name, c in assignment.items() if c is None]
+    reason = fmt.refuses_layout(configs, ignored)
+    if reason is not None:
+        raise QuantkitError(f"--format {fmt.name}: {reason}")
+    for warning in fmt.layout_warnings(configs, ignored):
+        log.warning("--format %s: %s", fmt.name, warning)
 
 
 def _way_out(configs: list[QuantConfig], reason: str) -> str:
@@ -234,7 +258,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, options: Export
     if options is not None and option_fields:
         raise QuantkitError(f"save_quantized: give options or {', '.join(option_fields)}, not both")
     options = options or ExportOptions(**option_fields)
-    fmt = choose_format((config_of(name, m) for name, m in quantized_modules(model)), options.format)
+    configs = {name: config_of(name, m) for name, m in quantized_modules(model)}
+    fmt = choose_format(configs.values(), options.format)
+    check_layout(fmt, {**{name: None for name, _ in decoder_linears(model)}, **configs})
     dtype = model.model.embed_tokens.weight.dtype
     if options.dtype is not None and parse_dtype(options.dtype, "dtype") != dtype:
         raise QuantkitError(f"save_quantized writes the model's tensors as they are ({dtype_name(dtype)}), not "

@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,71 @@ def nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+# errno -> (what happened, the fix) for a write that failed: the one home of these messages.
+WRITE_ERRORS = {
+    errno.EROFS: ("read-only file system", "choose a location on a writable filesystem"),
+    errno.EACCES: ("permission denied", "fix the directory's permissions or write elsewhere"),
+    errno.EPERM: ("operation not permitted", "fix the directory's permissions or write elsewhere"),
+    errno.ENOENT: ("no such file or directory", "create the directory first or fix the path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a directory", "fix the path"),
+    errno.EISDIR: ("is a directory", "give a file name"),
+    errno.ENAMETOOLONG: ("file name too long", f"choose a shorter name (quantkit writes a temporary named "
+                                               f".NAME.quantkit-PID-XXXXXXXX.tmp beside it)"),
+}
+
+
+def write_error(path: str | os.PathLike, e: OSError) -> QuantkitError:
+    """One line for an OSError met while writing `path`: the path it names, what happened and the fix.
+
+    A full disk is DiskFull (with the space free); any other errno gets its strerror and "write elsewhere"."""
+    if is_disk_full(e):
+        return DiskFull(path, 0)
+    what, fix = WRITE_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "write elsewhere"))
+    path, named = Path(path), Path(os.fsdecode(e.filename)) if e.filename is not None else None
+    ours = named is None or named == path or path in named.parents or named.parent == path.parent  # or a temporary
+    return QuantkitError(f"{path if ours else named}: cannot write there: {what}"
+                         f"{'' if ours else f' (while writing {path})'}: {fix}")
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError that reached the command line outside the writers (which raise write_error's)."""
+    if is_disk_full(e):
+        return f"{e.filename or 'writing'}: {e.strerror}: free space or write elsewhere"
+    what, fix = WRITE_ERRORS.get(e.errno, (e.strerror or type(e).__name__, "check the path"))
+    return f"{os.fsdecode(e.filename) if e.filename is not None else type(e).__name__}: {what}: {fix}"
+
+
+def name_max(directory: Path) -> int:
+    """The longest file name (bytes) the filesystem of an existing `directory` takes (255 where it cannot say)."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_writable(path: str | os.PathLike, make_parents: bool = False):
+    """Refuse, before any work, a destination quantkit could not write: a QuantkitError (write_error's line).
+
+    The nearest existing parent (`make_parents`: the parents are created; else the parent itself must exist)
+    must take a new file, tried with an anonymous temporary file that is never linked in; every name still to
+    be created, and the temporary beside `path` that atomic writes use, must fit the filesystem's name length.
+    """
+    path = Path(path).absolute()
+    where = nearest_existing(path.parent) if make_parents else path.parent
+    if not where.is_dir():
+        raise write_error(path, OSError(errno.ENOTDIR if where.exists() else errno.ENOENT,
+                                        os.strerror(errno.ENOTDIR if where.exists() else errno.ENOENT), str(where)))
+    longest = name_max(where)
+    for name in [*path.relative_to(where).parts[:-1], temporary_for(path).name]:
+        if len(os.fsencode(name)) > longest:
+            raise write_error(path, OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path)))
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise write_error(path, OSError(e.errno, e.strerror, str(where))) from None
 
 
 class DiskFull(QuantkitError):
@@ -151,19 +217,20 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     The caller writes the temporary however it likes (open, safetensors.save_file, a ShardWriter).
     """
     path = Path(path)
-    remove_stale_temporaries(path)
     tmp = temporary_for(path)
-    # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as a plain open() would (mkstemp: 0600)
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        remove_stale_temporaries(path)
+        # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as a plain open() would (mkstemp: 0600)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         with terminate_as_exception():
             yield tmp
             fsync_file(tmp)
             os.replace(tmp, path)
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        raise DiskFull(path, _size(tmp)) from None
+        raise (DiskFull(path, _size(tmp)) if is_disk_full(e) else write_error(path, e)) from None
     finally:
         tmp.unlink(missing_ok=True)  # after a successful replace there is nothing left to remove
     fsync_dir(path.parent)
@@ -176,7 +243,8 @@ def write_text(path: str | os.PathLike, text: str):
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False, keep=()):
-    """Refuse an existing `out` unless overwrite, and always an `out` that is, or holds, one of `keep` (the source)."""
+    """Refuse an existing `out` unless overwrite, always an `out` that is, or holds, one of `keep` (the source), and
+    one that cannot be written (check_writable: read-only, no permission, a name too long)."""
     out = Path(out)
     parent = nearest_existing(out.absolute().parent)
     if not parent.is_dir():
@@ -187,6 +255,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, keep=()):
                                 f"choose another output")
     if out.exists() and not overwrite:
         raise QuantkitError(f"{out}: already exists: choose another output or pass --force to replace it")
+    check_writable(out, make_parents=True)
 
 
 @contextlib.contextmanager
@@ -199,10 +268,13 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, keep=()) -> Iter
     """
     out = Path(out)
     check_output_dir(out, overwrite, keep)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
     tmp = temporary_for(out)
-    tmp.mkdir(0o777)  # the umask decides, as for a plain mkdir (mkdtemp's 0700 would make the output private)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        tmp.mkdir(0o777)  # the umask decides, as for a plain mkdir (mkdtemp's 0700 would make the output private)
+    except OSError as e:
+        raise write_error(out, e) from None
     try:
         with terminate_as_exception():
             yield tmp
@@ -211,9 +283,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, keep=()) -> Iter
                     fsync_file(f)
             _replace_dir(tmp, out)
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        raise DiskFull(out, _size(tmp)) from None
+        raise (DiskFull(out, _size(tmp)) if is_disk_full(e) else write_error(out, e)) from None
     finally:
         if tmp.exists():
             _remove(tmp)

@@ -40,7 +40,7 @@ from quantkit.dtypes import dtype_name, parse_dtype, short_name
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import Checkpoint, check_device
 from quantkit.model.config import LlamaConfig
-from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_prefix
+from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_prefix, module_names
 from quantkit.model.llama import rotary_embedding
 from quantkit.record import LinearReport, linear_reports, record_of
 from quantkit.walker import quantized_modules
@@ -323,6 +323,7 @@ def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: 
     from quantkit.backends import runnable_recipe
 
     recipe = runnable_recipe(config, ignore, calibrated=True)
+    recipe.assign(*module_names(model.config))  # every pattern applies to some module: refused before any work
     weight = model.model.embed_tokens.weight
     compute = calibration_dtype(dtype, weight.dtype, device, whose="the model's")  # the model is source and export
     calibrator = LayerCalibrator(model.config, tokens, weight, recipe, batch_size, device, progress, compute)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from quantkit.backends import QuantConfig, Recipe, needs_calibration, quantize, runnable_recipe
 from quantkit.dtypes import dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
-from quantkit.export import ExportOptions, ExportWriter, choose_format, quantized_writer
+from quantkit.export import ExportOptions, ExportWriter, planned_format, quantized_writer
 from quantkit.io import DiskFull, Terminated, check_output_dir, terminate_as_exception
 from quantkit.layerwise import CalibrationOptions, LayerCalibrator, calibration_tensor
 from quantkit.loading import open_checkpoint
@@ -117,7 +117,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
                             f"--resume (pass --force without --resume to quantize it again)")
     check_output_dir(out_dir, export.overwrite, keep=[ckpt.dir])  # before calibration data is fetched
     recipe = runnable_recipe(config, ignore, calibrated=calibration is not None)  # checked before any work
-    fmt = choose_format(recipe.configs(), export.format)
+    fmt, _ = planned_format(recipe, ckpt.config, export.format)  # patterns, format and layout: before any work
     dtype = parse_dtype(export.dtype, "--dtype") or ckpt.output_dtype()  # never a silent cast of the source
     recipe_dict = recipe.to_dict()
     work = WorkDir(out_dir, ckpt.config.num_hidden_layers)

@@ -35,7 +35,7 @@ from torch import nn
 from quantkit.backends import BACKENDS, QuantConfig, Recipe, needs_calibration, replace_linear, runnable_recipe
 from quantkit.dtypes import parse_dtype
 from quantkit.errors import QuantkitError
-from quantkit.export import ExportOptions, choose_format
+from quantkit.export import ExportOptions, choose_format, planned_format
 from quantkit.formats import QuantFormat
 from quantkit.gptq_solver import inverse_hessian_cholesky
 from quantkit.io import check_output_dir, human_bytes, mount_point, nearest_existing
@@ -584,11 +584,14 @@ def make_plan(model: str | os.PathLike, config: QuantConfig | Recipe, export: Ex
     if out_dir is not None:  # as quantize would judge it: not under a file, not the source (an existing OUT is fine)
         check_output_dir(out_dir, overwrite=True, keep=[source.dir])
     recipe = runnable_recipe(config, ignore, calibrated=True)
-    fmt = choose_format(recipe.configs(), export.format)
+    fmt, _ = planned_format(recipe, source.config, export.format)  # as quantize judges it, before its work
     dtype = parse_dtype(export.dtype, "--dtype") or source.stored_dtype
     calib_dtype, device = None, torch.device("cpu")
     if needs_calibration(recipe):
+        from quantkit.calibrate.sources import check_source
+
         calibration = CalibrationOptions.of(calibration) or CalibrationOptions()
+        check_source(calibration.source)  # readable, as quantize needs it (not read: a plan runs no calibration)
         device = check_device(calibration.device)
         calib_dtype = calibration_dtype(calibration.dtype, source.stored_dtype, device, dtype)
     else:

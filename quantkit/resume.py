@@ -38,7 +38,7 @@ import quantkit
 from quantkit.dtypes import dtype_name
 from quantkit.errors import QuantkitError
 from quantkit.export import ExportRecord, ExportWriter
-from quantkit.io import human_bytes, atomic_dir, atomic_file, write_text
+from quantkit.io import atomic_dir, atomic_file, human_bytes, write_error, write_text
 from quantkit.manifest import sha256_file
 from quantkit.model.checkpoint import TOKENIZER_FILES, Checkpoint
 from quantkit.model.shards import SAFETENSORS_SINGLE, ShardWriter, parse_size
@@ -245,7 +245,10 @@ class WorkDir:
             log.warning("%s: resuming after %s", self.out, self.describe())
             self._prune()
         else:
-            self.path.mkdir(parents=True)
+            try:
+                self.path.mkdir(parents=True)
+            except OSError as e:
+                raise write_error(self.path, e) from None
             self.state = {"format": "quantkit-work", "version": 1, "output": str(self.out),
                           "fingerprint": fingerprint, "non_layer": None, "layers": []}
         self.state["owner"] = _owner()

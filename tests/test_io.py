@@ -81,7 +81,7 @@ def test_write_text_failure_keeps_the_old_file(tmp_path):
 
 
 def test_atomic_file_into_a_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(QuantkitError, match="missing/out.txt: cannot write there: no such file or directory"):
         write_text(tmp_path / "missing" / "out.txt", "x")
     assert listing(tmp_path) == []
 

@@ -96,6 +96,9 @@ def quantize(model: nn.Module, config: QuantConfig | Recipe, ignore: tuple[str, 
     if not targets:
         raise QuantkitError("nothing to quantize: the model has no full-precision decoder linears "
                             "(is it already quantized?)")
+    if not prefix:  # the whole model: every pattern must apply to one of its modules (a part is checked by its caller)
+        linears = {name for name, _ in targets}
+        recipe.assign([n for n, _ in targets], [n for n, _ in model.named_modules() if n and n not in linears])
     for name, _ in targets:
         config_for = recipe.config_for(name)
         if config_for is not None:

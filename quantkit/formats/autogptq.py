@@ -55,23 +55,38 @@ def describe(scheme: dict[str, Any], names: list[str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in scheme.items()) + f" ({example})"
 
 
-def block_modules(quantized: list[str], ignored: list[str]) -> list[str] | None:
-    """Names inside a decoder layer that are quantized, when some in-layer linears are not; None if all are."""
+def layout_problem(quantized: list[str], ignored: list[str]) -> str | None:
+    """Why one gptq config cannot describe which linears are quantized (one line), or None."""
+    outside = next((name for name in quantized if block_of(name) is None), None)
+    if outside is not None:
+        return (f"{outside}: gptq quantizes linears inside the decoder layers only: leave it in full precision or "
+                f"use --format compressed-tensors")
+    per_block = _per_block(quantized)
+    ignored_blocks = {block_of(n) for n in ignored} - {None}
+    if ignored_blocks and (len({frozenset(s) for s in per_block.values()}) != 1 or not ignored_blocks <= set(per_block)):
+        example = sorted(ignored)[0]
+        return (f"the full-precision linears differ between decoder layers ({example} is kept, the same linear of "
+                f"other layers is quantized), which one gptq config (modules_in_block_to_quantize) cannot express: "
+                f"ignore the same linears in every layer, or use --format compressed-tensors")
+    return None
+
+
+def _per_block(quantized: list[str]) -> dict[str, set[str]]:
     per_block: dict[str, set[str]] = {}
     for name in quantized:
         block = block_of(name)
-        if block is None:
-            raise QuantkitError(f"{name}: gptq quantizes linears inside the decoder layers only: "
-                                f"leave it in full precision or use --format compressed-tensors")
         per_block.setdefault(block, set()).add(name[len(block) + 1:])
-    ignored_blocks = {block_of(n) for n in ignored} - {None}
-    if not ignored_blocks:
+    return per_block
+
+
+def block_modules(quantized: list[str], ignored: list[str]) -> list[str] | None:
+    """Names inside a decoder layer that are quantized, when some in-layer linears are not; None if all are."""
+    problem = layout_problem(quantized, ignored)
+    if problem is not None:
+        raise QuantkitError(f"gptq: {problem}")
+    if not {block_of(n) for n in ignored} - {None}:
         return None
-    if len({frozenset(s) for s in per_block.values()}) != 1 or not ignored_blocks <= set(per_block):
-        raise QuantkitError("gptq: the full-precision linears differ between decoder layers, which one gptq "
-                            "config cannot express: ignore the same modules in every layer, or use "
-                            "--format compressed-tensors")
-    return sorted(next(iter(per_block.values())))
+    return sorted(next(iter(_per_block(quantized).values())))
 
 
 class GPTQFormat(AffineFormat):
@@ -92,6 +107,9 @@ class GPTQFormat(AffineFormat):
 
     def refuses_module(self, module: nn.Module) -> str | None:
         return refuses_non_affine(module, self.name)
+
+    def refuses_layout(self, configs: dict[str, Any], ignored: list[str]) -> str | None:
+        return layout_problem(list(configs), ignored)
 
     def export_module(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
         w = affine_of(name, module, self)

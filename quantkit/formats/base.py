@@ -19,10 +19,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from quantkit.affine import AffineWeight
+from quantkit.affine import AffineWeight, affine_scheme
 from quantkit.dtypes import FLOAT_DTYPES, dtype_name
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import copy_tokenizer_files
+from quantkit.model.layout import FUSED_SHARDS, local_name
 from quantkit.model.shards import ShardWriter
 from quantkit.modules import AffineLinear
 from quantkit.packing import pack, unpack
@@ -48,6 +49,30 @@ class QuantFormat:
     def refuses_module(self, module: nn.Module) -> str | None:
         """Why this format cannot hold this quantized module (one line), or None."""
         raise NotImplementedError
+
+    def refuses_layout(self, configs: dict[str, Any], ignored: list[str]) -> str | None:
+        """Why this format cannot hold this assignment of the decoder linears (one line), or None.
+
+        configs: each quantized linear's config; ignored: the decoder linears kept in full precision (full
+        names). Judged before any work, from the recipe and the model's module names, and so is what the
+        assignment would cost elsewhere (`layout_warnings`).
+        """
+        return None
+
+    def layout_warnings(self, configs: dict[str, Any], ignored: list[str]) -> list[str]:
+        """What the assignment costs in the runtimes that serve this format (one line each): vLLM fuses q/k/v and
+        gate/up into one linear each and refuses fused shards with different schemes or full precision."""
+        schemes = {name: affine_scheme(c) or json.dumps(c.to_dict(), sort_keys=True) for name, c in configs.items()}
+        split = []
+        for name in [*configs, *ignored]:
+            for shards in FUSED_SHARDS:
+                block = name[: -len(shards[0])]  # 'model.layers.0.' for a self_attn.q_proj
+                if local_name(name) == shards[0] and len({schemes.get(block + s) for s in shards}) > 1:
+                    split.append(name.rpartition(".")[0] + "." + "/".join(s.rpartition(".")[2] for s in shards))
+        if not split:
+            return []
+        return [f"{len(split)} group(s) of linears that vLLM fuses mix schemes or full precision ({split[0]}"
+                f"{', ...' if len(split) > 1 else ''}): vLLM will refuse this checkpoint"]
 
     # -- export ---------------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from quantkit.dtypes import FLOAT_DTYPES
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import (AffineFormat, affine_of, check_g_idx, check_known, check_tensor, padding_problems,
                                    refuses_non_affine)
-from quantkit.model.layout import FUSED_SHARDS, layer_index, local_name
+from quantkit.model.layout import layer_index, local_name
 from quantkit.packing import pack, packed_size, unpack
 
 log = logging.getLogger(__name__)
@@ -97,19 +97,6 @@ def regex_targets(names: list[str], all_names: set[str]) -> list[str]:
             targets.append("re:" + pattern)
             rest -= hits
     return targets + sorted(rest)
-
-
-def warn_split_fused(schemes: dict[str, WeightScheme]):
-    """vLLM fuses q/k/v and gate/up into one linear and refuses shards with different schemes."""
-    split = []
-    for name in schemes:
-        for shards in FUSED_SHARDS:
-            block = name[: -len(shards[0])]  # 'model.layers.0.' for a self_attn.q_proj
-            if local_name(name) == shards[0] and len({schemes.get(block + s) for s in shards}) > 1:
-                split.append(name.rpartition(".")[0] + "." + "/".join(s.rpartition(".")[2] for s in shards))
-    if split:
-        log.warning("%d group(s) of linears that vLLM fuses mix schemes or full precision (%s%s): vLLM will "
-                    "refuse this checkpoint", len(split), split[0], ", ..." if len(split) > 1 else "")
 
 
 def resolve_group(name: str, quantization_config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -182,7 +169,6 @@ class CompressedTensorsFormat(AffineFormat):
         by_scheme: dict[WeightScheme, list[str]] = {}
         for name, scheme in schemes.items():
             by_scheme.setdefault(scheme, []).append(name)
-        warn_split_fused(schemes)
         all_names = set(configs) | set(ignored)
         groups = {}
         for i, (scheme, names) in enumerate(by_scheme.items()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 from quantkit.dtypes import ALIASES, DTYPES, dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
+
+log = logging.getLogger(__name__)
 
 ROPE_TYPES = ("default", "linear", "dynamic")
 POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -25,6 +28,14 @@ TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Keys transformers' LlamaConfig accepts as null (it derives them or has no such token); null elsewhere is an error.
 NULLABLE = frozenset({"num_key_value_heads", "head_dim", *TOKEN_IDS})
 NOT_SAVED = ("extra", "stated", "rope_type", "rope_factor", "rope_theta", "torch_dtype")  # written in HF's own way
+# transformers' LlamaConfig defaults (4.x and 5 agree) for the non-shape keys quantkit reads: what a config.json
+# that leaves one out means, in transformers and so in quantkit. Llama 2's own values (4096, 1e-05) differ, which
+# is why LlamaConfig's in-code defaults (Llama-2-7B's) are not used for config.json. Shape keys are read from the
+# tensors instead (quantkit.model.checkpoint).
+HF_DEFAULTS: dict[str, Any] = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,
+                               "pretraining_tp": 1, "tie_word_embeddings": False, "attention_bias": False,
+                               "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+ASSUMED_KEY = "quantkit_assumed_defaults"  # written config.json: the keys the source left out, with the values taken
 
 
 def shown(value: Any) -> str:
@@ -155,14 +166,17 @@ class LlamaConfig:
             kwargs = _fields_from_hf(d)
         except QuantkitError as e:
             raise QuantkitError(f"{source}: {e}") from None
-        stated = frozenset(kwargs)
+        stated = frozenset(kwargs) | {k for k in TOKEN_IDS if k in d}  # a null token id is stated as null
         kwargs.setdefault("torch_dtype", None)  # silent: the checkpoint's stored dtype applies
+        kwargs = {**{k: v for k, v in HF_DEFAULTS.items() if k not in kwargs}, **kwargs}
         consumed = _HF_FIELDS | {"rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype"}
         extra = {k: v for k, v in d.items() if k not in consumed}
         try:
-            return cls(**kwargs, extra=extra, stated=stated)
+            config = cls(**kwargs, extra=extra, stated=stated)
         except QuantkitError as e:
             raise QuantkitError(f"{source}: {e}") from None
+        _warn_assumed(config, source)
+        return config
 
     @classmethod
     def from_file(cls, path: str | Path) -> "LlamaConfig":
@@ -182,9 +196,18 @@ class LlamaConfig:
             raise QuantkitError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(d, source=str(path))
 
+    @property
+    def assumed(self) -> dict[str, Any]:
+        """The keys config.json left out and took transformers' default for (HF_DEFAULTS), with those values."""
+        return {k: getattr(self, k) for k in HF_DEFAULTS if k not in self.stated}
+
     def to_hf_dict(self) -> dict[str, Any]:
-        """config.json in transformers 5's dialect (which transformers 4.x also reads)."""
+        """config.json in transformers 5's dialect (which transformers 4.x also reads). Every value is written,
+        those the source left out too (transformers' defaults), and those are listed under ASSUMED_KEY."""
         d = dict(self.extra)
+        assumed = {**(d.pop(ASSUMED_KEY, None) or {}), **self.assumed}
+        if assumed:
+            d[ASSUMED_KEY] = assumed
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_SAVED})
         rope = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
         if self.rope_type != "default":
@@ -196,6 +219,23 @@ class LlamaConfig:
 
 
 _HF_FIELDS = frozenset(f.name for f in dataclasses.fields(LlamaConfig)) - set(NOT_SAVED)
+
+
+def _warn_assumed(config: LlamaConfig, source: str):
+    """One warning for the defaults taken that change the logits and are not Llama 2's own values: rms_norm_eps
+    (transformers 1e-06, Llama 2 1e-05) and, with dynamic rope scaling (its threshold), max_position_embeddings
+    (2048, Llama 2 4096). transformers takes the same ones. rope_theta's default (10000) is Llama 2's, which
+    Llama 2's original config.json files leave out: no warning for it."""
+    changing = [k for k in ("rms_norm_eps", "max_position_embeddings") if k in config.assumed
+                and (k != "max_position_embeddings" or config.rope_type == "dynamic")]
+    if not changing:
+        return
+    values = ", ".join(f"{k}={config.assumed[k]}" for k in changing)
+    unread = [k for k in ("max_sequence_length", "n_positions", "seq_length") if k in config.extra]
+    note = f" ({', '.join(f'{k}={config.extra[k]}' for k in unread)} is not a key transformers reads)" if unread else ""
+    log.warning("%s states no %s: taking transformers' default %s, as transformers does%s; the logits depend on "
+                "it: add the key to config.json if the model was trained with another value", source,
+                " or ".join(changing), values, note)
 
 
 def _fields_from_hf(d: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,13 @@ SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("self_attn.q_proj", "self_att
 FUSED_SHARDS: tuple[tuple[str, ...], ...] = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                              ("mlp.gate_proj", "mlp.up_proj"))
 
+# Modules outside the decoder linears that a recipe might name but quantkit never quantizes (they stay in the
+# export dtype in every format it writes), with the reason a rule naming them is refused.
+NOT_QUANTIZED: dict[str, str] = {
+    "model.embed_tokens": "the embedding is a lookup table, not a matmul: it stays in the export dtype",
+    "lm_head": "quantkit does not quantize the lm_head yet (every format it writes keeps it in the export dtype)",
+}
+
 _NAME = re.compile(r"^(?P<head>.*?)(?:^|\.)layers\.(?P<layer>\d+)(?:\.(?P<local>.+))?$")
 _LINEAR = "|".join(re.escape(n) for n in DECODER_LINEARS)
 _DECODER_LINEAR = re.compile(rf"(?:^|\.)layers\.\d+\.(?:{_LINEAR})$")
@@ -110,3 +117,10 @@ def checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
     for index in range(c.num_hidden_layers):
         shapes.update({layer_prefix(index) + k: v for k, v in layer.items()})
     return shapes
+
+
+def module_names(config) -> tuple[list[str], list[str]]:
+    """(every decoder linear, every other module) of a Llama model with this config: full names, model order."""
+    linears = [layer_prefix(i) + name for i in range(config.num_hidden_layers) for name in DECODER_LINEARS]
+    norms = [layer_prefix(i) + norm for i in range(config.num_hidden_layers) for norm in LAYER_NORMS]
+    return linears, ["model.embed_tokens", *norms, "model.norm", "lm_head"]

@@ -75,7 +75,7 @@ def test_seed_decides_the_windows(tok, tmp_path):
 
 def test_text_shorter_than_seq_len(tok, tmp_path):
     n_tokens = len(tok.encode("A short calibration text.", bos=True))
-    with pytest.raises(QuantkitError, match=rf"the text has {n_tokens} tokens, fewer than seq_len=64: "):
+    with pytest.raises(QuantkitError, match=rf"the text has {n_tokens} tokens, fewer than --seq-len 64: "):
         calibration_tokens(["A short calibration text."], tok, n_samples=1, seq_len=64, cache_dir=tmp_path)
 
 
@@ -84,7 +84,7 @@ def test_more_samples_than_windows(tok, tmp_path):
     n_tokens = len(tok.encode(text, bos=True))
     seq_len = n_tokens - 2  # room for exactly 3 windows
     with pytest.raises(QuantkitError, match=rf"{n_tokens} tokens leave room for only 3 distinct windows of "
-                                            rf"seq_len={seq_len}, fewer than n_samples=4"):
+                                            rf"--seq-len {seq_len}, fewer than --n-samples 4"):
         calibration_tokens([text], tok, n_samples=4, seq_len=seq_len, cache_dir=tmp_path)
     got = calibration_tokens([text], tok, n_samples=3, seq_len=seq_len, cache_dir=tmp_path)
     stream = torch.tensor(tok.encode(text, bos=True))
@@ -102,7 +102,7 @@ def test_distinct_randint_is_deterministic_and_distinct():
 
 
 def test_bad_arguments(tok):
-    with pytest.raises(QuantkitError, match=r"calibration mode 'shuffle' is unknown: use one of random, document"):
+    with pytest.raises(QuantkitError, match=r"--calib-mode 'shuffle' \(mode= in Python\) is unknown: use one of random, document"):
         calibration_tokens([TEXT], tok, mode="shuffle")
     with pytest.raises(QuantkitError, match=r"n_samples=0"):
         calibration_tokens([TEXT], tok, n_samples=0)
@@ -135,13 +135,13 @@ def test_too_few_long_documents_is_an_error(tok, tmp_path):
     docs = [TEXT[:3000], TEXT[3000:6000], "short one", "short two"]
     lengths = [len(tok.encode(d, bos=True)) for d in docs]
     seq_len = min(lengths[:2])
-    with pytest.raises(QuantkitError, match=rf"only 2 of 4 documents have at least seq_len={seq_len} tokens, "
-                                            rf"fewer than n_samples=3: .*mode='random'"):
+    with pytest.raises(QuantkitError, match=rf"only 2 of 4 documents have at least --seq-len {seq_len} tokens, "
+                                            rf"fewer than --n-samples 3: .*--calib-mode random"):
         calibration_tokens(docs, tok, n_samples=3, seq_len=seq_len, mode="document", cache_dir=tmp_path)
     assert calibration_tokens(docs, tok, n_samples=2, seq_len=seq_len, mode="document", cache_dir=tmp_path).shape \
         == (2, seq_len)
     too_long = max(lengths) + 1
-    with pytest.raises(QuantkitError, match=rf"no document has seq_len={too_long} tokens \(the longest of the 4 has "
+    with pytest.raises(QuantkitError, match=rf"no document has --seq-len {too_long} tokens \(the longest of the 4 has "
                                             rf"{max(lengths)} tokens\)"):
         calibration_tokens(docs, tok, n_samples=1, seq_len=too_long, mode="document", cache_dir=tmp_path)
 

@@ -228,7 +228,7 @@ def test_empty_source(tmp_path, tok, case):
 @pytest.mark.parametrize("kind", ROW_WRITERS)
 def test_missing_text_field_lists_the_fields(tmp_path, kind):
     path = ROW_WRITERS[kind](tmp_path / "calib", PARAGRAPHS[:3], field="body")
-    with pytest.raises(QuantkitError, match=r"no text field 'text'; its fields are body, id: pass text_field="):
+    with pytest.raises(QuantkitError, match=r"no text field 'text'; its fields are body, id: pass --calib-field \(text_field= in Python\)"):
         load_text(path)
 
 
@@ -306,9 +306,9 @@ def test_bad_token_tensor(tok, bad, pattern):
 
 
 def test_token_tensor_shape_must_match(tok):
-    with pytest.raises(QuantkitError, match=r"windows of 16 tokens, but seq_len=32: pass seq_len=16"):
+    with pytest.raises(QuantkitError, match=r"windows of 16 tokens, but --seq-len 32: pass --seq-len 16"):
         calibration_tokens(_ids(), tok, n_samples=2, seq_len=32)
-    with pytest.raises(QuantkitError, match=r"6 windows, fewer than n_samples=8"):
+    with pytest.raises(QuantkitError, match=r"6 windows, fewer than --n-samples 8"):
         calibration_tokens(_ids(), tok, n_samples=8, seq_len=16)
 
 

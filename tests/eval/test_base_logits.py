@@ -207,7 +207,7 @@ def test_failed_write_leaves_nothing(base, tok, data, tmp_path, monkeypatch, fai
 
 
 def test_save_into_a_missing_directory(base, tok, data, tmp_path):
-    with pytest.raises(QuantkitError, match="does not exist"):
+    with pytest.raises(QuantkitError, match="no such file or directory.*create the directory first"):
         save_base_logits(base, tok, data, tmp_path / "missing" / "b.qkl", progress=False)
 
 

@@ -389,7 +389,7 @@ def test_a_failing_replace_keeps_the_old_file_and_removes_the_temp_file(tmp_path
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(QuantkitError, match="Permission denied") as raised:
+    with pytest.raises(QuantkitError, match="cannot write there: permission denied") as raised:
         write_report(full_report(), path)
     assert str(path) in str(raised.value)
     assert path.read_text(encoding="utf-8") == "previous report"
@@ -408,7 +408,8 @@ def test_an_unwritable_directory_is_a_quantkit_error_naming_the_report(tmp_path,
     monkeypatch.setattr(os, "open", refuse_temporaries)
     with pytest.raises(QuantkitError) as raised:
         write_report(full_report(), path)
-    assert str(raised.value) == f"cannot write the report to {path}: Permission denied"
+    assert str(raised.value) == f"{path}: cannot write there: permission denied: fix the directory's permissions or " \
+                                "write elsewhere"
     assert not os.listdir(tmp_path)
 
 

@@ -258,11 +258,17 @@ def test_vllm_fused_layers_find_their_scheme(recipe):
     assert len(scheme_of) == len(qc["config_groups"])
 
 
-def test_warns_when_vllm_fused_shards_differ(caplog):
-    recipe = Recipe(default=Int4Config(32), rules=[("q_proj", RTNConfig(8, -1))])
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_warns_when_vllm_fused_shards_differ(caplog, fmt):
+    """Before any work (export.check_layout), in every format vLLM serves."""
+    from quantkit.export import check_layout
+    from quantkit.formats import get_format
+
+    names = linear_names(tiny_config())
+    recipe = Recipe(default=Int4Config(32), rules=[("q_proj", RTNConfig(8, -1))]) if fmt != "gptq" else \
+        Recipe(default=Int4Config(32), ignore=["q_proj"])
     with caplog.at_level(logging.WARNING, logger="quantkit"):
-        CompressedTensorsFormat().quantization_config({n: recipe.config_for(n) for n in linear_names(tiny_config())},
-                                                      ["lm_head"])
+        check_layout(get_format(fmt), {n: recipe.config_for(n) for n in names})
     assert "2 group(s) of linears that vLLM fuses mix schemes" in caplog.text
     assert "model.layers.0.self_attn.q_proj/k_proj/v_proj" in caplog.text
 

@@ -5,6 +5,7 @@ import transformers
 
 from quantkit.errors import QuantkitError
 from quantkit.model import LlamaConfig, LlamaForCausalLM, preset
+from quantkit.model.config import ASSUMED_KEY, HF_DEFAULTS
 
 HF4_7B = {  # meta-llama/Llama-2-7b-hf config.json, as transformers 4.x wrote it
     "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
@@ -157,3 +158,62 @@ def test_in_code_configs_are_checked_too():
         LlamaConfig(hidden_size=True)
     with pytest.raises(QuantkitError, match="torch_dtype is \"int8\""):
         LlamaConfig(torch_dtype="int8")
+
+
+def hf_value(hf, key):
+    return hf.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(hf, key)
+
+
+FULL = {**HF4_7B, "rope_theta": 10000.0, "head_dim": 128, "attention_bias": False, "mlp_bias": False,
+        "pad_token_id": None}
+
+
+@pytest.mark.parametrize("key", sorted({*FULL} - {"architectures", "initializer_range", "model_type", "use_cache",
+                                                   "transformers_version", "torch_dtype", "rope_scaling"}))
+def test_an_absent_key_takes_transformers_default(tmp_path, key):
+    """Every key quantkit reads from config.json, left out, means what it means to transformers' LlamaConfig."""
+    d = {k: v for k, v in FULL.items() if k != key}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    ours, hf = LlamaConfig.from_file(tmp_path / "config.json"), transformers.AutoConfig.from_pretrained(tmp_path)
+    ours_value = "silu" if key == "hidden_act" else getattr(ours, key)  # the one activation quantkit computes
+    assert ours_value == hf_value(hf, key), key
+    if key in HF_DEFAULTS:
+        assert ours.assumed == {key: HF_DEFAULTS[key]} and ours.to_hf_dict()[ASSUMED_KEY] == {key: HF_DEFAULTS[key]}
+
+
+@pytest.mark.parametrize("key, rope, warns", [("rms_norm_eps", None, True), ("rope_theta", None, False),
+                                              ("max_position_embeddings", {"type": "dynamic", "factor": 2.0}, True),
+                                              ("max_position_embeddings", None, False), ("pretraining_tp", None, False)])
+def test_a_default_that_changes_the_logits_is_one_warning(caplog, key, rope, warns):
+    d = {k: v for k, v in {**FULL, "rope_scaling": rope}.items() if k != key}
+    LlamaConfig.from_hf_dict(d)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == int(warns), warnings
+    if warns:
+        assert f"states no {key}: taking transformers' default {key}={HF_DEFAULTS[key]}" in warnings[0]
+
+
+def test_an_early_checkpoint_with_max_sequence_length_computes_as_transformers(tmp_path, caplog):
+    """transformers#22222: config.json has max_sequence_length, no max_position_embeddings; with dynamic rope the
+    logits past 2048 tokens depend on the default (transformers: 2048)."""
+    import torch
+
+    import quantkit
+    from quantkit.model import save_model
+    from tests.conftest import DEMO_MODEL, random_model, tiny_config
+
+    save_model(random_model(tiny_config(vocab_size=512)), tmp_path / "m", tokenizer_dir=DEMO_MODEL)
+    d = json.loads((tmp_path / "m" / "config.json").read_text())
+    del d["max_position_embeddings"]
+    d.update(max_sequence_length=2048, rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(d))
+    (tmp_path / "m" / "quantkit_manifest.json").unlink()  # a hand edit
+    ids = torch.randint(0, 512, (1, 2100), generator=torch.Generator().manual_seed(0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(quantkit.load(tmp_path / "m")(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    assert "max_sequence_length=2048 is not a key transformers reads" in caplog.text
+    quantkit.save_model(quantkit.load(tmp_path / "m"), tmp_path / "out", tokenizer_dir=tmp_path / "m")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["max_position_embeddings"] == 2048 and written["max_sequence_length"] == 2048
+    assert written[ASSUMED_KEY]["max_position_embeddings"] == 2048

@@ -1,4 +1,4 @@
-"""On-disk quantized formats and their registry: compressed-tensors (pack-quantized), GPTQ (AutoGPTQ v1),
+"""On-disk quantized formats and their registry: compressed-tensors (pack-quantized), GPTQ (v1 and v2),
 bitsandbytes, and third-party formats.
 
 A third-party package adds a format through the entry-point group `quantkit.formats`: the entry point's

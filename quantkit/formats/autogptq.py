@@ -1,14 +1,26 @@
-"""GPTQ in AutoGPTQ's v1 layout, read by transformers (optimum + gptqmodel), vLLM and ExLlama.
+"""GPTQ checkpoints (`quant_method: gptq`), read by GPTQModel, transformers (through optimum + gptqmodel) and vLLM.
 
 Per quantized linear (N out, K in, b bits, G groups):
 
 - `qweight` int32 (ceil(K*b/32), N): q packed along K (dim 0), dense LSB first; for 3 bits this is
   AutoGPTQ's 32-values-in-3-words layout.
-- `qzeros` int32 (G, ceil(N*b/32)): (z - 1) & (2^b - 1) packed along N. v1 stores z - 1 and loaders
-  compute (stored + 1) & mask, so z = 0 survives in AutoGPTQ's own dequantization but not in
-  kernels that add 1 without the mask (ExLlama): such groups are logged at export.
+- `qzeros` int32 (G, ceil(N*b/32)): the zero points packed along N, in one of two layouts named by
+  `checkpoint_format` (ZERO_OFFSET):
+  - `gptq` (AutoGPTQ's v1) stores z - 1 and loaders add 1 back. z = 0 cannot be stored: AutoGPTQ masks
+    (z - 1) & (2^b - 1) per field, GPTQModel subtracts one constant from the whole packed word (so a 0 borrows
+    from its neighbour, undone exactly by its own add on load), ExLlama adds 1 without a mask. Symmetric
+    schemes (z = 2^(b-1)) never meet this, and every GPTQ runtime reads v1: quantkit writes symmetric files so.
+  - `gptq_v2` (GPTQModel's) stores z itself, exactly. quantkit writes asymmetric files so: GPTQModel and
+    transformers through it load them as they are, and vLLM's GPTQ kernel reads them (`use_v2_format`,
+    vllm#26092; its Marlin and BitBLAS paths take only symmetric schemes). GPTQModel refuses asymmetric v1
+    files that do not say GPTQModel >= 0.9 wrote them, and quantkit does not claim another tool's provenance:
+    `meta.quantizer` says quantkit.
 - `scales` fp16 (G, N); `g_idx` int32 (K,), always written (column // group_size without act-order);
   `bias` fp16 (N,) when the linear has one.
+
+Reading: both layouts; a v1 file whose `meta.quantizer` names gptqmodel is read with its whole-word convention
+(2, 4 and 8 bits; 3-bit fields straddle words, so GPTQModel masks each field as AutoGPTQ does); any other v1
+file per field, masked, with a warning where that yields z = 0 (ExLlama would read 2^b).
 
 One file holds one scheme (bits, group size, symmetry, GPTQ options): mixed precision is refused.
 Linears inside the decoder layers may stay in full precision only if the same ones do in every layer
@@ -40,6 +52,26 @@ QPARAM_KEYS = ("scales", "qzeros", "g_idx")  # where scales, zero points and the
 # quantization_config key -> (QuantConfig attribute, default when the config has none)
 OPTIONS = {"desc_act": ("desc_act", False), "damp_percent": ("damp_percent", 0.01),
            "true_sequential": ("true_sequential", True), "static_groups": ("static_groups", False)}
+ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is subtracted from z before it is stored
+
+
+def checkpoint_format(symmetric: bool) -> str:
+    """The layout quantkit writes: v1 where every runtime reads it exactly (symmetric), else v2 (see above)."""
+    return "gptq" if symmetric else "gptq_v2"
+
+
+def stored_format(quantization_config: dict[str, Any]) -> str:
+    """A file's layout: `checkpoint_format` (older files: `format`), v1 when absent, as transformers reads it."""
+    qc = quantization_config
+    return str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+
+
+def written_by_gptqmodel(quantization_config: dict[str, Any]) -> bool:
+    """Whether `meta.quantizer` (GPTQModel's "tool:version" list) names gptqmodel."""
+    quantizer = (quantization_config.get("meta") or {}).get("quantizer") if isinstance(
+        quantization_config.get("meta"), dict) else None
+    entries = quantizer if isinstance(quantizer, list) else [quantizer]
+    return any(isinstance(e, str) and e.lower().startswith("gptqmodel:") for e in entries)
 
 
 def scheme_of(config: Any) -> dict[str, Any]:
@@ -118,17 +150,12 @@ class GPTQFormat(AffineFormat):
         if config is not None and not getattr(config, "desc_act", False) and not trivial_g_idx(w.g_idx, w.group_size):
             raise QuantkitError(f"{name}: has an act-order g_idx but its config says desc_act=False, so loaders "
                                 f"would ignore g_idx: quantize it again")
-        mask = 2**w.bits - 1
-        zero_count = int((w.zero == 0).sum())
-        if zero_count:
-            log.warning("%s: %d group(s) have zero point 0, stored as %d by the v1 convention: AutoGPTQ and "
-                        "quantkit read them back, kernels that add 1 without masking (ExLlama) do not",
-                        name, zero_count, mask)
+        stored_zero = w.zero - ZERO_OFFSET[checkpoint_format(w.symmetric)]  # in [0, 2^b): v1 only when symmetric
         scales = w.scale.t().to(torch.float16).contiguous()  # (G, N): the v1 kernels take fp16
         if not bool(torch.isfinite(scales).all()):
             raise QuantkitError(f"{name}: scales overflow float16, which gptq stores: use --format compressed-tensors")
         out = {"qweight": pack(w.q.t(), w.bits, dim=0),  # int32 (ceil(K*b/32), N)
-               "qzeros": pack(((w.zero - 1) & mask).t().to(torch.uint8), w.bits, dim=1),  # int32 (G, ceil(N*b/32))
+               "qzeros": pack(stored_zero.t().to(torch.uint8), w.bits, dim=1),  # int32 (G, ceil(N*b/32))
                "scales": scales,
                "g_idx": w.group_index().to(torch.int32)}  # (K,)
         if module.bias is not None:
@@ -147,7 +174,10 @@ class GPTQFormat(AffineFormat):
             raise QuantkitError(f"gptq: one file holds one quantization scheme, but the recipe uses "
                                 f"{len(by_scheme)}: {schemes}: use --format compressed-tensors for mixed precision")
         scheme = next(iter(by_scheme.values()))[0]
-        qc = {"quant_method": "gptq", **scheme, "checkpoint_format": "gptq"}
+        from quantkit import __version__
+
+        qc = {"quant_method": "gptq", **scheme, "checkpoint_format": checkpoint_format(scheme["sym"]),
+              "meta": {"quantizer": [f"quantkit:{__version__}"]}}
         in_block = block_modules(list(configs), ignored)
         if in_block is not None:
             qc["modules_in_block_to_quantize"] = [in_block]
@@ -159,8 +189,7 @@ class GPTQFormat(AffineFormat):
 
     @classmethod
     def matches(cls, quantization_config: dict[str, Any]) -> bool:
-        fmt = quantization_config.get("checkpoint_format", quantization_config.get("format", "gptq"))
-        return quantization_config.get("quant_method") == "gptq" and fmt in ("gptq", "gptq_v2")
+        return quantization_config.get("quant_method") == "gptq" and stored_format(quantization_config) in ZERO_OFFSET
 
     def quantized_modules(self, tensor_names: set[str]) -> set[str]:
         return {n.removesuffix(".qweight") for n in tensor_names if n.endswith(".qweight")}
@@ -177,10 +206,9 @@ class GPTQFormat(AffineFormat):
         if bits not in (2, 3, 4, 8) or not isinstance(group_size, int) or not (group_size > 0 or group_size == PER_CHANNEL):
             raise QuantkitError(f"gptq quantization_config: bits={bits!r} group_size={group_size!r} are not a gptq "
                                 f"scheme (bits 2, 3, 4 or 8; group_size positive or -1): fix config.json")
-        # v1 stores z - 1; gptqmodel's v2 stores z.
-        zero_offset = 0 if qc.get("checkpoint_format", qc.get("format")) == "gptq_v2" else 1
         check_known(name, tensors, TENSORS)
-        return self._affine(name, tensors, bits, group_size, sym, zero_offset)
+        return self._affine(name, tensors, bits, group_size, sym, stored_format(qc),
+                            whole_word=written_by_gptqmodel(qc) and not sym and bits != 3)
 
     def config_of(self, name: str, module: nn.Module, quantization_config: dict[str, Any]) -> Any:
         """GPTQ with the stored scheme and options (damp, act-order, ...), whatever wrote the file."""
@@ -193,7 +221,7 @@ class GPTQFormat(AffineFormat):
 
     @staticmethod
     def _affine(name: str, tensors: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool,
-                zero_offset: int) -> AffineWeight:
+                layout: str, whole_word: bool) -> AffineWeight:
         if "qweight" not in tensors or tensors["qweight"].dim() != 2:
             raise QuantkitError(f"{name}.qweight: missing or not 2-D: re-export the model")
         n = tensors["qweight"].shape[1]
@@ -205,8 +233,25 @@ class GPTQFormat(AffineFormat):
         qzeros = check_tensor(name, "qzeros", tensors, (g, packed_size(n, bits)), (torch.int32,))
         scales = check_tensor(name, "scales", tensors, (g, n), FLOAT_DTYPES)
         g_idx = check_g_idx(name, "g_idx", tensors, k, g) if "g_idx" in tensors else None
-        mask = 2**bits - 1
-        zero = (unpack(qzeros, bits, n, dim=1).to(torch.int32) + zero_offset) & mask  # (G, N)
+        zero = stored_zeros(name, qzeros, bits, n, ZERO_OFFSET[layout], whole_word)  # (G, N)
         return AffineWeight(q=unpack(qweight, bits, k, dim=0).t().contiguous(), scale=scales.t().contiguous(),
                             zero=zero.t().contiguous(), bits=bits, group_size=group_size, symmetric=sym,
                             g_idx=None if trivial_g_idx(g_idx, group_size) else g_idx)
+
+
+def stored_zeros(name: str, qzeros: torch.Tensor, bits: int, n: int, offset: int, whole_word: bool) -> torch.Tensor:
+    """Zero points (G, N) int32 from qzeros stored as z - offset: per field and masked, or (whole_word, GPTQModel's
+    v1 for 2/4/8 bits) by adding offset to every field of the packed int32 word with carries, as it loads them."""
+    mask = 2**bits - 1
+    if whole_word and offset:
+        per_word = sum(offset << (bits * i) for i in range(32 // bits))  # 0x11111111 for 4 bits
+        words = ((qzeros.to(torch.int64) + per_word) & 0xFFFFFFFF).to(torch.int64)
+        words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        return unpack(words, bits, n, dim=1).to(torch.int32)
+    zero = (unpack(qzeros, bits, n, dim=1).to(torch.int32) + offset) & mask
+    zero_count = int((zero == 0).sum()) if offset else 0
+    if zero_count:
+        log.warning("%s.qzeros: %d group(s) of this GPTQ v1 file store %d, read as zero point 0 (AutoGPTQ's masked "
+                    "convention); kernels that add 1 without a mask (ExLlama) read %d", name, zero_count, mask,
+                    mask + 1)
+    return zero

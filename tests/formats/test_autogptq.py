@@ -1,4 +1,4 @@
-"""GPTQ (AutoGPTQ v1): round trips, an independent AutoGPTQ-style unpacker, config, bad input."""
+"""GPTQ (v1 for symmetric schemes, v2 for asymmetric): round trips, an independent unpacker, config, bad input."""
 
 import json
 import logging
@@ -10,14 +10,17 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
+import quantkit
+
 from quantkit.backends import Recipe, quantize
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
 from quantkit.export import save_quantized
 from quantkit.formats import format_for, get_format
-from quantkit.formats.autogptq import GPTQFormat
+from quantkit.formats.autogptq import GPTQFormat, checkpoint_format
 from quantkit.modules import AffineLinear
+from quantkit.packing import pack
 from quantkit.record import QuantRecord
 from tests.conftest import random_model, tiny_config
 from tests.formats.test_compressed_tensors import GPTQLike, assert_same_affine, make_affine, relative
@@ -36,7 +39,8 @@ def gptq_config(bits, gs, sym, act=False):
     return GPTQFormat().quantization_config({NAME: GPTQLike(bits, gs, sym, desc_act=act)}, ["lm_head"])
 
 
-# -- an independent reader of the v1 layout, written the way AutoGPTQ's torch dequantization reads it --
+# -- an independent reader of both layouts, written the way AutoGPTQ's (v1) and GPTQModel's (v2) torch
+# dequantization read them --
 
 def unpack_columns(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """int32 (W, C) packed down each column -> (count, C): value i takes bits [i*b, i*b + b) of the column's
@@ -52,12 +56,14 @@ def unpack_columns(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return out
 
 
-def autogptq_dequantize(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-    """(N, K) fp16 weight from qweight/qzeros/scales/g_idx, as AutoGPTQ's QuantLinear dequantizes."""
+def autogptq_dequantize(t: dict[str, torch.Tensor], bits: int, layout: str = "gptq") -> torch.Tensor:
+    """(N, K) fp16 weight from qweight/qzeros/scales/g_idx, as AutoGPTQ's QuantLinear dequantizes (v1: z - 1
+    stored) or GPTQModel's (v2: z stored)."""
     k, n = t["g_idx"].numel(), t["scales"].shape[1]
     q = unpack_columns(t["qweight"], bits, k)  # (K, N)
-    zeros = unpack_columns(t["qzeros"].t(), bits, n).t()  # (G, N), stored z - 1
-    zeros = (zeros + 1) & (2**bits - 1)  # AutoGPTQ adds 1 back, masked
+    zeros = unpack_columns(t["qzeros"].t(), bits, n).t()  # (G, N)
+    if layout == "gptq":
+        zeros = (zeros + 1) & (2**bits - 1)  # AutoGPTQ adds 1 back, masked
     g = t["g_idx"].long()
     w = (q - zeros[g]).to(torch.float16) * t["scales"][g]  # (K, N)
     return w.t()
@@ -84,7 +90,7 @@ def test_round_trip_is_exact(bits, gs, sym, act):
 def test_autogptq_reader_recovers_our_weights(bits, gs, sym, act):
     # Exact: both sides are the fp16 product of the same integer (q - z) and the same fp16 scale.
     module = AffineLinear(make_affine(N, K, bits, gs, sym, act_order=act), dtype=torch.float16)
-    assert torch.equal(autogptq_dequantize(export(module), bits), module.dequantize())
+    assert torch.equal(autogptq_dequantize(export(module), bits, checkpoint_format(sym)), module.dequantize())
 
 
 def test_g_idx_is_written_without_act_order():
@@ -94,21 +100,52 @@ def test_g_idx_is_written_without_act_order():
     assert torch.equal(per_channel["g_idx"], torch.zeros(K, dtype=torch.int32))
 
 
-def test_v1_zero_convention_and_zero_point_zero(caplog):
-    # Symmetric 4-bit z = 8 is stored as 7 in every nibble (AutoGPTQ's 0x77777777).
+def test_symmetric_is_v1_asymmetric_is_v2_and_zero_point_zero_is_exact(caplog):
+    # Symmetric 4-bit z = 8 is stored as 7 in every nibble (AutoGPTQ's 0x77777777), in the v1 layout every runtime reads.
     sym = export(AffineLinear(make_affine(N, K, 4, 32, True), dtype=torch.float16))
     assert bool((sym["qzeros"] == 0x77777777).all())
-    # z = 0 is stored as (0 - 1) & 15 = 15 and read back as (15 + 1) & 15 = 0; kernels without the mask differ.
+    assert gptq_config(4, 32, True)["checkpoint_format"] == "gptq"
+    # Asymmetric: v2 stores z itself, so z = 0 (which v1 cannot hold) is stored as 0 and read back exactly.
     w = make_affine(N, K, 4, 32, False)
-    w.zero[0, 0] = 0
+    w.zero[0, 0], w.zero[1, 0] = 0, 15
     module = AffineLinear(w, dtype=torch.float16)
     with caplog.at_level(logging.WARNING, logger="quantkit"):
         tensors = export(module)
-    assert "1 group(s) have zero point 0" in caplog.text
-    assert int(tensors["qzeros"][0, 0]) & 0xF == 15
-    assert_same_affine(GPTQFormat().load_module(NAME, tensors, gptq_config(4, 32, False), torch.float16)
-                       .affine_weight(), module.affine_weight())
-    assert torch.equal(autogptq_dequantize(tensors, 4), module.dequantize())
+        loaded = GPTQFormat().load_module(NAME, tensors, gptq_config(4, 32, False), torch.float16)
+    assert caplog.text == ""
+    assert int(tensors["qzeros"][0, 0]) & 0xFF == 0xF0  # field 0 holds z = 0, field 1 z = 15
+    assert gptq_config(4, 32, False)["checkpoint_format"] == "gptq_v2"
+    assert_same_affine(loaded.affine_weight(), module.affine_weight())
+    assert torch.equal(autogptq_dequantize(tensors, 4, "gptq_v2"), module.dequantize())
+
+
+def v1_qzeros(zero: torch.Tensor, bits: int, whole_word: bool) -> torch.Tensor:
+    """Zero points (G, N) stored in v1: per field, masked (AutoGPTQ, older quantkit), or by subtracting one constant
+    from each packed word (GPTQModel's convert_gptq_v2_to_v1_format), in int32 arithmetic that wraps."""
+    if not whole_word:
+        return pack(((zero - 1) & (2**bits - 1)).to(torch.uint8), bits, dim=1)
+    words = pack(zero.to(torch.uint8), bits, dim=1).to(torch.int64)
+    words = (words - sum(1 << (bits * i) for i in range(32 // bits))) & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_v1_files_from_gptqmodel_and_from_autogptq(bits, caplog):
+    # GPTQModel >= 0.9 writes asymmetric v1 by whole-word subtraction: a z = 0 borrows from the next field, and its
+    # loader adds the constant back. quantkit reads such files (meta.quantizer names gptqmodel) the same way.
+    w = make_affine(N, K, bits, 32, False)
+    w.zero[0, :] = 0  # every group of row 0: fields that borrow
+    module = AffineLinear(w, dtype=torch.float16)
+    tensors, w = export(module), module.affine_weight()
+    qc = {**gptq_config(bits, 32, False), "checkpoint_format": "gptq", "meta": {"quantizer": ["gptqmodel:7.7.0"]}}
+    gptqmodel_file = {**tensors, "qzeros": v1_qzeros(w.zero.t(), bits, whole_word=True)}
+    assert_same_affine(GPTQFormat().load_module(NAME, gptqmodel_file, qc, torch.float16).affine_weight(), w)
+    # AutoGPTQ's convention (per field, masked) for any other v1 file; a stored 2^b - 1 reads as z = 0, with a warning
+    other = {**qc, "meta": {"quantizer": ["optimum:1.0"]}}
+    autogptq_file = {**tensors, "qzeros": v1_qzeros(w.zero.t(), bits, whole_word=False)}
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        assert_same_affine(GPTQFormat().load_module(NAME, autogptq_file, other, torch.float16).affine_weight(), w)
+    assert f"{NAME}.qzeros: {K // 32} group(s) of this GPTQ v1 file store {2**bits - 1}, read as zero point 0" in caplog.text
 
 
 def test_fp32_model_scales_round_to_fp16_and_bias_is_kept():
@@ -128,17 +165,19 @@ def test_config_json_and_quantize_config_file():
     fmt = GPTQFormat()
     qc = fmt.quantization_config({NAME: Int4Config(128)}, ["lm_head"])
     assert qc == {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False, "desc_act": False,
-                  "damp_percent": 0.01, "true_sequential": True, "static_groups": False, "checkpoint_format": "gptq"}
+                  "damp_percent": 0.01, "true_sequential": True, "static_groups": False,
+                  "checkpoint_format": "gptq_v2", "meta": {"quantizer": [f"quantkit:{quantkit.__version__}"]}}
     assert json.loads(fmt.extra_files(qc)["quantize_config.json"]) == qc
     parsed = transformers.GPTQConfig.from_dict(qc)  # transformers' own validation of the fields
-    assert (parsed.bits, parsed.group_size, parsed.sym, parsed.format) == (4, 128, False, "gptq")
+    assert (parsed.bits, parsed.group_size, parsed.sym, parsed.format) == (4, 128, False, "gptq_v2")
 
 
 def test_config_reads_gptq_options():
     config = GPTQLike(3, -1, True, desc_act=True, damp_percent=0.05, true_sequential=False)
     qc = GPTQFormat().quantization_config({NAME: config}, ["lm_head"])
     assert qc == {"quant_method": "gptq", "bits": 3, "group_size": -1, "sym": True, "desc_act": True,
-                  "damp_percent": 0.05, "true_sequential": False, "static_groups": False, "checkpoint_format": "gptq"}
+                  "damp_percent": 0.05, "true_sequential": False, "static_groups": False, "checkpoint_format": "gptq",
+                  "meta": {"quantizer": [f"quantkit:{quantkit.__version__}"]}}
 
 
 LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")]
@@ -212,4 +251,4 @@ def test_save_quantized_writes_gptq_that_reloads_bit_exactly(tmp_path):
         own = {k.removeprefix(name + "."): t for k, t in tensors.items() if k.rpartition(".")[0] == name}
         loaded = fmt.load_module(name, own, qc, torch.float16)
         assert_same_affine(loaded.affine_weight(), model.get_submodule(name).affine_weight())
-        assert torch.equal(autogptq_dequantize(own, 4), model.get_submodule(name).dequantize())
+        assert torch.equal(autogptq_dequantize(own, 4, qc["checkpoint_format"]), model.get_submodule(name).dequantize())

@@ -20,6 +20,7 @@ from quantkit.eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
 from quantkit.io import check_writable
 from quantkit.loading import open_checkpoint
+from quantkit.modules import arithmetic
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vo
         return None, None
     check_same_tokenizer(tokenizer, quantkit.load_tokenizer(base), str(model_path), str(base))
     model = quantkit.load(base, dtype=options.dtype, device=options.device)
-    return model, {**model_info(base), "tokens_per_s": _speed(model, tokenizer, options)}
+    return model, {**model_info(base), "arithmetic": arithmetic(model), "tokens_per_s": _speed(model, tokenizer, options)}
 
 
 def _base_entry(info: dict | None, perplexity: PerplexityResult | None) -> dict | None:
@@ -108,7 +109,7 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
                           label=str(model_path), base_label=None if base is None else f"the base {base}")
     del reference
     sensitivity = _sensitivity(model, data, options)
-    entry = model_entry(info, result, speed, layer_errors(model_path), sensitivity)
+    entry = model_entry({**info, "arithmetic": arithmetic(model)}, result, speed, layer_errors(model_path), sensitivity)
     del model
     return build_report(data, [entry], _base_entry(reference_info, result.base_perplexity),
                         _tp_section(model_path, data, options), options.command)
@@ -138,7 +139,7 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
         base_info["tokens_per_s"] = reference.model_info.get("tokens_per_s")  # measured when it was saved
     else:
         reference = quantkit.load(base_path, dtype=options.dtype, device=options.device)
-        base_info["tokens_per_s"] = _speed(reference, tokenizer, options)
+        base_info.update(arithmetic=arithmetic(reference), tokens_per_s=_speed(reference, tokenizer, options))
     entries, base_perplexity = [], None
     for path in model_paths:
         model = _load(path, tokenizer, options, str(base_path))
@@ -150,7 +151,8 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
                           desc=os.path.basename(os.fspath(path).rstrip("/")), label=str(path),
                           base_label=None if base_logits is not None else f"the base {base_path}")
         base_perplexity = result.base_perplexity
-        entries.append(model_entry(model_info(path), result, _speed(model, tokenizer, options), layer_errors(path)))
+        entries.append(model_entry({**model_info(path), "arithmetic": arithmetic(model)}, result,
+                                   _speed(model, tokenizer, options), layer_errors(path)))
         del model
     del reference
     return build_report(data, entries, _base_entry(base_info, base_perplexity), _tp_section(base_path, data, options),

@@ -29,6 +29,7 @@ from quantkit.dtypes import ST_ITEMSIZE, short_name
 from quantkit.loading import QuantizedCheckpoint, open_checkpoint
 from quantkit.model.layout import checkpoint_shapes, layer_index, linear_of
 from quantkit.model.generate import SamplingConfig, generate
+from quantkit.modules import int4_kernels
 
 
 
@@ -150,10 +151,11 @@ def layer_errors(path: str | os.PathLike) -> list[dict]:
 def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32, prompt: str = "The") -> float:
     """Greedy batch-1 decode speed with the KV cache, after a short warm-up (kernels build on first use)."""
     ids = [tokenizer.encode(prompt)]
-    generate(model, ids, SamplingConfig(max_new_tokens=4))
-    start = time.perf_counter()
-    out = generate(model, ids, SamplingConfig(max_new_tokens=new_tokens))
-    seconds = time.perf_counter() - start
+    with int4_kernels(model):  # the kernel people decode with, also where measurements compute exactly (fp32)
+        generate(model, ids, SamplingConfig(max_new_tokens=4))
+        start = time.perf_counter()
+        out = generate(model, ids, SamplingConfig(max_new_tokens=new_tokens))
+        seconds = time.perf_counter() - start
     speed = len(out[0]) / seconds if seconds > 0 else math.inf
     check_numbers({"tokens_per_s": speed}, model_label(model), "decode")
     return speed

@@ -186,6 +186,12 @@ def _summary(report: dict) -> list[_Block]:
     if any(entry.get("fidelity") for entry in report["models"]):
         blocks.append(_Paragraph("KL is KL(base\u2016model) per token in nats; top-1 agreement is how often the "
                                  "model's most likely next token is the base's; \u00b1 is one standard error."))
+    arithmetic = [f"{entry['name']}: {entry['arithmetic']}" for entry in _entries(report)
+                  if entry.get("arithmetic") and entry["arithmetic"] != "dense"]
+    if arithmetic:
+        blocks.append(_Paragraph("How the quantized linears computed these numbers (fp32 computes exactly, with "
+                                 "dequantized weights; tokens/s always uses the int4 kernel where it fits): "
+                                 + "; ".join(arithmetic) + "."))
     floor_sentences = _noise_floor_sentences(report)
     if floor_sentences:
         blocks.append(_Bullets(tuple(floor_sentences)))

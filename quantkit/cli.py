@@ -17,6 +17,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io import Terminated, os_error_line, terminate_as_exception
 from quantkit.model.generate import SamplingConfig, generate as generate_ids
 from quantkit.model.tokenizer import TextStream
+from quantkit.modules import int4_kernels
 
 DTYPE_CHOICE = click.Choice(CHOICES)
 
@@ -113,7 +114,8 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, syst
     if not chat:
         click.echo(prompt, nl=False)
     try:
-        generate_ids(llm, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, on_token=emit)
+        with int4_kernels(llm):  # generation runs on the fast kernel also in fp32 (measurements compute exactly)
+            generate_ids(llm, [ids], sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, on_token=emit)
     finally:
         click.echo()  # the text so far ends its line, also before an error
 

@@ -9,11 +9,18 @@ never saved. Both kernels compute in bf16: on CPU the fp16/fp32 variants of the 
 slower (0.46 ms bf16 vs 15-17 ms at 4096x4096, batch 1, on this project's machine), and bf16
 activation rounding (2^-9) is small next to 4-bit weight error. Other widths dequantize and
 matmul. Act-order runs on the kernels by permuting the input, not the weight.
+
+In fp32 a module computes exactly instead (dequantized fp32 weights, fp32 matmul): quantkit's fp32 numbers
+measure the quantization, not the bf16 kernel (on a held-out model the kernel read GPTQ w4g128's KL 3% high).
+`int4_kernels(model)` switches the fast kernel on for a block of work where speed is what counts (decoding),
+and `arithmetic(model)` says which arithmetic a model's quantized linears use, for reports.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +64,7 @@ class AffineLinear(nn.Module):
         self.register_buffer("weight_g_idx", None if w.g_idx is None else w.g_idx.to(torch.int32))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
         self._kernel_device = None
-        self.use_int4_kernel = self._int4_kernel_fits()
+        self.use_int4_kernel = self._int4_kernel_fits() and dtype != torch.float32  # fp32: exact (module docstring)
 
     # -- the portable state ----------------------------------------------------------------------
 
@@ -124,7 +131,7 @@ class AffineLinear(nn.Module):
                               bits=w.bits, group_size=group_size, symmetric=w.symmetric,
                               g_idx=None if g_idx is None else g_idx.clone())
         part = AffineLinear(part_w, dtype=self.dtype)
-        part.use_int4_kernel = part.use_int4_kernel and self.use_int4_kernel  # follow this module's choice
+        part.use_int4_kernel = part._int4_kernel_fits() and self.use_int4_kernel  # follow this module's choice
         return part
 
     # -- the int4 kernel layout, built at load time for the device it runs on ------------------
@@ -180,8 +187,40 @@ class AffineLinear(nn.Module):
         y = self._int4_matmul(x) if self.use_int4_kernel else F.linear(x, self.dequantize().to(x.dtype))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def arithmetic(self) -> str:
+        """What this module's matmul computes in: the bf16 int4 kernel, or dequantized weights in its dtype."""
+        if self.use_int4_kernel:
+            return "int4 tinygemm kernel (bf16 activations)"
+        return f"dequantized weights, {str(self.dtype).removeprefix('torch.')} matmul"
+
     def extra_repr(self) -> str:
         kernel = "int4 tinygemm" if self.use_int4_kernel else "dequantize+matmul"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.symmetric}, act_order={self.weight_g_idx is not None}, "
                 f"kernel={kernel}")
+
+
+def arithmetic(model: nn.Module) -> str:
+    """How a model's quantized linears compute, for reports: e.g. 'dequantized weights, float32 matmul (28
+    linears)', or several such parts joined by '; '. Modules other than AffineLinear are named by their class;
+    a model with no quantized linear is 'dense'."""
+    counts = Counter(m.arithmetic() if isinstance(m, AffineLinear) else type(m).__name__
+                     for m in model.modules() if getattr(m, "quant_record", None) is not None)
+    if not counts:
+        return "dense"
+    return "; ".join(f"{kind} ({n} linear{'s' if n > 1 else ''})" for kind, n in counts.items())
+
+
+@contextmanager
+def int4_kernels(model: nn.Module):
+    """Within the block, every 4-bit AffineLinear the int4 kernels can run uses them, fp32 ones included (their
+    activations are rounded to bf16): for decoding speed, never for measurements. Restored afterwards."""
+    modules = [m for m in model.modules() if isinstance(m, AffineLinear)]
+    saved = [m.use_int4_kernel for m in modules]
+    try:
+        for m in modules:
+            m.use_int4_kernel = m._int4_kernel_fits()
+        yield model
+    finally:
+        for m, on in zip(modules, saved):
+            m.use_int4_kernel = on

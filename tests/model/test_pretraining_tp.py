@@ -15,7 +15,7 @@ from quantkit.backends.rtn import RTNConfig
 from quantkit.layerwise import quantize_calibrated
 from quantkit.errors import QuantkitError
 from quantkit.model.llama import linear_split_cols, linear_split_rows
-from quantkit.modules import AffineLinear
+from quantkit.modules import AffineLinear, int4_kernels
 from tests.conftest import random_model, tiny_config
 
 VOCAB = 256
@@ -119,16 +119,17 @@ def test_per_channel_column_parts_keep_the_row_scale():
 
 def test_int4_parts_run_on_the_kernel_where_it_fits():
     attn = quantized_model(Int4Config(group_size=32)).model.layers[0].self_attn
-    assert all(p.use_int4_kernel for p in attn.q_proj.split(4, 0) + attn.k_proj.split(2, 0) + attn.o_proj.split(4, 1))
-    assert not any(p.use_int4_kernel for p in attn.k_proj.split(4, 0))  # 8 rows: tinygemm wants multiples of 16
-    attn.q_proj.use_int4_kernel = False
-    assert not any(p.use_int4_kernel for p in attn.q_proj.split(2, 0))  # parts follow the module's choice
-    torch.manual_seed(0)
-    x = torch.randn(3, 128)
-    w = attn.o_proj.dequantize()
-    ref = sum(F.linear(xi, wi) for xi, wi in zip(x.chunk(4, dim=-1), w.chunk(4, dim=1)))
-    y = linear_split_cols(x, attn.o_proj, 4)
-    assert (y - ref).abs().max() <= 1e-2 * ref.abs().max()  # bf16 inside the kernel
+    with int4_kernels(attn):  # an fp32 model computes exactly unless asked
+        assert all(p.use_int4_kernel for p in attn.q_proj.split(4, 0) + attn.k_proj.split(2, 0) + attn.o_proj.split(4, 1))
+        assert not any(p.use_int4_kernel for p in attn.k_proj.split(4, 0))  # 8 rows: tinygemm wants multiples of 16
+        attn.q_proj.use_int4_kernel = False
+        assert not any(p.use_int4_kernel for p in attn.q_proj.split(2, 0))  # parts follow the module's choice
+        torch.manual_seed(0)
+        x = torch.randn(3, 128)
+        w = attn.o_proj.dequantize()
+        ref = sum(F.linear(xi, wi) for xi, wi in zip(x.chunk(4, dim=-1), w.chunk(4, dim=1)))
+        y = linear_split_cols(x, attn.o_proj, 4)
+        assert (y - ref).abs().max() <= 1e-2 * ref.abs().max()  # bf16 inside the kernel
 
 
 # -- (b), (c) the model with tp > 1 ---------------------------------------------------------------
@@ -171,8 +172,9 @@ def test_int4_kernel_with_tp_agrees_with_tp1(tp):
 def test_int4_kernel_column_parts_take_strided_inputs(dtype):
     """Column parts get x.chunk(tp, -1) views; in bf16 no cast copies them, and the CPU kernel needs contiguous rows."""
     model = quantized_model(Int4Config(group_size=32)).to(dtype)
-    base = logits(model, 1).float()
-    assert (logits(model, 2).float() - base).abs().max() <= 2e-2 * base.abs().max()
+    with int4_kernels(model):  # quantized in fp32, where the modules compute exactly unless asked
+        base = logits(model, 1).float()
+        assert (logits(model, 2).float() - base).abs().max() <= 2e-2 * base.abs().max()
 
 
 def test_tied_lm_head_slices_with_a_quantized_model():

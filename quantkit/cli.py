@@ -551,6 +551,38 @@ def verify(directory, as_json):
                             f"from a good copy, or quantize again")
 
 
+@main.command()
+@click.argument("out")
+@click.option("--base", required=True, help="The model OUT was quantized from (normally the fp16 original).")
+@click.option("--dataset", default="wikitext2", show_default=True,
+              help="wikitext2, c4, or a local .txt/.jsonl/.json/.parquet/.csv file or save_to_disk directory.")
+@click.option("--text-field", default="text", show_default=True, help="Text field of .jsonl/.parquet/.csv.")
+@click.option("--seq-len", default=512, show_default=True, help="Window length in tokens.")
+@click.option("--windows", default=4, show_default=True, help="How many windows run through every runtime.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float,
+              help="Mean KL (nats) a runtime may add against quantkit's fp32 model before check fails.")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None,
+              help="dtype of every external runtime [default: what each serves: bf16 for GPTQ kernels, else fp32].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(out, base, dataset, text_field, seq_len, windows, tolerance, dtype, as_json):
+    """Run OUT through every runtime that serves its format and through quantkit; exit 1 if one adds error."""
+    from quantkit.eval import eval_data
+    from quantkit.eval.check import CheckOptions, failed, quantized_format, run_check, runtime_python, to_text
+    from quantkit.loading import open_checkpoint
+
+    runtime_python(quantized_format(out))  # before the dataset is read
+    if tolerance < 0:
+        raise click.BadParameter(f"{tolerance}: give a KL of 0 or more", param_hint="--tolerance")
+    data = eval_data(quantkit.load_tokenizer(base), dataset, seq_len=seq_len, text_field=text_field,
+                     vocab_size=open_checkpoint(base).config.vocab_size)
+    report = run_check(out, base, data, CheckOptions(tolerance=tolerance, windows=windows, dtype=dtype))
+    click.echo(json.dumps(report, indent=2) if as_json else to_text(report))
+    if failed(report):
+        bad = ", ".join(row["runtime"] for row in report["rows"] if row["passed"] is False)
+        raise QuantkitError(f"{out}: {bad} did not load it or added more than {tolerance:g} nats of mean KL "
+                            f"against quantkit's model (see above)")
+
+
 def config_defaults(cls) -> dict:
     """A config class's fields with their defaults (what -O KEY=VALUE sets); None for a required field."""
     import dataclasses

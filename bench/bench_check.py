@@ -5,8 +5,8 @@
 
 For each case it runs `quantkit quantize MODEL ... -o WORK/CASE` (calibrated methods on MODEL/train.txt, 128 x 256
 tokens) and `quantkit check WORK/CASE --base MODEL --dataset MODEL/test.txt --json`, then prints one Markdown table:
-per case and runtime, its dtype, KL against quantkit's fp32 model (and what it adds beyond its dtype's noise floor),
-KL and top-1 against the base, and what the runtime applied.
+per case and runtime, its dtype, KL against quantkit's fp32 model (and what it adds beyond its dtype's noise floor,
+the "quantkit bfloat16 (noise floor)" row), KL and top-1 against the base, and what the runtime applied.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ CASES: dict[str, list[str]] = {
 
 
 def quantkit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantkit.entry", *args], capture_output=True, text=True)
+    return subprocess.run([str(Path(sys.executable).with_name("quantkit")), *args], capture_output=True, text=True)
 
 
 def applied(row: dict) -> str:
@@ -55,10 +55,8 @@ def applied(row: dict) -> str:
 def table_rows(case: str, report: dict) -> list[str]:
     lines = []
     for row in report["rows"]:
-        if row.get("floor"):
-            continue
         vq, vb = row.get("vs_quantkit") or {}, row.get("vs_base") or {}
-        kl = f"{vq['kl_mean']:.2e} (+{vq['added_kl']:.1e})" if vq else ("reference" if row["runtime"] == "quantkit"
+        kl = (f"{vq['kl_mean']:.2e}" + (f" (+{vq['added_kl']:.1e})" if "added_kl" in vq else "")) if vq else ("reference" if row["runtime"] == "quantkit"
                                                                         else row["status"])
         base = f"{vb['kl_mean']:.3e}" if vb else ""
         top1 = f"{100 * vb['top1']:.2f}" if vb else ""
@@ -90,6 +88,9 @@ def main():
             continue
         c = quantkit("check", str(out), "--base", str(a.model), "--dataset", str(a.model / "test.txt"),
                      "--seq-len", a.seq_len, "--windows", a.windows, "--json")
+        if "{" not in c.stdout:
+            lines.append(f"| {case} | check failed: {(c.stderr.strip().splitlines() or ['?'])[-1]} | | | | | | |")
+            continue
         report = json.JSONDecoder().raw_decode(c.stdout[c.stdout.index("{"):])[0]
         lines += table_rows(case, report)
         print(f"{case}: exit {c.returncode}", file=sys.stderr)

@@ -129,6 +129,25 @@ def test_gptq_layouts_load_in_gptqmodel_with_quantkits_logits(dirs, layout, gptq
         assert row["applied"]["act_order_modules"] == (14 if "act-order" in layout else 0)
 
 
+@pytest.mark.parametrize("fmt,flags", [("compressed-tensors", ("--method", "int4")),
+                                       ("bnb", ("--method", "bnb-nf4")),
+                                       ("gptq", ("--method", "rtn", "--bits", 4, "--format", "gptq"))])
+def test_check_the_demo_model_in_each_format(fmt, flags, tmp_path, monkeypatch):
+    # The bundled demo model (a trained one), as a user runs it: GPTQ's runtimes only where GPTQModel is set up.
+    out = tmp_path / "out"
+    assert run("quantize", DEMO_MODEL, *flags, "-o", out).exit_code == 0
+    result = run("check", out, "--base", DEMO_MODEL, "--dataset", DEMO_MODEL / "test.txt", "--seq-len", 128,
+                 "--windows", 1, "--json")
+    assert result.exit_code == 0, result.output
+    report = json_of(result)
+    assert report["format"] == fmt
+    ran = [row for row in report["rows"] if row["runtime"] not in ("quantkit", "quantkit int4 kernel")
+           and not row.get("floor")]
+    assert ran and all(row["passed"] in (True, None) for row in ran)
+    if fmt != "gptq" or os.environ.get("QUANTKIT_GPTQMODEL_PYTHON"):
+        assert all(row["status"] == "ok" and row["passed"] for row in ran)
+
+
 GPTQMODEL_QUANTIZE = """
 import sys, torch
 from gptqmodel import GPTQModel, QuantizeConfig

@@ -24,6 +24,7 @@ is true when a runtime refused or crashed, or added more than `tolerance` nats.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -186,7 +187,8 @@ def external(runtime: str, fmt: str, out, ids: torch.Tensor, options: CheckOptio
 
 
 def runtime_python(fmt: str) -> str | None:
-    """The interpreter holding the format's runtimes: this one, or the one its environment variable names."""
+    """The interpreter holding the format's runtimes: the one its environment variable names, else this one where
+    the runtime is importable here (GPTQModel installed beside quantkit), else None (not installed)."""
     variable = PYTHON_ENV.get(fmt)
     if variable is None:
         return sys.executable
@@ -194,7 +196,9 @@ def runtime_python(fmt: str) -> str | None:
     if python and not os.access(python, os.X_OK):
         raise QuantkitError(f"{variable}={python}: no such interpreter: point it at the python of the virtualenv "
                             f"that holds GPTQModel, or unset it")
-    return python or None
+    if python:
+        return python
+    return sys.executable if importlib.util.find_spec("gptqmodel") is not None else None
 
 
 def run_worker(python: str, args: list[str], name: str, options: CheckOptions, cwd: str) -> dict:

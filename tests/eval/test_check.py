@@ -108,6 +108,18 @@ def test_check_gptq_without_gptqmodel_says_how_to_install(dirs, monkeypatch):
         assert "QUANTKIT_GPTQMODEL_PYTHON is not set" in row["message"]
 
 
+def test_gptqmodel_installed_beside_quantkit_is_found(monkeypatch):
+    import importlib.util
+    import sys
+
+    from quantkit.eval.check import runtime_python
+
+    monkeypatch.delenv("QUANTKIT_GPTQMODEL_PYTHON", raising=False)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "gptqmodel" else find_spec(name))
+    assert runtime_python("gptq") == sys.executable and runtime_python("bnb") == sys.executable
+
+
 @pytest.mark.parametrize("layout", GPTQ_LAYOUTS)
 def test_gptq_layouts_load_in_gptqmodel_with_quantkits_logits(dirs, layout, gptqmodel_python):
     out = quantized(dirs, layout, *GPTQ_LAYOUTS[layout])

@@ -53,10 +53,17 @@ def test_eval_against_base_with_sliding_windows_and_tp(dirs):
                            "--stride", 32, "--tp", "auto", "--tp-windows", 1, "--json"))
     jsonschema.validate(report, load_schema())
     fidelity = report["models"][0]["fidelity"]
+    assert report["models"][0]["arithmetic"] == "int4 tinygemm kernel (bf16 activations) (14 linears)"
     assert report["dataset"]["protocol"] == "sliding" and report["dataset"]["stride"] == 32
     assert report["base"]["method"] == "fp16" and fidelity["source"] == "in-memory" and fidelity["kl"]["mean"] > 0
     assert {r["tp"] for r in report["tp"]["rows"]} >= {1, 2}
     assert report["models"][0]["layer_errors"] and report["models"][0]["layer_errors"][0]["kind"] == "weight"
+
+
+def test_eval_in_fp32_measures_exactly(dirs):
+    # fp32 measures the quantization, not the kernel: dequantized weights, fp32 matmul, and the report says so
+    report = report_of(run("eval", dirs["int4"], "--dataset", dirs["text"], *SEQ, "--dtype", "fp32", "--json"))
+    assert report["models"][0]["arithmetic"] == "dequantized weights, float32 matmul (14 linears)"
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +124,10 @@ def test_compare_writes_reports(dirs, tmp_path):
     jsonschema.validate(report, load_schema())
     assert [m["method"] for m in report["models"]] == ["int4 g32", "rtn w3 g32"]
     assert all(m["tokens_per_s"] > 0 for m in [report["base"], *report["models"]])
+    # the checkpoint's fp16 runs the 4-bit linears on the int4 kernel; the report says so
+    assert [m["arithmetic"] for m in [report["base"], *report["models"]]] == [
+        "dense", "int4 tinygemm kernel (bf16 activations) (14 linears)", "dequantized weights, float16 matmul (14 linears)"]
+    assert "int4 tinygemm kernel (bf16 activations) (14 linears)" in md.read_text()
     assert html.read_text().count("<svg") >= 2 and "int4 g32" in md.read_text()
 
 

@@ -29,7 +29,7 @@ from quantkit.layerwise import CalibrationOptions, LayerCalibrator, calibration_
 from quantkit.loading import open_checkpoint
 from quantkit.model.layout import layer_prefix, linear_of
 from quantkit.model.shards import parse_size
-from quantkit.plan import check_free_space
+from quantkit.sizing import check_free_space
 from quantkit.resume import NON_LAYER, WorkDir, fingerprint, layer_unit, work_dir_of
 
 log = logging.getLogger(__name__)

@@ -75,3 +75,15 @@ def test_no_import_cycles():
 
     for name in sorted(graph):
         visit(name)
+
+
+def test_a_quantize_run_does_not_import_the_planner():
+    # The write path sizes its output through quantkit.sizing; the planner (child-process memory probe, timed
+    # passes, disk bandwidth) is `quantkit plan`'s alone.
+    import subprocess
+    import sys
+
+    code = ("import sys, quantkit.pipeline, quantkit.sizing; "
+            "print(sorted(m for m in ('quantkit.plan', 'quantkit.cli') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

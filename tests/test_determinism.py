@@ -15,6 +15,8 @@ from quantkit.model import save_model
 from quantkit.pipeline import quantize_checkpoint
 from tests.conftest import random_model, tiny_config
 
+pytestmark = pytest.mark.slow  # every method and format twice: `make test-fast` leaves it out
+
 CALIB = torch.randint(3, 4096, (4, 16), generator=torch.Generator().manual_seed(0))
 CASES = [(Int4Config(32), "compressed-tensors"), (Int4Config(32), "gptq"),
          (RTNConfig(4, 32), "compressed-tensors"), (RTNConfig(3, 32, True), "gptq"),

@@ -15,6 +15,8 @@ import pytest
 from quantkit.resume import work_dir_of
 from tests.test_resume import LAYERS, digests, method_args, run, src, tokens  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.slow  # real subprocesses stopped and resumed: `make test-fast` leaves it out
+
 # The child is the CLI with one change: in the middle of layer K's work unit (3 tensors written) it says so and
 # sleeps, so the test's signal lands there however loaded the machine is.
 STOP_IN_LAYER = textwrap.dedent("""

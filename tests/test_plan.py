@@ -71,6 +71,7 @@ def peak_rss_of(command: list[str]) -> int:
 
 @pytest.mark.skipif(not hasattr(resource, "RUSAGE_CHILDREN") or sys.platform != "linux",
                     reason="ru_maxrss in KiB is Linux's")
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["int4", "gptq"])
 def test_peak_ram_is_within_30_percent_of_a_real_run(tmp_path, method):
     flags = {"int4": ["--method", "int4", "--group-size", "64"],

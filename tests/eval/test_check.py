@@ -120,6 +120,7 @@ def test_gptqmodel_installed_beside_quantkit_is_found(monkeypatch):
     assert runtime_python("gptq") == sys.executable and runtime_python("bnb") == sys.executable
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", GPTQ_LAYOUTS)
 def test_gptq_layouts_load_in_gptqmodel_with_quantkits_logits(dirs, layout, gptqmodel_python):
     out = quantized(dirs, layout, *GPTQ_LAYOUTS[layout])
@@ -172,6 +173,7 @@ model.save(sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_check_a_directory_gptqmodel_wrote(dirs, gptqmodel_python, tmp_path):
     # GPTQModel's own asymmetric file (v1 layout, meta.quantizer gptqmodel:7.7.0): quantkit reads it with
     # GPTQModel's whole-word zero-point convention, and both agree.

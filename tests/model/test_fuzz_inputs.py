@@ -29,6 +29,8 @@ from quantkit.manifest import MANIFEST_FILE
 from quantkit.model import Checkpoint, save_model
 from tests.conftest import random_model, tiny_config
 
+pytestmark = pytest.mark.slow  # 4,500 mutated inputs: `make test-fast` leaves it out
+
 CONFIG_CASES = 1500
 SAFETENSORS_CASES = 2500
 INDEX_CASES = 500

@@ -101,11 +101,9 @@ def run_check(out, base, data: EvalData, options: CheckOptions | None = None) ->
 def floor_row(out, ids: torch.Tensor, dtype: str, progress: bool) -> dict:
     """quantkit's model of `out` in `dtype` with dequantized weights: what that arithmetic alone moves the logits."""
     model = quantkit.load(out, dtype=dtype)
-    for m in model.modules():
-        if isinstance(m, AffineLinear):
-            m.use_int4_kernel = False
-    return {"runtime": f"quantkit {dtype} (noise floor)", "status": "ok", "floor": True, "dtype": dtype,
-            "arithmetic": arithmetic(model), "logits": logits_of(model, ids, f"quantkit in {dtype}", progress)}
+    with int4_kernels(model, enabled=False):
+        return {"runtime": f"quantkit {dtype} (noise floor)", "status": "ok", "floor": True, "dtype": dtype,
+                "arithmetic": arithmetic(model), "logits": logits_of(model, ids, f"quantkit in {dtype}", progress)}
 
 
 def score(row: dict, reference: torch.Tensor, base_logits: torch.Tensor, floors: dict, tolerance: float) -> None:
@@ -115,10 +113,10 @@ def score(row: dict, reference: torch.Tensor, base_logits: torch.Tensor, floors:
     if logits is not None:
         row["vs_base"] = compare(base_logits, logits)
         if logits is not reference:
-            row["vs_quantkit"] = compare(reference, logits)
-        if logits is not reference and not row.get("floor"):
-            floor = 0.0 if row["dtype"] == "float32" else floors[row["dtype"]]["vs_quantkit"]["kl_mean"]
-            row["vs_quantkit"].update(floor_kl=floor, added_kl=max(0.0, row["vs_quantkit"]["kl_mean"] - floor))
+            vs = row["vs_quantkit"] = compare(reference, logits)
+            if not row.get("floor"):
+                floor = 0.0 if row["dtype"] == "float32" else floors[row["dtype"]]["vs_quantkit"]["kl_mean"]
+                vs.update(floor_kl=floor, added_kl=max(0.0, vs["kl_mean"] - floor))
         check_numbers({k: v for k, v in row.items() if k.startswith("vs_")}, row["runtime"], "check")
     if row["status"] == "not installed" or row.get("floor") or row["runtime"] == "quantkit":
         row["passed"] = None

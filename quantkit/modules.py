@@ -212,14 +212,15 @@ def arithmetic(model: nn.Module) -> str:
 
 
 @contextmanager
-def int4_kernels(model: nn.Module):
+def int4_kernels(model: nn.Module, enabled: bool = True):
     """Within the block, every 4-bit AffineLinear the int4 kernels can run uses them, fp32 ones included (their
-    activations are rounded to bf16): for decoding speed, never for measurements. Restored afterwards."""
+    activations are rounded to bf16): for decoding speed, never for measurements. enabled=False: none does (each
+    computes with dequantized weights in its dtype). Restored afterwards."""
     modules = [m for m in model.modules() if isinstance(m, AffineLinear)]
     saved = [m.use_int4_kernel for m in modules]
     try:
         for m in modules:
-            m.use_int4_kernel = m._int4_kernel_fits()
+            m.use_int4_kernel = enabled and m._int4_kernel_fits()
         yield model
     finally:
         for m, on in zip(modules, saved):

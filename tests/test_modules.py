@@ -57,6 +57,9 @@ def test_fp32_computes_exactly_and_says_so():
     with int4_kernels(exact):
         assert arithmetic(exact) == "int4 tinygemm kernel (bf16 activations) (1 linear)"
         assert not torch.equal(exact(x), x @ exact.dequantize().T)  # bf16 activations
+    with int4_kernels(fast, enabled=False):  # the other way: a bf16 module with dequantized weights (check's floor)
+        assert arithmetic(fast) == "dequantized weights, bfloat16 matmul (1 linear)"
+    assert fast.use_int4_kernel
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])

@@ -68,8 +68,8 @@ def stored_format(quantization_config: dict[str, Any]) -> str:
 
 def written_by_gptqmodel(quantization_config: dict[str, Any]) -> bool:
     """Whether `meta.quantizer` (GPTQModel's "tool:version" list) names gptqmodel."""
-    quantizer = (quantization_config.get("meta") or {}).get("quantizer") if isinstance(
-        quantization_config.get("meta"), dict) else None
+    meta = quantization_config.get("meta")
+    quantizer = meta.get("quantizer") if isinstance(meta, dict) else None
     entries = quantizer if isinstance(quantizer, list) else [quantizer]
     return any(isinstance(e, str) and e.lower().startswith("gptqmodel:") for e in entries)
 
@@ -245,7 +245,7 @@ def stored_zeros(name: str, qzeros: torch.Tensor, bits: int, n: int, offset: int
     mask = 2**bits - 1
     if whole_word and offset:
         per_word = sum(offset << (bits * i) for i in range(32 // bits))  # 0x11111111 for 4 bits
-        words = ((qzeros.to(torch.int64) + per_word) & 0xFFFFFFFF).to(torch.int64)
+        words = (qzeros.to(torch.int64) + per_word) & 0xFFFFFFFF
         words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
         return unpack(words, bits, n, dim=1).to(torch.int32)
     zero = (unpack(qzeros, bits, n, dim=1).to(torch.int32) + offset) & mask

@@ -26,9 +26,9 @@ from bench_quality import score
 from quantkit.calibrate import calibration_tokens
 from quantkit.eval import token_windows
 from quantkit.backends import QuantConfig
-from quantkit.export import ExportOptions
-from quantkit.layerwise import CalibrationOptions
-from quantkit.modules import AffineLinear
+from quantkit.run.export import ExportOptions
+from quantkit.run.calibrator import CalibrationOptions
+from quantkit.quant.linear import AffineLinear
 
 METHODS = {
     "RTN w4 g128": {"method": "rtn", "bits": 4, "group_size": 128},

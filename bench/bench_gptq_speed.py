@@ -15,7 +15,7 @@ reach the same output error ||(W - Q) X|| / ||W X|| (computed from H, since ||dW
 Every variant is timed in the same run (repeats interleaved, median reported); the phase table
 splits each method's time into the inverse-Hessian factor, the per-column loop, the lazy block
 updates and the rest (for quantkit: its output-error computation and packing, timed by wrapping
-quantkit.gptq_solver's helpers; its block updates by replaying the same matmul-and-subtract standalone).
+quantkit.backends.gptq.solver's helpers; its block updates by replaying the same matmul-and-subtract standalone).
 Usage:
 
     python bench/bench_gptq_speed.py [--tokens 8192] [--repeats 3] [--repeats-large 2] [--shapes 4096x4096 4096x11008]
@@ -32,8 +32,8 @@ from contextlib import contextmanager
 
 import torch
 
-import quantkit.gptq_solver as qgptq
-from quantkit.affine import quantize_weight
+import quantkit.backends.gptq.solver as qgptq
+from quantkit.quant.affine import quantize_weight
 
 BITS, GROUP, DAMP, BLOCK = 4, 128, 0.01, 128
 
@@ -101,7 +101,7 @@ def paper_gptq(W: torch.Tensor, H: torch.Tensor, bits: int = BITS, group_size: i
 
 @contextmanager
 def timed_helpers(phases: dict):
-    """Wrap quantkit.gptq_solver's helpers (looked up at call time) to time them; restores them after."""
+    """Wrap quantkit.backends.gptq.solver's helpers (looked up at call time) to time them; restores them after."""
     names = {"inverse_hessian_cholesky": "inverse + Cholesky", "_relative_error": "output-error report",
              "_affine_weight": "packing"}
     saved = {n: getattr(qgptq, n) for n in names}

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from quantkit.affine import quantize_weight
-from quantkit.modules import AffineLinear
+from quantkit.quant.affine import quantize_weight
+from quantkit.quant.linear import AffineLinear
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): q/k/v/o, gate/up, down
 

@@ -5,7 +5,7 @@ as safetensors under `cache_dir` (default `$QUANTKIT_CACHE/calib`, else `~/.cach
 The file name is a hash of what the ids depend on: the text's content hash (documents framed so
 that boundaries count, and the joiner in mode "random"), the tokenizer.model bytes, the mode and a
 format version. Sampling parameters (seed, n_samples, seq_len) are not part of the key: the cache
-holds tokenizations, sampling is cheap. Files are written atomically (quantkit.io.atomic_file), so a
+holds tokenizations, sampling is cheap. Files are written atomically (quantkit.io.files.atomic_file), so a
 reader never sees half a file; an unwritable cache directory costs speed, not correctness.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.io import atomic_file
+from quantkit.io.files import atomic_file
 
 log = logging.getLogger("quantkit.calibrate")
 

@@ -63,7 +63,7 @@ try:
     import quantkit  # noqa: F401
 except ModuleNotFoundError:  # run as a plain script without PYTHONPATH
     sys.path.insert(0, str(REPO_ROOT))
-from quantkit.io import atomic_dir  # noqa: E402
+from quantkit.io.files import atomic_dir  # noqa: E402
 from quantkit.model.config import LlamaConfig  # noqa: E402
 from quantkit.model.llama import LlamaForCausalLM, RMSNorm  # noqa: E402
 

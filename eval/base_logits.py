@@ -35,8 +35,8 @@ from quantkit.eval.data import EvalData, Window
 from quantkit.eval.fidelity import TopK, compress
 from quantkit.eval.runner import window_logprobs
 from quantkit.errors import QuantkitError
-from quantkit.io import DiskFull, atomic_file, check_writable, is_disk_full
-from quantkit.model.shards import ShardWriter
+from quantkit.io.files import DiskFull, atomic_file, check_writable, is_disk_full
+from quantkit.io.shards import ShardWriter
 
 FORMAT = "quantkit-base-logits"
 VERSION = "1"

@@ -37,14 +37,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-import quantkit
+from quantkit.formats.reader import load_model
+from quantkit.model.checkpoint import load_tokenizer
 from quantkit.dtypes import SHORT_NAMES
 from quantkit.errors import QuantkitError
 from quantkit.eval.data import EvalData
 from quantkit.eval.evaluate import check_same_tokenizer
 from quantkit.eval.finite import check_numbers
-from quantkit.loading import open_checkpoint
-from quantkit.modules import AffineLinear, arithmetic, int4_kernels
+from quantkit.formats.reader import open_checkpoint
+from quantkit.quant.linear import AffineLinear, arithmetic, int4_kernels
 
 WORKER = Path(__file__).with_name("runtime_worker.py")
 RUNTIMES = {"compressed-tensors": ("transformers",), "bnb": ("transformers",), "gptq": ("gptqmodel", "transformers")}
@@ -69,15 +70,15 @@ def run_check(out, base, data: EvalData, options: CheckOptions | None = None) ->
     options = options or CheckOptions()
     fmt = quantized_format(out)
     runtime_python(fmt)  # a runtime interpreter that does not exist is refused before the work
-    check_same_tokenizer(quantkit.load_tokenizer(out), quantkit.load_tokenizer(base), str(out), str(base))
+    check_same_tokenizer(load_tokenizer(out), load_tokenizer(base), str(out), str(base))
     vocab, base_vocab = open_checkpoint(out).config.vocab_size, open_checkpoint(base).config.vocab_size
     if vocab != base_vocab:
         raise QuantkitError(f"{out} has a vocabulary of {vocab}, the base {base} {base_vocab}: check a model against "
                             f"the one it was quantized from")
     ids = window_ids(data, options.windows)
-    model = quantkit.load(out, dtype="fp32")
+    model = load_model(out, dtype="fp32")
     reference = logits_of(model, ids, f"quantkit's model of {out}", options.progress)
-    base_model = quantkit.load(base, dtype="fp32")
+    base_model = load_model(base, dtype="fp32")
     base_logits = logits_of(base_model, ids, f"the base {base}", options.progress)
     del base_model
     rows = [{"runtime": "quantkit", "status": "ok", "arithmetic": arithmetic(model), "dtype": "float32",
@@ -100,7 +101,7 @@ def run_check(out, base, data: EvalData, options: CheckOptions | None = None) ->
 
 def floor_row(out, ids: torch.Tensor, dtype: str, progress: bool) -> dict:
     """quantkit's model of `out` in `dtype` with dequantized weights: what that arithmetic alone moves the logits."""
-    model = quantkit.load(out, dtype=dtype)
+    model = load_model(out, dtype=dtype)
     with int4_kernels(model, enabled=False):
         return {"runtime": f"quantkit {dtype} (noise floor)", "status": "ok", "floor": True, "dtype": dtype,
                 "arithmetic": arithmetic(model), "logits": logits_of(model, ids, f"quantkit in {dtype}", progress)}

@@ -10,7 +10,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import quantkit
+from quantkit.formats.reader import load_model
+from quantkit.model.checkpoint import load_tokenizer
+from quantkit.model.llama import LlamaForCausalLM
 from quantkit.eval.base_logits import BaseLogits, save_base_logits
 from quantkit.eval.data import EvalData
 from quantkit.eval.evaluate import (EvalResult, build_report, check_same_tokenizer, check_same_vocabulary, decode_tokens_per_s,
@@ -18,9 +20,9 @@ from quantkit.eval.evaluate import (EvalResult, build_report, check_same_tokeniz
 from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll
 from quantkit.eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
-from quantkit.io import check_writable
-from quantkit.loading import open_checkpoint
-from quantkit.modules import arithmetic
+from quantkit.io.files import check_writable
+from quantkit.formats.reader import open_checkpoint
+from quantkit.quant.linear import arithmetic
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ class EvalOptions:
 
 def _load(path, tokenizer, options: EvalOptions, base_name: str):
     """The model at `path` after checking that it shares the base's `tokenizer`."""
-    check_same_tokenizer(quantkit.load_tokenizer(path), tokenizer, str(path), base_name)
-    return quantkit.load(path, dtype=options.dtype, device=options.device)
+    check_same_tokenizer(load_tokenizer(path), tokenizer, str(path), base_name)
+    return load_model(path, dtype=options.dtype, device=options.device)
 
 
 def _speed(model, tokenizer, options: EvalOptions) -> float | None:
@@ -58,8 +60,8 @@ def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vo
         return saved, saved.model_info or None
     if base is None:
         return None, None
-    check_same_tokenizer(tokenizer, quantkit.load_tokenizer(base), str(model_path), str(base))
-    model = quantkit.load(base, dtype=options.dtype, device=options.device)
+    check_same_tokenizer(tokenizer, load_tokenizer(base), str(model_path), str(base))
+    model = load_model(base, dtype=options.dtype, device=options.device)
     return model, {**model_info(base), "arithmetic": arithmetic(model), "tokens_per_s": _speed(model, tokenizer, options)}
 
 
@@ -91,12 +93,12 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     _check_tps(model_path, options)
     if save_logits is not None:
         check_writable(save_logits)  # before the base and the model run
-    tokenizer = quantkit.load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
     info = model_info(model_path)
     reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path,
                                                 open_checkpoint(model_path).config.vocab_size, options)
-    model = quantkit.load(model_path, dtype=options.dtype, device=options.device)
-    if isinstance(reference, quantkit.LlamaForCausalLM):
+    model = load_model(model_path, dtype=options.dtype, device=options.device)
+    if isinstance(reference, LlamaForCausalLM):
         check_same_vocabulary(model, reference, str(model_path), str(base))
     speed = _speed(model, tokenizer, options)
     if save_logits is not None:
@@ -131,14 +133,14 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
     if not model_paths:
         raise QuantkitError("compare needs at least one model besides the base")
     _check_tps(base_path, options)
-    tokenizer = quantkit.load_tokenizer(base_path)
+    tokenizer = load_tokenizer(base_path)
     base_info = model_info(base_path)
     if base_logits is not None:
         reference = BaseLogits(base_logits)
         reference.check_matches(data, open_checkpoint(base_path).config.vocab_size, tokenizer)
         base_info["tokens_per_s"] = reference.model_info.get("tokens_per_s")  # measured when it was saved
     else:
-        reference = quantkit.load(base_path, dtype=options.dtype, device=options.device)
+        reference = load_model(base_path, dtype=options.dtype, device=options.device)
         base_info.update(arithmetic=arithmetic(reference), tokens_per_s=_speed(reference, tokenizer, options))
     entries, base_perplexity = [], None
     for path in model_paths:

@@ -24,12 +24,13 @@ from quantkit.eval.finite import check_numbers, model_label
 from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll, perplexity_of
 from quantkit.eval.runner import batch_logprobs
 from quantkit.errors import QuantkitError
-from quantkit.affine import PER_CHANNEL
+from quantkit.quant.affine import PER_CHANNEL
 from quantkit.dtypes import ST_ITEMSIZE, short_name
-from quantkit.loading import QuantizedCheckpoint, open_checkpoint
+from quantkit.formats.reader import QuantizedCheckpoint, open_checkpoint
 from quantkit.model.layout import checkpoint_shapes, layer_index, linear_of
 from quantkit.model.generate import SamplingConfig, generate
-from quantkit.modules import int4_kernels
+from quantkit.quant.linear import int4_kernels
+from quantkit.version import __version__
 
 
 
@@ -175,8 +176,6 @@ def build_report(data: EvalData, models: list[dict], base: dict | None = None, t
                  command: str | None = None) -> dict:
     import datetime
 
-    import quantkit
-
-    return {"schema": "quantkit-eval-report", "schema_version": 1, "quantkit_version": quantkit.__version__,
+    return {"schema": "quantkit-eval-report", "schema_version": 1, "quantkit_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "dataset": data.describe(), "base": base, "models": models, "tp": tp}

@@ -20,7 +20,7 @@ from typing import Callable, Sequence, Union
 
 from quantkit.eval import fidelity, plots
 from quantkit.errors import QuantkitError
-from quantkit.io import check_writable, write_text
+from quantkit.io.files import check_writable, write_text
 from quantkit.model.layout import local_name
 
 __all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "SUFFIXES", "check_report_path", "load_schema", "noise_floor", "to_html",
@@ -73,7 +73,7 @@ def write_report(report: dict, path: Union[str, os.PathLike]) -> Path:
     """Write `report` as JSON, Markdown or HTML according to the suffix of `path`, atomically."""
     path = check_report_path(path)
     text = _renderer_for(path)(report)  # rendered first: a failing render writes nothing
-    write_text(path, text)  # an OSError is one QuantkitError naming the path (quantkit.io.write_error)
+    write_text(path, text)  # an OSError is one QuantkitError naming the path (quantkit.io.files.write_error)
     return path
 
 

@@ -37,7 +37,7 @@ def sensitivity(base, data: EvalData, config, unit: str = "layer", batch_size: i
     `calibration`: token ids (n, seq_len) for methods that need calibration (gptq).
     """
     from quantkit.backends import needs_calibration, quantize, runnable_recipe
-    from quantkit.layerwise import quantize_calibrated
+    from quantkit.run.calibrator import quantize_calibrated
 
     calibrated = needs_calibration(runnable_recipe(config, calibrated=calibration is not None))
     variants = parts(base.config, unit)

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-import quantkit
+from quantkit.formats.reader import load_model
 from quantkit.eval.data import EvalData
 from quantkit.eval.fidelity import FidelityAccumulator, compare_tokens
 from quantkit.eval.finite import FP16_MAX, check_numbers
@@ -89,7 +89,7 @@ def _row(dtype: str, tp: int, logits: list[torch.Tensor], reference: list[torch.
 def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("fp16", "bf16"), batch_size: int = 1,
                   max_windows: int | None = None, progress: bool = True, device: str = "cpu") -> dict:
     """The report's tp section for the model at `path` (dense or quantized)."""
-    model = quantkit.load(path, dtype="fp32", device=device)
+    model = load_model(path, dtype="fp32", device=device)
     tps = choose_tps(model.config, tps)
     data = subset(data, max_windows, model.config.vocab_size)
     model.set_pretraining_tp(1)
@@ -97,7 +97,7 @@ def tp_comparison(path, data: EvalData, tps: list[int] | None = None, dtypes=("f
     del model
     rows, unsupported = [], []
     for dtype in dtypes:
-        model = quantkit.load(path, dtype=dtype, device=device)  # from the file: no fp32 -> dtype double rounding
+        model = load_model(path, dtype=dtype, device=device)  # from the file: no fp32 -> dtype double rounding
         for tp in [1, *tps]:
             try:
                 model.set_pretraining_tp(tp)

@@ -7,27 +7,25 @@ import os
 from typing import TYPE_CHECKING
 
 from quantkit.errors import QuantkitError
+from quantkit.version import __version__
 
 if TYPE_CHECKING:
     from quantkit.model import LlamaForCausalLM, Tokenizer
 
-__version__ = "0.1.0"
 
 
 def load(path: str | os.PathLike, dtype=None, device: str = "cpu") -> LlamaForCausalLM:
     """Load a Hugging Face Llama directory (or hub id), dense or quantized, as a native model: `model(ids)` -> logits."""
-    from quantkit.loading import load_model
+    from quantkit.formats.reader import load_model
 
     return load_model(path, dtype=dtype, device=device)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The sentencepiece tokenizer of a model directory (or a tokenizer.model file)."""
-    from quantkit.model import Tokenizer
-    from quantkit.model.checkpoint import resolve_model_dir
+    from quantkit.model.checkpoint import load_tokenizer
 
-    path = os.fspath(path)
-    return Tokenizer(path if path.endswith(".model") else resolve_model_dir(path))
+    return load_tokenizer(path)
 
 
 # Everything that imports torch loads on first use: `import quantkit` stays cheap (the command line's entry
@@ -36,8 +34,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 _LAZY = {"LlamaConfig": "quantkit.model", "LlamaForCausalLM": "quantkit.model", "SamplingConfig": "quantkit.model",
          "Tokenizer": "quantkit.model", "generate": "quantkit.model", "save_model": "quantkit.model",
          "quantize": "quantkit.backends", "Recipe": "quantkit.backends", "BACKENDS": "quantkit.backends",
-         "quantize_checkpoint": "quantkit.pipeline", "save_quantized": "quantkit.export",
-         "ExportOptions": "quantkit.export", "CalibrationOptions": "quantkit.layerwise"}
+         "quantize_checkpoint": "quantkit.run.pipeline", "save_quantized": "quantkit.run.export",
+         "ExportOptions": "quantkit.run.export", "CalibrationOptions": "quantkit.run.calibrator"}
 
 
 def __getattr__(name: str):

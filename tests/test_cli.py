@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from quantkit.cli import main
-from quantkit.manifest import MANIFEST_FILE
+from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import save_model
 from tests.conftest import REPO, random_model, tiny_config
 
@@ -60,7 +60,7 @@ def test_cli_missing_config(tiny_model_dir):
 
 @pytest.fixture
 def tiny_model_dir(tiny_model_dir):
-    """conftest's, without quantkit's manifest: the tests here edit its files (tests/test_verify.py: with it)."""
+    """conftest's, without quantkit's manifest: the tests here edit its files (tests/formats/test_verify.py: with it)."""
     (tiny_model_dir / MANIFEST_FILE).unlink()
     return tiny_model_dir
 

@@ -9,10 +9,10 @@ from quantkit.backends.bnb import BnbFP4Config, BnbInt8Config, BnbNF4Config
 from quantkit.backends.gptq import GPTQConfig
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
-from quantkit.export import ExportOptions
-from quantkit.manifest import MANIFEST_FILE, read_manifest, sha256_file
+from quantkit.run.export import ExportOptions
+from quantkit.io.manifest import MANIFEST_FILE, read_manifest, sha256_file
 from quantkit.model import save_model
-from quantkit.pipeline import quantize_checkpoint
+from quantkit.run.pipeline import quantize_checkpoint
 from tests.conftest import random_model, tiny_config
 
 pytestmark = pytest.mark.slow  # every method and format twice: `make test-fast` leaves it out

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 import quantkit
 from quantkit.cli import main
 from quantkit.errors import QuantkitError
-from quantkit.io import DiskFull, atomic_dir, write_text
+from quantkit.io.files import DiskFull, atomic_dir, write_text
 from quantkit.model import save_model
-from quantkit.model.shards import ShardWriter
+from quantkit.io.shards import ShardWriter
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
 from tests.test_cli import assert_one_line_error
 
@@ -63,7 +63,7 @@ def test_quantize_disk_full_is_one_line(tiny_model_dir, tmp_path, monkeypatch, n
     assert_one_line_error(result, f"{out}: no space left on device after writing ", f"({estimate} ", " needed, ",
                           " free on /", "choose another output (-o)")
     assert "Traceback" not in result.output and not out.exists()
-    # a finished layer is kept in the work directory for --resume (quantkit.resume); nothing else is left
+    # a finished layer is kept in the work directory for --resume (quantkit.run.workdir); nothing else is left
     kept = [".q.quantkit-work"] if estimate == "about" else []
     assert leftovers(tmp_path, "q") == kept and ("--resume continues" in result.output) == bool(kept)
 
@@ -109,7 +109,7 @@ def test_atomic_writes_turn_disk_full_into_one_line(tmp_path, monkeypatch, targe
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("quantkit.io.fsync_file", full)
+    monkeypatch.setattr("quantkit.io.files.fsync_file", full)
     dest = tmp_path / ("report.json" if target == "file" else "model")
     if target == "file":
         dest.write_text("old")
@@ -139,7 +139,7 @@ def test_eval_report_disk_full_through_the_cli(tiny_model_dir, tmp_path, monkeyp
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("quantkit.io.fsync_file", full)
+    monkeypatch.setattr("quantkit.io.files.fsync_file", full)
     report = tmp_path / "r.json"
     result = without_progress(run("eval", tiny_model_dir, "--dataset", text, "--seq-len", 32, "--no-speed",
                                   "--report", report))

@@ -32,7 +32,7 @@ CASES = {
     "gptq-b4-gptq": ({"method": "gptq", "bits": 4, "group_size": 128}, "gptq", CALIB),
     "gptq-b4-static-actorder-compressed-tensors": ({"method": "gptq", "bits": 4, "group_size": 64, "desc_act": True,
                                                     "static_groups": True},
-                                            "compressed-tensors", CALIB),
+                                                   "compressed-tensors", CALIB),
     "gptq-b3-actorder-sym-mse-gptq": ({"method": "gptq", "bits": 3, "group_size": 64, "symmetric": True,
                                        "desc_act": True, "mse": True}, "gptq", CALIB),
     "bnb-int8": ({"method": "bnb-int8"}, "bnb", None),

@@ -15,16 +15,16 @@ from safetensors import safe_open
 from torch import nn
 
 import quantkit
-from quantkit.affine import quantize_weight
+from quantkit.quant.affine import quantize_weight
 from quantkit.backends import BACKENDS, QuantConfig
-from quantkit.export import ExportOptions
+from quantkit.run.export import ExportOptions
 from quantkit.formats import format_names, get_format
-from quantkit.layerwise import quantize_calibrated
+from quantkit.run.calibrator import quantize_calibrated
 from quantkit.model import save_model
 from quantkit.model.layout import SEQUENTIAL_GROUPS
-from quantkit.modules import AffineLinear
-from quantkit.observers import ChannelMagnitudeObserver
-from quantkit.pipeline import quantize_checkpoint
+from quantkit.quant.linear import AffineLinear
+from quantkit.quant.observers import ChannelMagnitudeObserver
+from quantkit.run.pipeline import quantize_checkpoint
 from tests.conftest import install_plugin, random_model, tiny_config
 
 SHAPES = dict(hidden_size=128, intermediate_size=256)

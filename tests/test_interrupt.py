@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from quantkit.resume import work_dir_of
-from tests.test_resume import LAYERS, digests, method_args, run, src, tokens  # noqa: F401 (fixtures)
+from quantkit.run.workdir import work_dir_of
+from tests.run.test_workdir import LAYERS, digests, method_args, run, src, tokens  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow  # real subprocesses stopped and resumed: `make test-fast` leaves it out
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # real subprocesses stopped and resumed: `make te
 STOP_IN_LAYER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from quantkit.model.shards import ShardWriter
+    from quantkit.io.shards import ShardWriter
     ready, k = Path(sys.argv[1]), int(sys.argv[2])
     real, seen = ShardWriter.add, []
     def add(self, name, tensor):

@@ -18,8 +18,8 @@ import quantkit
 from quantkit.backends import QuantConfig
 from quantkit.errors import QuantkitError
 from quantkit.eval import perplexity_of, text_data
-from quantkit.export import ExportOptions
-from quantkit.manifest import MANIFEST_FILE
+from quantkit.run.export import ExportOptions
+from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import save_model
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
 

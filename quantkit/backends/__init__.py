@@ -11,8 +11,8 @@ from quantkit.backends import int4, rtn, bnb, gptq  # noqa: F401  (importing reg
 from quantkit.backends.registry import BACKENDS, Backend, QuantConfig, register_backend
 from quantkit.errors import QuantkitError
 from quantkit.backends.recipe import Recipe
-from quantkit.record import QuantRecord, record_of
-from quantkit.walker import decoder_linears, set_module
+from quantkit.quant.record import QuantRecord, record_of
+from quantkit.quant.surgery import decoder_linears, set_module
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quantkit.affine import quantize_weight
+from quantkit.quant.affine import quantize_weight
 from quantkit.backends.registry import QuantConfig, register_backend
 from quantkit.errors import QuantkitError
-from quantkit.modules import INT4_GROUP_SIZES, AffineLinear
+from quantkit.quant.linear import INT4_GROUP_SIZES, AffineLinear
 
 
 @dataclass

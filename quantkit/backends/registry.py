@@ -6,11 +6,11 @@ String names (`int4`, `bnb-nf4`, ...) exist only at the edges (CLI, JSON). Third
 backends through the entry-point group `quantkit.backends`: each entry point names a module (or a
 callable) that registers its backends when loaded.
 
-A backend that learns from calibration data declares an `observer` (quantkit.observers): one is made
+A backend that learns from calibration data declares an `observer` (quantkit.quant.observers): one is made
 per target linear, fed that linear's inputs during the calibration forward passes, and hands the
 handler its statistics as keyword arguments (GPTQ: `hessian=`). It may also declare a `transform`
 that rewrites a sequential group before it is quantized (activation-aware scaling). See
-quantkit/layerwise.py for the phases: collect, transform, quantize, advance.
+quantkit/run/calibrator.py for the phases: collect, transform, quantize, advance.
 """
 
 from __future__ import annotations

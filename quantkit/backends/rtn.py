@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quantkit.affine import PER_CHANNEL, quantize_weight
+from quantkit.quant.affine import PER_CHANNEL, quantize_weight
 from quantkit.backends.registry import QuantConfig, register_backend
 from quantkit.errors import QuantkitError
-from quantkit.modules import AffineLinear
+from quantkit.quant.linear import AffineLinear
 
 AFFINE_BITS = (2, 3, 4, 8)
 

@@ -37,13 +37,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.affine import PER_CHANNEL, AffineWeight, affine_scheme, resolve_group_size, trivial_g_idx
+from quantkit.quant.affine import PER_CHANNEL, AffineWeight, affine_scheme, resolve_group_size, trivial_g_idx
 from quantkit.dtypes import FLOAT_DTYPES
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import (AffineFormat, affine_of, check_g_idx, check_known, check_tensor, padding_problems,
                                    refuses_non_affine)
 from quantkit.model.layout import block_of
-from quantkit.packing import pack, packed_size, unpack
+from quantkit.quant.packing import pack, packed_size, unpack
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class GPTQFormat(AffineFormat):
             raise QuantkitError(f"gptq: one file holds one quantization scheme, but the recipe uses "
                                 f"{len(by_scheme)}: {schemes}: use --format compressed-tensors for mixed precision")
         scheme = next(iter(by_scheme.values()))[0]
-        from quantkit import __version__
+        from quantkit.version import __version__
 
         qc = {"quant_method": "gptq", **scheme, "checkpoint_format": checkpoint_format(scheme["sym"]),
               "meta": {"quantizer": [f"quantkit:{__version__}"]}}

@@ -19,15 +19,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from quantkit.affine import AffineWeight, affine_scheme
+from quantkit.quant.affine import AffineWeight, affine_scheme
 from quantkit.dtypes import FLOAT_DTYPES, dtype_name
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import copy_tokenizer_files
 from quantkit.model.layout import FUSED_SHARDS, local_name
-from quantkit.model.shards import ShardWriter
-from quantkit.modules import AffineLinear
-from quantkit.packing import pack, unpack
-from quantkit.record import ERRORS_FILE
+from quantkit.io.shards import ShardWriter
+from quantkit.quant.linear import AffineLinear
+from quantkit.quant.packing import pack, unpack
+from quantkit.quant.record import ERRORS_FILE
 
 
 class QuantFormat:

@@ -32,13 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantkit.affine import PER_CHANNEL, AffineScheme, AffineWeight, affine_scheme, resolve_group_size, trivial_g_idx
+from quantkit.quant.affine import PER_CHANNEL, AffineScheme, AffineWeight, affine_scheme, resolve_group_size, trivial_g_idx
 from quantkit.dtypes import FLOAT_DTYPES
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import (AffineFormat, affine_of, check_g_idx, check_known, check_tensor, padding_problems,
                                    refuses_non_affine)
 from quantkit.model.layout import layer_index, local_name
-from quantkit.packing import pack, packed_size, unpack
+from quantkit.quant.packing import pack, packed_size, unpack
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """The native Llama 2: config, modules, checkpoint I/O, tokenizer, generation."""
 
-from quantkit.model.checkpoint import Checkpoint, load_model, save_model
+from quantkit.model.checkpoint import Checkpoint, load_tokenizer, save_model
 from quantkit.model.config import PRESETS, LlamaConfig, preset
 from quantkit.model.generate import SamplingConfig, generate
 from quantkit.model.llama import KVCache, LlamaForCausalLM
 from quantkit.model.tokenizer import Tokenizer
 
 __all__ = ["PRESETS", "Checkpoint", "KVCache", "LlamaConfig", "LlamaForCausalLM", "SamplingConfig", "Tokenizer",
-           "generate", "load_model", "preset", "save_model"]
+           "generate", "load_tokenizer", "preset", "save_model"]

@@ -5,7 +5,7 @@ model.safetensors.index.json, or pytorch_model*.bin) without reading tensor data
 shape against config.json up front, and hands out tensors by name or a decoder layer at a time:
 the streaming quantization pipeline reads a 70B checkpoint through it one layer at a time.
 
-This module knows dense checkpoints only; quantized ones are read by `quantkit.loading`, which
+This module knows dense checkpoints only; quantized ones are read by `quantkit.formats.reader`, which
 subclasses `Checkpoint` with the formats' knowledge of which modules are stored quantized (the
 native model sits below the quantization code).
 """
@@ -28,13 +28,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.io import atomic_dir
-from quantkit.manifest import check_intact, write_manifest
+from quantkit.io.files import atomic_dir
+from quantkit.io.manifest import check_intact, write_manifest
 from quantkit.dtypes import DTYPES, FLOAT_DTYPES, ST_CODES, ST_DTYPES, dtype_name, parse_dtype, short_name
 from quantkit.model.config import LlamaConfig, shown
 from quantkit.model.layout import checkpoint_shapes, layer_index, layer_prefix
+from quantkit.model.tokenizer import Tokenizer
 from quantkit.model.llama import LlamaDecoderLayer, LlamaForCausalLM, indivisible_dims
-from quantkit.model.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, write_safetensors
+from quantkit.io.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,11 @@ class Checkpoint:
         self._check_tied_head()
 
     def _stored_quantized(self) -> set[str]:
-        """Names of the modules stored quantized; a dense checkpoint has none (quantkit.loading reads the rest)."""
+        """Names of the modules stored quantized; a dense checkpoint has none (quantkit.formats.reader reads the rest)."""
         if self.quantization_config:
             raise QuantkitError(f"{self.dir / 'config.json'}: the checkpoint is quantized "
                                 f"({self.quantization_config.get('quant_method')}): read it with quantkit.load "
-                                f"or quantkit.loading.open_checkpoint")
+                                f"or quantkit.formats.reader.open_checkpoint")
         return set()
 
     def _is_quantized_tensor(self, name: str) -> bool:
@@ -507,7 +508,7 @@ def check_device(device: str | torch.device) -> torch.device:
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
     """The model on the meta device, filled tensor by tensor from `ckpt.shapes` (never two copies in memory).
 
-    Modules stored quantized stay on the meta device: quantkit.loading puts their runtime modules in.
+    Modules stored quantized stay on the meta device: quantkit.formats.reader puts their runtime modules in.
     """
     with torch.device("meta"):
         model = LlamaForCausalLM(ckpt.config)
@@ -522,13 +523,10 @@ def ready_for_inference(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return model.eval().requires_grad_(False)
 
 
-def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
-    """A dense checkpoint as a native model (quantized ones: quantkit.load); files that differ from quantkit's
-    manifest (sha256) are refused."""
-    device = check_device(device)
-    ckpt = Checkpoint(path)
-    check_intact(ckpt.dir)
-    return ready_for_inference(build_model(ckpt, parse_dtype(dtype) or ckpt.default_dtype(), device))
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The sentencepiece tokenizer of a model directory (or hub id, or a tokenizer.model file)."""
+    path = os.fspath(path)
+    return Tokenizer(path if path.endswith(".model") else resolve_model_dir(path))
 
 
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor):

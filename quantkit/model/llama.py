@@ -129,7 +129,7 @@ def drop_linear_parts(linear: nn.Module, keep_tp: int | None = None):
 
 def unsliceable(name: str, linear: nn.Module, tp: int) -> str:
     """The one-line error for a linear that pretraining_tp cannot slice (bitsandbytes, unknown modules)."""
-    config = getattr(getattr(linear, "quant_record", None), "config", None)  # quantkit.record, read duck-typed
+    config = getattr(getattr(linear, "quant_record", None), "config", None)  # quantkit.quant.record, read duck-typed
     kind = type(linear).__name__ + (f" ({config.method})" if getattr(config, "method", "") else "")
     return (f"pretraining_tp={tp}: {name} is a {kind}, which cannot be sliced (it has no split(tp, dim)): "
             f"use pretraining_tp=1, or a dense or integer-affine (int4/rtn/gptq) model")

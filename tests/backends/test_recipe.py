@@ -6,7 +6,7 @@ from quantkit.backends import Recipe, quantize
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
-from quantkit.layerwise import quantize_calibrated
+from quantkit.run.calibrator import quantize_calibrated
 from quantkit.model.layout import module_names
 from tests.conftest import random_model, tiny_config
 

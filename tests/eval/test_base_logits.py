@@ -20,7 +20,7 @@ from quantkit.eval.fidelity import TopK
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
-from quantkit.io import Terminated
+from quantkit.io.files import Terminated
 from tests.conftest import DEMO_MODEL, peaked_model
 
 TEXT = (DEMO_MODEL / "test.txt").read_text(encoding="utf-8")[:2500]  # 12 windows of 64: 756 scored tokens

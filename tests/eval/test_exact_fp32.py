@@ -12,10 +12,10 @@ from quantkit.backends import quantize
 from quantkit.backends.int4 import Int4Config
 from quantkit.eval import evaluate
 from quantkit.eval.data import windows_of
-from quantkit.export import save_quantized
+from quantkit.run.export import save_quantized
 from quantkit.model import save_model
-from quantkit.modules import int4_kernels
-from quantkit.walker import decoder_linears
+from quantkit.quant.linear import int4_kernels
+from quantkit.quant.surgery import decoder_linears
 from tests.conftest import DEMO_VOCAB, peaked_model
 from tests.formats.test_autogptq import unpack_columns
 from tests.formats.test_compressed_tensors import decompress_with_compressed_tensors

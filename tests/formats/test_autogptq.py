@@ -16,12 +16,12 @@ from quantkit.backends import Recipe, quantize
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
-from quantkit.export import save_quantized
+from quantkit.run.export import save_quantized
 from quantkit.formats import format_for, get_format
 from quantkit.formats.autogptq import GPTQFormat, checkpoint_format
-from quantkit.modules import AffineLinear
-from quantkit.packing import pack
-from quantkit.record import QuantRecord
+from quantkit.quant.linear import AffineLinear
+from quantkit.quant.packing import pack
+from quantkit.quant.record import QuantRecord
 from tests.conftest import random_model, tiny_config
 from tests.formats.test_compressed_tensors import GPTQLike, assert_same_affine, make_affine, relative
 

@@ -14,7 +14,7 @@ from quantkit.backends import quantize
 from quantkit.backends.bnb import BnbFP4Config, BnbInt8Config, BnbNF4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
-from quantkit.export import save_quantized
+from quantkit.run.export import save_quantized
 from quantkit.formats import get_format
 from quantkit.formats.bnb import BnbFormat
 from quantkit.model import save_model

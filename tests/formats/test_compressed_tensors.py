@@ -13,15 +13,15 @@ from compressed_tensors.quantization import QuantizationConfig, apply_quantizati
 from safetensors.torch import load_file
 from torch import nn
 
-from quantkit.affine import AffineWeight, quantize_weight
+from quantkit.quant.affine import AffineWeight, quantize_weight
 from quantkit.backends import Recipe, quantize
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
-from quantkit.export import save_quantized
+from quantkit.run.export import save_quantized
 from quantkit.formats import format_for, get_format
 from quantkit.formats.compressed_tensors import CompressedTensorsFormat
-from quantkit.modules import AffineLinear
+from quantkit.quant.linear import AffineLinear
 from tests.conftest import random_model, tiny_config
 
 NAME = "model.layers.0.mlp.down_proj"
@@ -261,7 +261,7 @@ def test_vllm_fused_layers_find_their_scheme(recipe):
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_warns_when_vllm_fused_shards_differ(caplog, fmt):
     """Before any work (export.check_layout), in every format vLLM serves."""
-    from quantkit.export import check_layout
+    from quantkit.run.export import check_layout
     from quantkit.formats import get_format
 
     names = linear_names(tiny_config())

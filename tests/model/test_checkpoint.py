@@ -10,17 +10,17 @@ from safetensors.torch import save_file
 
 import quantkit
 from quantkit.errors import QuantkitError
-from quantkit.manifest import MANIFEST_FILE
+from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import Checkpoint, save_model
 from quantkit.model.checkpoint import resolve_model_dir
-from quantkit.model.shards import parse_size
+from quantkit.io.shards import parse_size
 from tests.conftest import random_model, tiny_config
 
 
 @pytest.fixture
 def tiny_model_dir(tiny_model_dir):
     """conftest's, without quantkit's manifest: these tests edit its files as checkpoints from other tools come
-    (with the manifest, any edit is refused first: tests/test_manifest.py)."""
+    (with the manifest, any edit is refused first: tests/io/test_manifest.py)."""
     return unsealed(tiny_model_dir)
 
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import quantkit
 from quantkit.errors import QuantkitError
-from quantkit.manifest import MANIFEST_FILE
+from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import Checkpoint, save_model
 from tests.conftest import random_model, tiny_config
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import quantkit
 import quantkit.model.checkpoint as checkpoint
 from quantkit.errors import QuantkitError
-from quantkit.manifest import MANIFEST_FILE
+from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import Checkpoint, save_model
 from tests.conftest import random_model, tiny_config
 

@@ -12,10 +12,10 @@ from quantkit.backends.bnb import BnbNF4Config
 from quantkit.backends.gptq import GPTQConfig
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
-from quantkit.layerwise import quantize_calibrated
+from quantkit.run.calibrator import quantize_calibrated
 from quantkit.errors import QuantkitError
 from quantkit.model.llama import linear_split_cols, linear_split_rows
-from quantkit.modules import AffineLinear, int4_kernels
+from quantkit.quant.linear import AffineLinear, int4_kernels
 from tests.conftest import random_model, tiny_config
 
 VOCAB = 256

@@ -1,0 +1,5 @@
+"""`python -m quantkit`: the `quantkit` command."""
+
+from quantkit.entry import main
+
+main()

@@ -1,0 +1,335 @@
+"""Calibrated quantization, one decoder layer at a time: the orchestration around the backends' observers.
+
+The calibration tokens are embedded once; then for each decoder layer, in order, and inside it for
+each sequential group (true-sequential: q/k/v -> o -> gate/up -> down, as GPTQ's llama.py), four phases:
+
+  collect    run the layer on the current inputs; each target linear's observer (its backend's:
+             GPTQ's Hessian, activation magnitudes, ...) sees that linear's inputs;
+  transform  backends that rewrite a group before quantizing it (activation-aware scaling: rescale
+             the preceding norm or linear and the group's linears) do so, with the statistics;
+  quantize   every target linear of the group is swapped for its quantized module, the handler
+             receiving its observer's statistics (later groups thus see the quantized earlier ones);
+and once per layer:
+  advance    recompute the layer's outputs with the quantized layer: the next layer's inputs.
+
+So layer i is calibrated on the outputs of the already-quantized layers before it. Only one layer's
+weights, the activations (n, T, hidden) and one group's statistics are in memory at a time.
+
+A layer computes in the calibration dtype (`calibration_dtype`: never one with a smaller range than
+the checkpoint's), cast once per step; its quantized modules are built in the export dtype and the
+rest of it is cast back before it is written, so the exported tensors do not depend on it. Every
+pass's outputs are checked finite: an overflow is named (layer, where in it, dtype) where it happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantkit.backends import BACKENDS, QuantConfig, Recipe, check_finite, replace_linear
+from quantkit.dtypes import dtype_name, parse_dtype, short_name
+from quantkit.errors import QuantkitError
+from quantkit.model.checkpoint import Checkpoint, check_device
+from quantkit.model.config import LlamaConfig
+from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_prefix, module_names
+from quantkit.model.llama import rotary_embedding
+from quantkit.quant.record import LinearReport, linear_reports, record_of
+from quantkit.quant.surgery import quantized_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationOptions:
+    """Where calibration data comes from and how a layer is calibrated (the CLI's --calib ... --device).
+
+    `source`: a LongTensor (n, seq_len) of token ids, or anything quantkit.calibrate reads (wikitext2,
+    c4, ptb, a text/jsonl/parquet/csv file, a saved dataset, a .pt/.safetensors token tensor, a list of
+    strings), sampled into n_samples windows of seq_len tokens with `seed` (`mode`, `text_field`: see
+    quantkit.calibrate). `batch_size` windows go through a layer at once, on `device`, computing in
+    `dtype` (the CLI's --calib-dtype; None: auto, see `calibration_dtype`).
+    """
+
+    source: Any = None
+    n_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+    mode: str | None = None
+    text_field: str = "text"
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str | torch.dtype | None = None
+
+    def __post_init__(self):
+        from quantkit.calibrate.sampling import check_sizes
+
+        check_sizes(self.n_samples, self.seq_len, self.mode)  # refused before anything is read (plan, quantize)
+        if self.batch_size < 1:
+            raise QuantkitError(f"batch_size={self.batch_size}: calibration needs at least one window a batch")
+
+    @classmethod
+    def of(cls, calibration) -> "CalibrationOptions | None":
+        """Options as given, or the defaults around a bare source (a tensor, a path, a dataset name)."""
+        if calibration is None or isinstance(calibration, CalibrationOptions):
+            return calibration
+        return cls(source=calibration)
+
+    def compute_dtype(self, ckpt: Checkpoint, export: torch.dtype | None = None) -> torch.dtype:
+        """The dtype `ckpt`'s layers, written in `export` (default: its own), calibrate in: calibration_dtype."""
+        return calibration_dtype(self.dtype, ckpt.stored_dtype, self.device, export)
+
+
+def _exponent_range(dtype: torch.dtype) -> int:
+    """log2 of the dtype's largest finite value, rounded up: float16 16, bfloat16 and float32 128."""
+    return math.frexp(torch.finfo(dtype).max)[1]
+
+
+def calibration_dtype(requested: str | torch.dtype | None, source: torch.dtype, device: str | torch.device = "cpu",
+                      export: torch.dtype | None = None, whose: str = "the checkpoint's") -> torch.dtype:
+    """The dtype layers are calibrated in: `requested`, or auto. `source`: the weights' stored dtype; `export`:
+    the dtype the layers are read and written in (default: `source`).
+
+    Never one with a smaller range than `source`'s, and only `export` itself or float32, which hold the
+    layer's values exactly (another would round the norms and weights that are written). Auto: float32 on
+    CPU (fp16 matmuls there are ~5x slower than fp32 and overflow at 65504; bf16 has fewer mantissa bits);
+    on CUDA the source's own dtype where it is the export dtype (an fp16 checkpoint calibrates in fp16).
+    """
+    export = export or source
+    dtype = parse_dtype(requested, "--calib-dtype")
+    if dtype is None:
+        return source if check_device(device).type == "cuda" and source == export else torch.float32
+    if _exponent_range(dtype) < _exponent_range(source):
+        raise QuantkitError(f"--calib-dtype {short_name(dtype)}: {dtype_name(dtype)}'s range "
+                            f"({torch.finfo(dtype).max:g}) is smaller than {whose} {dtype_name(source)} "
+                            f"({torch.finfo(source).max:g}), so calibration could overflow: use --calib-dtype "
+                            f"{short_name(torch.float32)} or leave it out (auto)")
+    if dtype not in (export, torch.float32):
+        raise QuantkitError(f"--calib-dtype {short_name(dtype)}: {dtype_name(dtype)} cannot hold the "
+                            f"{dtype_name(export)} layers' values exactly, so the written norms and weights would "
+                            f"change: use --calib-dtype {short_name(torch.float32)} or {short_name(export)}, "
+                            f"or leave it out (auto)")
+    return dtype
+
+
+def nonfinite_cause(dtype: torch.dtype) -> str:
+    """Why activations computed in `dtype` are not finite, given finite weights (checked first), and the fix."""
+    if torch.finfo(dtype).bits < 32:
+        return (f"its activations exceed {dtype_name(dtype)}'s range ({torch.finfo(dtype).max:g}): rerun with "
+                f"--calib-dtype {short_name(torch.float32)}")
+    return (f"non-finite activations in {dtype_name(dtype)}: the checkpoint's weights are damaged "
+            f"(check them with quantkit eval)")
+
+
+def _cast_full_precision(module: nn.Module, dtype: torch.dtype):
+    """Cast the floating tensors of `module` to `dtype`, except inside quantized modules (built in the export dtype)."""
+    if record_of(module) is not None:
+        return
+    module._apply(lambda t: t.to(dtype) if t.is_floating_point() else t, recurse=False)  # its own tensors only
+    for child in module.children():
+        _cast_full_precision(child, dtype)
+
+
+@torch.no_grad()
+def _overflow_site(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str:
+    """Where in the decoder layer the batch x's activations first stop being finite (the layer at tp=1)."""
+    finite: dict[str, bool] = {}  # in forward order: self_attn, its residual add, mlp
+
+    def note(where: str, t: torch.Tensor):
+        finite.setdefault(where, bool(torch.isfinite(t).all()))
+
+    hooks = [layer.self_attn.register_forward_hook(lambda mod, args, out: note("self_attn", out)),
+             layer.post_attention_layernorm.register_forward_hook(
+                 lambda mod, args, out: note("the residual add after self_attn", args[0])),
+             layer.mlp.register_forward_hook(lambda mod, args, out: note("mlp", out))]
+    try:
+        layer(x, cos, sin)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return next((where for where, ok in finite.items() if not ok), "the residual add after mlp")
+
+
+def calibration_tensor(options: CalibrationOptions, ckpt: Checkpoint) -> torch.Tensor:
+    """Token ids (n, seq_len): a tensor is used as is (after calibrate's checks); a source is sampled."""
+    from quantkit.calibrate import calibration_tokens
+    from quantkit.calibrate.sampling import ready_windows
+    from quantkit.calibrate.sources import check_token_tensor, is_token_source, load_tokens
+    from quantkit.model.tokenizer import Tokenizer
+
+    o, vocab = options, ckpt.config.vocab_size
+    if isinstance(o.source, torch.Tensor):
+        check_token_tensor(o.source, vocab, "calibration tensor")
+        return o.source.long()
+    if is_token_source(o.source):  # a .pt/.safetensors of token ids: no tokenizer needed
+        tokens, name = load_tokens(o.source)
+        return ready_windows(tokens, name, vocab, o.n_samples, o.seq_len)
+    return calibration_tokens(o.source, Tokenizer(ckpt.dir), n_samples=o.n_samples, seq_len=o.seq_len, seed=o.seed,
+                              mode=o.mode, text_field=o.text_field, vocab_size=vocab)
+
+
+@dataclass
+class GroupContext:
+    """What a backend's transform sees of a sequential group, after collect and before quantize."""
+
+    layer: nn.Module  # the decoder layer, still full precision in this group
+    prefix: str  # 'model.layers.3.'
+    names: tuple[str, ...]  # the group's target linears, names inside the layer ('mlp.gate_proj', ...)
+    configs: dict[str, QuantConfig]  # target -> its config
+    observers: dict[str, Any]  # target -> its observer (calibrated targets only)
+    run: Callable[[], torch.Tensor] = field(repr=False)  # the layer on the current calibration inputs
+
+
+class LayerCalibrator:
+    """Holds the calibration activations (n, T, hidden) and walks them through the layers as they are quantized."""
+
+    def __init__(self, config: LlamaConfig, tokens: torch.Tensor, embed_weight: torch.Tensor, recipe: Recipe,
+                 batch_size: int = 8, device: str | torch.device = "cpu", progress: bool = True,
+                 dtype: torch.dtype | None = None):
+        """`dtype`: what the layers compute in (None: calibration_dtype's auto for the embedding's dtype)."""
+        self.recipe, self.batch_size, self.device, self.progress = recipe, batch_size, check_device(device), progress
+        self.dtype = dtype or calibration_dtype(None, embed_weight.dtype, self.device)
+        # Looked up in the weight's dtype, then cast: exact, and no copy of the whole table in self.dtype.
+        self.hidden = F.embedding(tokens.to(self.device), embed_weight.to(self.device)).to(self.dtype)  # (n, T, hidden)
+        if not torch.isfinite(self.hidden).all():
+            raise QuantkitError(f"the calibration tokens' embeddings are not finite in {dtype_name(self.dtype)}: "
+                                f"{nonfinite_cause(self.dtype)}")
+        positions = torch.arange(tokens.shape[1], device=self.device)[None]
+        self.cos, self.sin = rotary_embedding(config, positions, self.hidden.dtype)  # (1, 1, T, D)
+        self.true_sequential = all(getattr(c, "true_sequential", True) for c in recipe.configs())
+
+    @torch.no_grad()
+    def _run(self, layer: nn.Module, prefix: str) -> torch.Tensor:
+        """The layer's outputs (n, T, hidden) on the current inputs; a QuantkitError naming it where not finite."""
+        batches = self.hidden.split(self.batch_size)
+        outputs = [layer(x, self.cos, self.sin) for x in batches]
+        finite = torch.stack([torch.isfinite(y).all() for y in outputs])  # one sync for the pass, not one a batch
+        if not finite.all():
+            self._non_finite(layer, prefix, batches[int((~finite).nonzero()[0])])
+        return torch.cat(outputs)
+
+    def _non_finite(self, layer: nn.Module, prefix: str, x: torch.Tensor):
+        """Raise for a pass whose outputs are not finite on the batch x, whose inputs are (checked a pass before)."""
+        for name, p in layer.named_parameters():  # a damaged weight is named as such, whatever the dtype
+            check_finite(prefix + name.removesuffix(".weight"), p)
+        site = _overflow_site(layer, x, self.cos, self.sin)
+        raise QuantkitError(f"{prefix.rstrip('.')}: calibration activations are not finite after {site} "
+                            f"(computing in {dtype_name(self.dtype)}): {nonfinite_cause(self.dtype)}")
+
+    def step(self, layer: nn.Module, prefix: str) -> nn.Module:
+        """Quantize one decoder layer in place on the current activations, then advance them through it.
+
+        The layer computes in self.dtype during the step and comes back in its own dtype (the export dtype).
+        """
+        export_dtype = layer.input_layernorm.weight.dtype  # norms are never quantized
+        layer.to(self.device)
+        _cast_full_precision(layer, self.dtype)  # once per layer: nothing is converted per forward pass
+        # Observers hook the linears, which pretraining_tp's slicing bypasses: calibrate at tp=1.
+        tp = layer.self_attn.pretraining_tp
+        layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = 1
+        groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
+        for names in tqdm(groups, desc=prefix.rstrip("."), leave=False, disable=not self.progress):
+            configs = self._targets(layer, prefix, names)
+            observers = self.collect(layer, prefix, configs)
+            self.transform(layer, prefix, configs, observers)
+            self.quantize(layer, prefix, configs, observers, dtype=export_dtype)
+        self.advance(layer, prefix)
+        layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = tp
+        _cast_full_precision(layer, export_dtype)  # exact: the norms and ignored linears come back bit for bit
+        return layer
+
+    def _targets(self, layer: nn.Module, prefix: str, names: tuple[str, ...]) -> dict[str, QuantConfig]:
+        """The group's full-precision linears that the recipe quantizes, with their configs."""
+        configs = {n: self.recipe.config_for(prefix + n) for n in names if type(layer.get_submodule(n)) is nn.Linear}
+        return {n: c for n, c in configs.items() if c is not None}
+
+    def collect(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig]) -> dict[str, Any]:
+        """One forward pass feeding each calibrated target's observer its inputs; no pass if none needs it."""
+        observers = {}
+        for n, config in configs.items():
+            make = BACKENDS.for_config(config).observer
+            if make is not None:
+                observers[n] = make(layer.get_submodule(n), config)
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda mod, args, out, n=n: observers[n].add(args[0]))
+                 for n in observers]
+        try:
+            if hooks:
+                self._run(layer, prefix)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return observers
+
+    def transform(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig], observers: dict[str, Any]):
+        """Each backend with a transform rewrites the group once, before any of it is quantized."""
+        backends = {b.name: b for b in map(BACKENDS.for_config, configs.values())}  # each backend once
+        for backend in backends.values():
+            if backend.transform is not None:
+                backend.transform(GroupContext(layer, prefix, tuple(configs), configs, observers,
+                                               run=lambda: self._run(layer, prefix)))
+
+    def quantize(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig], observers: dict[str, Any],
+                 dtype: torch.dtype | None = None):
+        """Swap each target for its quantized module, built in `dtype` (the export dtype; None: the layer's)."""
+        for n, config in configs.items():
+            stats = observers[n].handler_kwargs() if n in observers else {}
+            self._check_statistics(prefix + n, stats)
+            replace_linear(layer, n, prefix + n, config, dtype=dtype, **stats)
+        observers.clear()  # the statistics (GPTQ: one K x K Hessian each) are freed before the next group
+
+    def _check_statistics(self, name: str, stats: dict[str, Any]):
+        """An observer's tensors (GPTQ's Hessian, ...) must be finite: a non-finite one is an overflow, named."""
+        for key, value in stats.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise QuantkitError(f"{name}: its calibration statistic ({key}) is not finite (computing in "
+                                    f"{dtype_name(self.dtype)}): {nonfinite_cause(self.dtype)}")
+
+    def advance(self, layer: nn.Module, prefix: str = ""):
+        self.hidden = self._run(layer, prefix)
+
+    def save_activations(self, path: Path):
+        """Write the current activations (n, T, hidden) to a safetensors file, exactly (their dtype, on CPU)."""
+        save_file({"hidden": self.hidden.contiguous().cpu()}, path)
+
+    def load_activations(self, path: Path):
+        """Continue from activations saved by save_activations (a resumed run); they must match these in shape
+        and dtype (the run's fingerprint makes sure they come from the same tokens and calibration dtype)."""
+        shape, dtype = tuple(self.hidden.shape), self.hidden.dtype
+        self.hidden = None  # the embedded tokens are replaced: free them first
+        hidden = load_file(path)["hidden"]
+        if tuple(hidden.shape) != shape or hidden.dtype != dtype:
+            raise QuantkitError(f"{path}: activations {list(hidden.shape)} in {dtype_name(hidden.dtype)}, not "
+                                f"{list(shape)} in {dtype_name(dtype)}: the work directory is damaged: pass --force "
+                                f"to start over")
+        self.hidden = hidden.to(self.device)
+
+
+def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: tuple[str, ...] = (),
+                        batch_size: int = 8, device: str | torch.device = "cpu", progress: bool = True,
+                        dtype: str | torch.dtype | None = None) -> list[LinearReport]:
+    """GPTQ (or any recipe with calibrated methods) of an in-memory model, in place; returns per-linear errors.
+
+    `dtype`: what calibration computes in (None: auto; never a smaller range than the model's, see
+    calibration_dtype); the model keeps its own dtype.
+    """
+    from quantkit.backends import runnable_recipe
+
+    recipe = runnable_recipe(config, ignore, calibrated=True)
+    recipe.assign(*module_names(model.config))  # every pattern applies to some module: refused before any work
+    weight = model.model.embed_tokens.weight
+    compute = calibration_dtype(dtype, weight.dtype, device, whose="the model's")  # the model is source and export
+    calibrator = LayerCalibrator(model.config, tokens, weight, recipe, batch_size, device, progress, compute)
+    reports = []
+    for index, layer in enumerate(tqdm(model.model.layers, desc="quantize", unit="layer", disable=not progress)):
+        calibrator.step(layer, layer_prefix(index)).to(weight.device)
+        reports += linear_reports(quantized_modules(layer, layer_prefix(index)))
+    model.quant_recipe = recipe.to_dict()
+    return reports

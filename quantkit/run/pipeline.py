@@ -1,0 +1,191 @@
+"""Streaming quantization of a checkpoint: one decoder layer in memory at a time.
+
+read layer i (memory-mapped, only its tensors) -> quantize its linears -> checkpoint its exported
+tensors in the run's work directory (quantkit.run.workdir) -> free it; at the end the output is assembled
+from the work directory into an atomic directory. Peak memory is about one layer, whatever the number
+of layers: this is what lets 70B (80 layers of ~1.7 GB in fp16) be quantized on a 32 GB machine. Peak
+disk is about twice the output (the work directory and the assembled output), plus for calibrated
+methods the activations file twice. A run that stops after a layer finished (Ctrl-C, SIGTERM, a crash,
+a full disk; SIGKILL too) keeps the work directory, and `resume=True` continues it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from quantkit.backends import QuantConfig, Recipe, needs_calibration, quantize, runnable_recipe
+from quantkit.dtypes import dtype_name, parse_dtype
+from quantkit.errors import QuantkitError
+from quantkit.run.export import ExportOptions, ExportWriter, planned_format, quantized_writer
+from quantkit.io.files import DiskFull, Terminated, check_output_dir, terminate_as_exception
+from quantkit.run.calibrator import CalibrationOptions, LayerCalibrator, calibration_tensor
+from quantkit.formats.reader import open_checkpoint
+from quantkit.model.layout import layer_prefix, linear_of
+from quantkit.io.shards import parse_size
+from quantkit.run.sizing import check_free_space
+from quantkit.run.workdir import NON_LAYER, WorkDir, fingerprint, layer_unit, work_dir_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeSummary:
+    source: str
+    output: str
+    format: str
+    recipe: dict
+    layers: int
+    bytes_before: int  # the source's weights, in its dtype
+    bytes_after: int  # everything written to the safetensors shards
+    bits_per_weight: float  # stored bits per weight of the quantized linears (scales and zeros included)
+    seconds: float
+    errors: list = field(default_factory=list)  # per quantized linear: name, method, relative_error, kind, dead_inputs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Written:
+    """Bytes sent to the shards so far: the non-layer tensors, then the decoder layers one by one."""
+
+    non_layer: int = 0
+    layers: int = 0
+    layer_bytes: int = 0
+
+    @classmethod
+    def of(cls, work: WorkDir) -> "Written":
+        """What the work directory holds already (a resumed run)."""
+        state = work.state or {}
+        return cls((state.get("non_layer") or {}).get("bytes", 0), work.done,
+                   sum(u["bytes"] for u in state.get("layers", [])))
+
+    def layer_done(self, layer_bytes: int):
+        self.layers += 1
+        self.layer_bytes += layer_bytes
+
+
+def space_needed(ckpt, recipe: Recipe, dtype: torch.dtype, written: Written,
+                 max_shard_size: int | str) -> tuple[int, bool]:
+    """(bytes the output needs, whether only a lower bound): extrapolated from the layers written so far; before
+    the first one, the source's non-layer tensors plus its decoder linears at the recipe's lowest bit width.
+    Plus one shard: ShardWriter holds a shard twice (spool and shard file) while it closes it."""
+    n = ckpt.config.num_hidden_layers
+    if written.layers:
+        total, at_least = written.non_layer + written.layer_bytes * n // written.layers, False
+    else:
+        non_layer = sum(torch.Size(ckpt.shapes[name]).numel() for name in ckpt.non_layer_names()) * dtype.itemsize
+        bits = min(getattr(c, "bits", 4) for c in recipe.configs())  # bitsandbytes configs: 4 bits or more
+        linears = sum(torch.Size(shape).numel() for name, shape in ckpt.shapes.items()
+                      if name.endswith(".weight") and linear_of(name) is not None)
+        total, at_least = non_layer + linears * bits // 8, True
+    return total + min(parse_size(max_shard_size), total), at_least
+
+
+def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, out_dir: str | os.PathLike,
+                        export: ExportOptions | None = None, calibration=None, ignore: tuple[str, ...] = (),
+                        progress: bool = True, resume: bool = False, keep_work: bool = True) -> QuantizeSummary:
+    """Quantize the checkpoint at `src` layer by layer into `out_dir` in an export format.
+
+    export: ExportOptions (format, dtype of what stays unquantized, shard size, overwrite).
+    calibration: for calibrated methods (gptq), CalibrationOptions, or just its source (a LongTensor
+    (n, seq_len) of token ids, a dataset name or a file), sampled with the default options.
+    Each finished layer is kept in a work directory beside out_dir (quantkit.run.workdir). resume: continue a
+    previous run to out_dir after its last finished layer (refused, naming what changed, if the source,
+    recipe, options, calibration or environment differ; with no previous run, start normally); without it
+    a previous run's work directory is refused unless export.overwrite, which discards it. keep_work: keep
+    the work directory when the run stops (KeyboardInterrupt, Terminated, a full disk, an unexpected error; not a
+    QuantkitError, whose fix changes the fingerprint) after a
+    layer finished; the exception's message says so.
+    Raises QuantkitError for a bad source, recipe or format before any layer is read.
+    """
+    start = time.perf_counter()
+    export, calibration = export or ExportOptions(), CalibrationOptions.of(calibration)
+    ckpt = open_checkpoint(src)
+    if ckpt.quantization_config:
+        raise QuantkitError(f"{ckpt.dir / 'config.json'}: the source is already quantized "
+                            f"({ckpt.quantization_config.get('quant_method')}): start from the fp16/bf16 checkpoint")
+    if resume and not export.overwrite and Path(out_dir).exists() and not work_dir_of(out_dir).exists():
+        raise QuantkitError(f"{out_dir}: already complete, and no interrupted run is left beside it: nothing to "
+                            f"--resume (pass --force without --resume to quantize it again)")
+    check_output_dir(out_dir, export.overwrite, keep=[ckpt.dir])  # before calibration data is fetched
+    recipe = runnable_recipe(config, ignore, calibrated=calibration is not None)  # checked before any work
+    fmt, _ = planned_format(recipe, ckpt.config, export.format)  # patterns, format and layout: before any work
+    dtype = parse_dtype(export.dtype, "--dtype") or ckpt.output_dtype()  # never a silent cast of the source
+    recipe_dict = recipe.to_dict()
+    work = WorkDir(out_dir, ckpt.config.num_hidden_layers)
+    work.check(resume, export.overwrite)  # a previous run's layers: refused, kept or discarded, before any work
+    check_free_space(out_dir, ckpt, recipe, fmt, dtype, calibration)  # output + work dir must fit: refused now
+    calibrator = tokens = calib_dtype = None
+    if needs_calibration(recipe):
+        calib_dtype = calibration.compute_dtype(ckpt, dtype)  # refused here if it could overflow or round the layers
+        tokens = calibration_tensor(calibration, ckpt)
+        calibrator = LayerCalibrator(ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe,
+                                     calibration.batch_size, calibration.device, progress, calib_dtype)
+    export_fields = {"format": fmt.name, "dtype": dtype_name(dtype), "max_shard_size": export.max_shard_size}
+    work.begin(fingerprint(ckpt, recipe_dict, export_fields, calibration if calibrator else None, tokens, calib_dtype))
+    written = Written.of(work)
+    try:
+        with terminate_as_exception():  # SIGTERM anywhere in the run: Terminated, so that the cleanup below runs
+            _checkpoint_layers(ckpt, recipe, fmt, dtype, work, calibrator, written, progress)
+            with quantized_writer(out_dir, fmt, export, ckpt.config, recipe_dict, dtype, ckpt.dir) as writer:
+                work.assemble(writer, progress)
+    except BaseException as e:
+        raise _stopped(e, work, keep_work,
+                       lambda: space_needed(ckpt, recipe, dtype, written, export.max_shard_size)) from None
+    work.remove()
+    before = sum(torch.Size(s).numel() for s in ckpt.shapes.values()) * ckpt.output_dtype().itemsize
+    return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe_dict,
+                           layers=ckpt.config.num_hidden_layers, bytes_before=before,
+                           bytes_after=writer.sink.total_size, bits_per_weight=writer.record.bits_per_weight(),
+                           seconds=time.perf_counter() - start, errors=[asdict(r) for r in writer.reports])
+
+
+def _checkpoint_layers(ckpt, recipe: Recipe, fmt, dtype: torch.dtype, work: WorkDir,
+                       calibrator: LayerCalibrator | None, written: Written, progress: bool):
+    """The non-layer tensors and each decoder layer the work directory does not hold yet: read, quantize, keep."""
+    n = ckpt.config.num_hidden_layers
+    writer_of = lambda sink: ExportWriter(fmt, sink, ckpt.config)  # noqa: E731
+    if not work.has_non_layer:
+        unit = work.write_unit(NON_LAYER, writer_of,
+                               lambda writer: writer.write_tensors(ckpt.read(ckpt.non_layer_names(), dtype)))
+        work.finish_non_layer(unit)
+        written.non_layer = unit["bytes"]
+    if calibrator is not None and 0 < work.done < n:
+        calibrator.load_activations(work.activations())
+    for index in tqdm(range(work.done, n), desc="quantize", unit="layer", initial=work.done, total=n,
+                      disable=not progress):
+        prefix = layer_prefix(index)
+        layer = ckpt.layer_module(index, dtype)
+        layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
+        unit = work.write_unit(layer_unit(index), writer_of, lambda writer: writer.write(layer, prefix=prefix))
+        work.finish_layer(unit, calibrator.save_activations if calibrator else None)
+        written.layer_done(unit["bytes"])
+        del layer  # the next layer replaces it: memory stays at one layer
+
+
+def _stopped(e: BaseException, work: WorkDir, keep_work: bool, needed) -> BaseException:
+    """The exception to raise for a run stopped by `e`, once the work directory is kept or removed (`needed`:
+    space_needed's estimate, for a full disk). Kept (with keep_work) after an interruption, a full disk or an
+    unexpected error; removed after a QuantkitError, whose fix always changes what the fingerprint covers."""
+    if isinstance(e, DiskFull):  # the temporary is gone; say how much the whole output needs
+        on_disk, (total, at_least) = work.size() + e.written, needed()
+        fix = f"free space or choose another output (-o); stopped {work.stopped(keep_work)}"
+        return DiskFull(work.out, on_disk, total, at_least, fix=fix)
+    if isinstance(e, QuantkitError):  # bad input: its fix (another source, recipe or option) could not resume
+        work.stopped(keep=False)
+        return e
+    kept = work.stopped(keep_work)
+    if isinstance(e, Terminated):
+        return Terminated(f"{work.out}: terminated by SIGTERM {kept}")
+    if isinstance(e, KeyboardInterrupt):
+        return KeyboardInterrupt(f"{work.out}: interrupted (Ctrl-C) {kept}")
+    log.error("%s: the run failed %s", work.out, kept)
+    return e

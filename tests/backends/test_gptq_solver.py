@@ -1,0 +1,127 @@
+"""GPTQ math on toy linears with hand-built Hessians (llm-compressor style)."""
+
+import logging
+
+import pytest
+import torch
+
+from quantkit.quant.affine import quantize_weight
+from quantkit.errors import QuantkitError
+from quantkit.backends.gptq.solver import HessianAccumulator, gptq_quantize
+from quantkit.quant.linear import AffineLinear, act_order_permutation
+
+BITS, GROUPS = (2, 3, 4, 8), (32, 64, 128, -1)
+
+
+def correlated_inputs(K=256, tokens=2048, rank=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, rank, generator=g) @ torch.randn(rank, K, generator=g) + 0.1 * torch.randn(tokens, K, generator=g)
+
+
+def hessian(X):
+    acc = HessianAccumulator(X.shape[1])
+    for batch in X.split(300):  # streamed, as the pipeline feeds it
+        acc.add(batch)
+    return acc.H
+
+
+W = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+
+
+def test_streamed_hessian_is_2_xtx_over_n():
+    X = correlated_inputs()
+    torch.testing.assert_close(hessian(X), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_identity_hessian_is_exactly_rtn(bits, group_size, symmetric):
+    got = gptq_quantize(W, torch.eye(256), bits, group_size, symmetric).weight
+    want = quantize_weight(W, bits, group_size, symmetric)
+    assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_beats_rtn_on_correlated_inputs(bits, group_size, act_order, static_groups):
+    X = correlated_inputs()
+    result = gptq_quantize(W, hessian(X), bits, group_size, act_order=act_order, static_groups=static_groups)
+    gptq_error = (X @ (W - result.weight.dequantize()).T).norm()
+    rtn_error = (X @ (W - quantize_weight(W, bits, group_size, False).dequantize()).T).norm()
+    assert gptq_error < rtn_error
+    # The reported relative error is ||(W - Q) X|| / ||W X|| computed from H.
+    assert result.relative_error == pytest.approx((gptq_error / (X @ W.T).norm()).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_act_order_g_idx_is_consistent_with_the_saved_layout(group_size):
+    X = correlated_inputs() * torch.linspace(0.1, 3, 256)  # distinct Hessian diagonal: a real permutation
+    result = gptq_quantize(W, hessian(X), 4, group_size, act_order=True)
+    w = result.weight
+    assert w.g_idx is not None and sorted(torch.bincount(w.g_idx).tolist()) == [group_size] * (256 // group_size)
+    # Column c is in group g_idx[c]; the groups follow the order of decreasing H_ii.
+    order = torch.argsort(torch.diag(hessian(X)), descending=True)
+    assert torch.equal(w.g_idx[order], (torch.arange(256) // group_size).int())
+    # The runtime module runs it on the int4 kernel by permuting the input, and agrees with dequantize.
+    module = AffineLinear(w, dtype=torch.bfloat16)
+    assert module.use_int4_kernel and act_order_permutation(w.g_idx, group_size) is not None
+    x = torch.randn(3, 256)
+    ref = x @ w.dequantize().T
+    assert (module(x.bfloat16()).float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_static_groups_need_no_g_idx():
+    X = correlated_inputs() * torch.linspace(0.1, 3, 256)
+    w = gptq_quantize(W, hessian(X), 4, 64, act_order=True, static_groups=True).weight
+    assert w.g_idx is None and w.scale.shape == (64, 4)
+
+
+@pytest.mark.parametrize("dead", [[], [5], [0, 7, 200, 255]], ids=["none", "one", "four"])
+def test_dead_inputs_are_zeroed_and_counted(dead):
+    X = correlated_inputs()
+    X[:, dead] = 0  # inputs that are never active
+    result = gptq_quantize(W, hessian(X), 4, 64)
+    assert result.dead_inputs == len(dead)
+    w = result.weight
+    for c in dead:  # quantized from 0: within one step of it
+        assert (w.dequantize()[:, c].abs() <= w.scale[:, c // 64]).all()
+
+
+def test_singular_hessian_retries_with_more_damping(caplog):
+    H = -torch.eye(256)  # not positive definite at the default dampening
+    H[0, 0] = 1000.0
+    with caplog.at_level(logging.WARNING, logger="quantkit.backends.gptq.solver"):
+        gptq_quantize(W, H, 4, 64, damp=0.01)
+    assert "retrying with damp=0.1" in caplog.text
+
+
+def test_hopeless_hessian_is_a_clear_error_and_no_retry_is_announced_after_the_last(caplog):
+    with caplog.at_level(logging.WARNING, logger="quantkit.backends.gptq.solver"):
+        with pytest.raises(QuantkitError, match=r"^down_proj: the Hessian of its calibration inputs is not positive "
+                                                r"definite even with damp=1000 \(100000x the requested 0.01\): the "
+                                                r"inputs are degenerate .*more calibration samples \(--n-samples\), "
+                                                r"longer windows \(--seq-len\) or a larger --damp$"):
+            gptq_quantize(W, -torch.eye(256), 4, 64, name="down_proj")
+    retries = [r.getMessage() for r in caplog.records]
+    assert len(retries) == 5 and retries[-1].endswith("retrying with damp=1000")  # the 6th try is the last, silent
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_hessian_never_reaches_the_cholesky(bad, monkeypatch):
+    import quantkit.backends.gptq.solver as solver
+
+    monkeypatch.setattr(solver, "inverse_hessian_cholesky", lambda *a, **k: pytest.fail("dampened a non-finite H"))
+    H = hessian(correlated_inputs())
+    H[3, 3] = bad
+    with pytest.raises(QuantkitError, match="^q_proj: the Hessian of its calibration inputs has NaN or Inf values: "
+                                            "the inputs overflowed"):
+        gptq_quantize(W, H, 4, 64, name="q_proj")
+
+
+def test_mse_clipping_search_does_not_hurt():
+    X = correlated_inputs()
+    plain = gptq_quantize(W, hessian(X), 3, 64).relative_error
+    assert gptq_quantize(W, hessian(X), 3, 64, mse=True).relative_error <= plain * 1.05

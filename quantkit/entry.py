@@ -13,8 +13,17 @@ INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 def main() -> None:
     try:
-        from quantkit.cli import main as cli_main
+        cli_main = command_line()
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted (Ctrl-C) while quantkit was starting; nothing was written\n")
         sys.exit(INTERRUPTED)
     cli_main()
+
+
+def command_line():
+    """The whole command line: quantkit.cli's group with the planner's `plan` (which ranks above the CLI) added."""
+    from quantkit.cli import main as group
+    from quantkit.plan.command import plan
+
+    group.add_command(plan)
+    return group

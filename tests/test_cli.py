@@ -4,16 +4,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from quantkit.cli import main
 from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import save_model
 from tests.conftest import REPO, random_model, tiny_config
+from tests.helpers import assert_one_line_error, run
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_generate(tiny_model_dir):
@@ -40,13 +36,6 @@ def test_eval_json(tiny_model_dir, tmp_path):
     assert dataset["seq_len"] == 64 and dataset["n_tokens"] == dataset["n_windows"] * 63 == ppl["n_tokens"]
     assert ppl["ppl"] > 1 and ppl["ppl_stderr"] > 0
 
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert str(needle) in lines[0], lines[0]
 
 
 def test_cli_missing_directory(tmp_path):

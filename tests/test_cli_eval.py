@@ -5,19 +5,14 @@ import json
 import jsonschema
 import torch
 import pytest
-from click.testing import CliRunner
 
 from quantkit.eval.report import load_schema
-from quantkit.cli import main
 from quantkit.model import save_model
 from tests.conftest import DEMO_MODEL, peaked_model, random_model, tiny_config
-from tests.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error, run
 
 SEQ = ("--seq-len", 64, "--no-speed")
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def report_of(result) -> dict:

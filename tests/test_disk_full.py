@@ -7,29 +7,16 @@ import errno
 import re
 
 import pytest
-from click.testing import CliRunner
 
 import quantkit
-from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.io.files import DiskFull, atomic_dir, write_text
 from quantkit.model import save_model
 from quantkit.io.shards import ShardWriter
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
-from tests.test_cli import assert_one_line_error
-
-PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar
+from tests.helpers import assert_one_line_error, run, without_progress
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def without_progress(result):
-    from types import SimpleNamespace
-
-    lines = [line for line in re.split(r"[\r\n]", result.output) if line.strip() and not PROGRESS.search(line)]
-    return SimpleNamespace(exit_code=result.exit_code, output="\n".join(lines))
 
 
 def fill_disk_after(monkeypatch, n_tensors: int, code: int = errno.ENOSPC):

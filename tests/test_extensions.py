@@ -95,6 +95,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from quantkit.formats.compressed_tensors import CompressedTensorsFormat
+from tests.helpers import run
 
 
 class Collect:

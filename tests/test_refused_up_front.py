@@ -2,8 +2,8 @@
 cannot hold the recipe's layout, a pattern that applies to nothing, a calibration source that cannot be read."""
 
 import pytest
+from tests.helpers import assert_one_line_error, run
 
-from tests.test_cli import assert_one_line_error, run
 
 GPTQ = ("--method", "gptq", "--group-size", 32)
 INT4 = ("--method", "int4", "--group-size", 32)

@@ -10,7 +10,7 @@ import pytest
 from quantkit.errors import QuantkitError
 from quantkit.io.files import atomic_file, check_writable, write_error
 from tests.conftest import DEMO_MODEL
-from tests.test_cli import assert_one_line_error, run
+from tests.helpers import assert_one_line_error, run
 
 
 @pytest.fixture
@@ -114,10 +114,10 @@ def test_check_writable_accepts_a_writable_place_and_leaves_nothing(tmp_path):
 
 
 def test_an_os_error_anywhere_in_a_command_is_one_line(tiny_model_dir, monkeypatch):
-    import quantkit.cli
+    import quantkit.cli.model
 
     def fail(*args, **kwargs):
         raise OSError(errno.EIO, os.strerror(errno.EIO), str(tiny_model_dir / "model.safetensors"))
 
-    monkeypatch.setattr(quantkit.cli, "load_model", fail)
+    monkeypatch.setattr(quantkit.cli.model, "load_model", fail)
     assert_one_line_error(run("generate", tiny_model_dir, "Hi"), "model.safetensors", "Input/output error")

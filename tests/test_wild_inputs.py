@@ -7,29 +7,17 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import quantkit
 from quantkit.backends import QuantConfig
-from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.model import Checkpoint, save_model
 from tests.conftest import random_model, tiny_config
+from tests.helpers import one_line_error, run
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for needle in needles:
-        assert str(needle) in lines[0], lines[0]
-    return lines[0]
 
 
 def rewrite(model_dir, edit_tensors=None, edit_config=None):

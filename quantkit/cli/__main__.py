@@ -1,3 +1,5 @@
-from quantkit.cli import main
+"""`python -m quantkit.cli`: the `quantkit` command (as `python -m quantkit`)."""
+
+from quantkit.entry import main
 
 main()

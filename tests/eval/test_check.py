@@ -9,14 +9,13 @@ import os
 import stat
 
 import pytest
-from click.testing import CliRunner
 
-from quantkit.cli import main
 from quantkit.eval.check import CheckOptions, run_check
 from quantkit.eval.data import eval_data
 from quantkit.model import Tokenizer, save_model
 from tests.conftest import DEMO_MODEL, peaked_model
-from tests.test_cli import assert_one_line_error
+from tests import helpers
+from tests.helpers import assert_one_line_error
 
 WINDOWS = ("--dataset", None, "--seq-len", 64, "--windows", 2)
 GPTQ_LAYOUTS = {  # name -> quantize flags: the layouts GPTQModel must load with quantkit's logits
@@ -32,7 +31,7 @@ GPTQ_LAYOUTS = {  # name -> quantize flags: the layouts GPTQModel must load with
 
 
 def run(*args, text=None):
-    return CliRunner().invoke(main, [str(text if a is None else a) for a in args])
+    return helpers.run(*[text if a is None else a for a in args])
 
 
 @pytest.fixture(scope="module")

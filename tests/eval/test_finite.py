@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import re
-from types import SimpleNamespace
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import quantkit
-from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.eval import text_data
 from quantkit.eval.evaluate import EvalResult, evaluate, model_entry
@@ -18,20 +14,10 @@ from quantkit.eval.finite import check_numbers
 from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll
 from quantkit.model import save_model
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
-from tests.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error, run, without_progress
 
 SEQ = ("--seq-len", 32, "--no-speed")
-PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: '... 3/15 [00:01<00:04, ...]'
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def without_progress(result):
-    """The result with tqdm's progress bars (stderr, closed before the error) taken out of its output."""
-    lines = [line for line in re.split(r"[\r\n]", result.output) if line.strip() and not PROGRESS.search(line)]
-    return SimpleNamespace(exit_code=result.exit_code, output="\n".join(lines))
 
 
 def overflowing_model():

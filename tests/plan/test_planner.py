@@ -13,15 +13,13 @@ from collections import namedtuple
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import quantkit
 from quantkit.backends import QuantConfig
-from quantkit.cli import main
 from quantkit.run.calibrator import CalibrationOptions
 from quantkit.plan.planner import make_plan
 from tests.conftest import DEMO_MODEL
-from tests.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error, run
 
 METHODS = {"int4": {"method": "int4", "group_size": 32}, "rtn": {"method": "rtn", "bits": 3, "group_size": 32},
            "bnb-nf4": {"method": "bnb-nf4"}, "gptq": {"method": "gptq", "bits": 4, "group_size": 32}}
@@ -79,7 +77,7 @@ def test_peak_ram_is_within_30_percent_of_a_real_run(tmp_path, method):
                       "--n-samples", "8", "--seq-len", "128"]}[method]
     measured = peak_rss_of([sys.executable, "-m", "quantkit.cli", "quantize", str(DEMO_MODEL), *flags,
                             "-o", str(tmp_path / "q")])
-    result = CliRunner().invoke(main, ["plan", str(DEMO_MODEL), *flags, "--json"])
+    result = run("plan", DEMO_MODEL, *flags, "--json")
     assert result.exit_code == 0, result.output
     planned = json.loads(result.output)["peak_ram"]
     assert abs(planned - measured) <= 0.3 * measured, (planned, measured)
@@ -106,9 +104,6 @@ def test_presets_plan_without_weights(preset, method):
     assert (extra > 2 * activations - 5e6) if method == "gptq" else (extra < 5e6)
     assert plan.peak_ram > (3 * activations if method == "gptq" else 0)
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_plan_command_prints_a_table_and_json(tiny_model_dir, tmp_path):

@@ -6,25 +6,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from quantkit.cli import main
 from quantkit.model import save_model
 from quantkit.run.workdir import WorkDir, work_dir_of
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
-from tests.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error, run
 
 LAYERS = 6
 METHODS = {"int4": ("--method", "int4", "--group-size", 32),
            "rtn-gptq-format": ("--method", "rtn", "--bits", 3, "--group-size", 32, "--format", "gptq"),
            "gptq": ("--method", "gptq", "--bits", 4, "--group-size", 32, "--n-samples", 8, "--seq-len", 32)}
-PROGRESS = re.compile(r"\d+/\d+ \[")
 
 
 @pytest.fixture
@@ -44,12 +40,6 @@ def tokens(tmp_path) -> Path:
 def method_args(method: str, tokens: Path) -> tuple:
     return METHODS[method] + (("--calib", tokens) if method == "gptq" else ())
 
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    lines = [line for line in re.split(r"[\r\n]", result.output) if line.strip() and not PROGRESS.search(line)]
-    result.lines = lines
-    return result
 
 
 def digests(directory: Path) -> dict[str, str]:

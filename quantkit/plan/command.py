@@ -1,0 +1,49 @@
+"""`quantkit plan`: the planner's command (added to the command group by quantkit.entry; the CLI never imports it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, FormatChoice, chosen_config, export_options,
+                                  method_options, option_group)
+
+
+def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len=2048, device="cpu", calib_dtype=None):
+    """The calibration a plan assumes: the flags' n_samples, seq_len, device and dtype (the data is not read)."""
+    from quantkit.run.calibrator import CalibrationOptions
+
+    return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
+                              text_field=calib_field, device=device, dtype=calib_dtype)
+
+
+@click.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where the output would go: adds its free disk.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="JSON/YAML recipe mapping module patterns to configs.")
+@method_options()
+@option_group("calibration", *CALIBRATION_FLAGS,
+              click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window."),
+              click.option("--device", default="cpu", show_default=True, help="Where each layer is calibrated."),
+              click.option("--calib-dtype", type=DTYPE_CHOICE, default=None, help="What calibration computes in."),
+              build=plan_calibration)
+@option_group("export",
+              click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
+              click.option("--dtype", type=DTYPE_CHOICE, default=None,
+                           help="dtype of what stays unquantized [default: the checkpoint's]."),
+              build=lambda fmt, dtype: export_options(fmt, dtype, "5GB", False))
+@click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes and seconds).")
+def plan(model, output, recipe, method_choice, calibration, export, ignore, as_json):
+    """Estimate what quantizing MODEL takes (peak RAM and GPU, output and work-directory size, time) before it runs.
+
+    MODEL is a directory, a hub id, or a preset (llama2-7b, llama2-13b, llama2-70b: fp16, no weights needed).
+    Options as `quantize` takes them; calibration data is not read (only --n-samples and --seq-len count).
+    """
+    from quantkit.plan.planner import make_plan, plan_table
+
+    config = chosen_config(method_choice, recipe, calibrated=calibration.source is not None)
+    result = make_plan(model, config, export=export, calibration=calibration, ignore=tuple(ignore), out_dir=output)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else plan_table(result))

@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from quantkit.calibrate.cache import TokenCache, file_digest, resolve_cache_dir
-from quantkit.calibrate.sources import MODES, Corpus, check_token_tensor, is_token_source, load_tokens, open_corpus
+from quantkit.calibrate.sources import MODES, SEQ_LEN, Corpus, check_token_tensor, is_token_source, load_tokens, open_corpus
 from quantkit.errors import QuantkitError
 
 log = logging.getLogger("quantkit.calibrate")
 
 
-def calibration_tokens(source, tokenizer, n_samples: int = 128, seq_len: int = 2048, seed: int = 0,
+def calibration_tokens(source, tokenizer, n_samples: int = 128, seq_len: int = SEQ_LEN, seed: int = 0,
                        mode: str | None = None, text_field: str = "text", cache_dir=None,
                        vocab_size: int | None = None) -> torch.Tensor:
     """[n_samples, seq_len] LongTensor of token ids from a calibration source.

@@ -28,6 +28,8 @@ from quantkit.errors import QuantkitError
 log = logging.getLogger("quantkit.calibrate")
 
 MODES = ("random", "document")
+SEQ_LEN = 2048  # tokens per window, calibration and evaluation alike: the GPTQ protocol (Llama 2's papers report
+#                 WikiText-2 perplexity at 2048; GPTQ calibrates on 128 windows of 2048). The one default.
 
 
 @dataclass(frozen=True)

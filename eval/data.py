@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.calibrate.sources import HubDataset, SourceRole, open_corpus
+from quantkit.calibrate.sources import SEQ_LEN, HubDataset, SourceRole, open_corpus
 from quantkit.errors import QuantkitError
 
 EVAL_DATASETS: dict[str, HubDataset] = {
@@ -114,7 +114,7 @@ def eval_text(source, text_field: str = "text") -> tuple[str, str]:
     return corpus.name, corpus.joiner.join(docs)
 
 
-def eval_data(tokenizer, source, seq_len: int = 2048, stride: int | None = None, text_field: str = "text",
+def eval_data(tokenizer, source, seq_len: int = SEQ_LEN, stride: int | None = None, text_field: str = "text",
               max_tokens: int | None = None, vocab_size: int | None = None) -> EvalData:
     """Tokenize `source` (a dataset name, a path, a list of strings) once, with one BOS, and cut it into windows.
 

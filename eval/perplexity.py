@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from quantkit.calibrate.sources import SEQ_LEN
 from quantkit.eval.data import EvalData, text_data
 from quantkit.eval.finite import check_numbers, model_label
 from quantkit.eval.runner import target_logprobs, window_logprobs
@@ -74,7 +75,7 @@ def perplexity_of(model, data: EvalData, batch_size: int = 1, progress: bool = T
     return result
 
 
-def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1, progress: bool = True,
+def perplexity(model, tokenizer, text: str, seq_len: int = SEQ_LEN, batch_size: int = 1, progress: bool = True,
                stride: int | None = None) -> PerplexityResult:
     """Perplexity of `model` on `text` (a string): non-overlapping windows, or sliding with `stride`."""
     return perplexity_of(model, text_data(tokenizer, text, seq_len, stride, vocab_size=model.config.vocab_size), batch_size, progress)

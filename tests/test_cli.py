@@ -162,7 +162,7 @@ def test_quantize_any_config_field_with_dash_o(kernel_model_dir, tmp_path):
                  "-O", "symmetric=true", "-o", tmp_path / "q", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["recipe"]["default"] == {"method": "rtn", "bits": 3, "group_size": 32, "symmetric": True}
+    assert summary["recipe"]["default"] == {"method": "rtn", "version": 1, "bits": 3, "group_size": 32, "symmetric": True}
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -49,7 +49,7 @@ def registry(monkeypatch):
 # -- a third-party backend whose modules are AffineLinear: every affine format holds them ------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class AbsmaxConfig(QuantConfig):
     """A toy method: symmetric, per group, qparams from the weight scaled down by `shrink` before rounding."""
 
@@ -160,7 +160,7 @@ def test_plugin_format_is_a_cli_choice(one_file_format):
 # -- a calibrated backend with an observer and a transform: the phases collect, transform, quantize -------
 
 
-@dataclass
+@dataclass(frozen=True)
 class SmoothConfig(QuantConfig):
     """A toy activation-aware method: scale each group's input channels by sqrt(mean |x|) (AWQ-like, alpha 0.5),
     fold the inverse into the preceding RMSNorm, then round to nearest."""

@@ -65,7 +65,7 @@ def import_bitsandbytes():
 # -- configs ---------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class BnbInt8Config(QuantConfig):
     """LLM.int8: int8 weights per output row; input columns above `threshold` run in fp16 (0 = none)."""
 
@@ -76,10 +76,10 @@ class BnbInt8Config(QuantConfig):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise QuantkitError(f"bnb-int8: --threshold {t!r} must be a number >= 0 "
                                 f"(6.0 is LLM.int8's outlier threshold, 0 turns the outlier path off)")
-        self.threshold = float(t)  # transformers' BitsAndBytesConfig insists on a float
+        object.__setattr__(self, "threshold", float(t))  # frozen; transformers' BitsAndBytesConfig insists on a float
 
 
-@dataclass
+@dataclass(frozen=True)
 class Bnb4bitConfig(QuantConfig):
     """What bnb-nf4 and bnb-fp4 share: double quant of the absmax, block size, compute dtype."""
 
@@ -99,12 +99,12 @@ class Bnb4bitConfig(QuantConfig):
                                 f"use one of {', '.join(CHOICES)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class BnbNF4Config(Bnb4bitConfig):
     quant_type: ClassVar[str] = "nf4"
 
 
-@dataclass
+@dataclass(frozen=True)
 class BnbFP4Config(Bnb4bitConfig):
     quant_type: ClassVar[str] = "fp4"
 

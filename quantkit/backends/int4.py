@@ -12,7 +12,7 @@ from quantkit.errors import QuantkitError
 from quantkit.quant.linear import INT4_GROUP_SIZES, AffineLinear
 
 
-@dataclass
+@dataclass(frozen=True)
 class Int4Config(QuantConfig):
     group_size: int = 128
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -32,19 +33,30 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "quantkit.backends"
 
 
-@dataclass
+CONFIG_VERSION = 1  # of to_dict()'s layout; from_dict reads this version and dicts without one (older files)
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+NONES = ("none", "null")
+
+
 class QuantConfig:
-    """Base of every backend's config. Subclasses validate in __post_init__ and set `method`."""
+    """Base of every backend's config: a `@dataclass(frozen=True)` subclass (a value: hashable, comparable, safe to
+    share between modules) that validates itself in __post_init__; registration sets `method`. The config
+    round-trips through to_dict() / from_dict(), and from_strings() types text values (the CLI's -O KEY=VALUE) by
+    the dataclass's own type hints, so a plugin's config gets both for free."""
 
     method: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        return {"method": self.method, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "QuantConfig":
+        """The config of a to_dict(); QuantkitError naming an unknown method or field, or a newer version."""
         d = dict(d)
-        method = d.pop("method", None)
+        method, version = d.pop("method", None), d.pop("version", CONFIG_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version > CONFIG_VERSION:
+            raise QuantkitError(f"{method}: config version {version!r} is newer than this quantkit reads "
+                                f"({CONFIG_VERSION}): upgrade quantkit")
         cls = BACKENDS.get(method).config_cls
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -52,17 +64,46 @@ class QuantConfig:
             raise QuantkitError(f"{method}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**d)
 
+    @staticmethod
+    def from_strings(d: dict[str, str]) -> "QuantConfig":
+        """A config from text values, e.g. {"method": "gptq", "bits": "4", "desc_act": "true"}, each typed by the
+        config field's type hint (int, float, bool: true/false/yes/no/on/off/1/0, str; "none" for an optional
+        field). QuantkitError naming the field for a value of the wrong type, or an unknown field."""
+        d = dict(d)
+        method = d.pop("method", None)
+        return QuantConfig.from_dict({"method": method, **BACKENDS.get(method).config_cls.parse_strings(d)})
+
+    @classmethod
+    def parse_strings(cls, d: dict[str, str]) -> dict[str, Any]:
+        """Text values typed by this config's field type hints; keys that are no field pass on unchanged."""
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return {k: _typed(cls.method, k, v, hints[k]) if k in fields else v for k, v in d.items()}
+
     def describe(self) -> str:
         return self.method + "(" + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items()) + ")"
 
 
+def _typed(method: str, key: str, text: str, hint) -> Any:
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    optional = type(None) in typing.get_args(hint)
+    if optional and text.strip().lower() in NONES:
+        return None
+    kind = kinds[0] if len(kinds) == 1 else str
+    try:
+        if kind is bool:
+            return BOOLEANS[text.strip().lower()]
+        if kind in (int, float):
+            return kind(text)
+    except (KeyError, ValueError):
+        want = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+        raise QuantkitError(f"{method}: {key}={text}: {key} is {want}") from None
+    return text
+
+
 def distinct_configs(configs) -> list[QuantConfig]:
-    """The configs without repeats, in order (config dataclasses compare by value but are unhashable)."""
-    out = []
-    for c in configs:
-        if c not in out:
-            out.append(c)
-    return out
+    """The configs without repeats, in order."""
+    return list(dict.fromkeys(configs))
 
 
 LinearHandler = Callable[..., nn.Module]  # (linear, config, module name, **observer statistics) -> module
@@ -118,6 +159,10 @@ class Registry:
                  observer: Callable | None = None, transform: Callable | None = None,
                  dense_weight: Callable = dequantize):
         """Decorator for a handler `(linear, config, name, **stats) -> nn.Module` of config_cls (see Backend)."""
+        if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
+            raise QuantkitError(f"backend {name!r}: declare {config_cls.__qualname__} with @dataclass(frozen=True) "
+                                f"(configs are values: hashable, shared between modules)")
+
         def decorate(handler: LinearHandler) -> LinearHandler:
             if name in self._by_name and self._by_name[name].config_cls is not config_cls:
                 raise QuantkitError(f"backend name {name!r} is already registered by "

@@ -6,23 +6,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from quantkit.quant.affine import PER_CHANNEL, quantize_weight
+from quantkit.quant.affine import quantize_weight, validate_affine
 from quantkit.backends.registry import QuantConfig, register_backend
-from quantkit.errors import QuantkitError
 from quantkit.quant.linear import AffineLinear
 
-AFFINE_BITS = (2, 3, 4, 8)
-
-
-def validate_affine(method: str, bits: int, group_size: int):
-    """The checks rtn and gptq share: supported widths and a sensible group size."""
-    if bits not in AFFINE_BITS:
-        raise QuantkitError(f"{method}: --bits {bits} is not supported: use one of {', '.join(map(str, AFFINE_BITS))}")
-    if group_size != PER_CHANNEL and group_size < 1:
-        raise QuantkitError(f"{method}: --group-size {group_size} must be positive, or -1 for per-channel")
-
-
-@dataclass
+@dataclass(frozen=True)
 class RTNConfig(QuantConfig):
     bits: int = 4
     group_size: int = 128

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, MethodChoice, build_config, calibration_options,
-                                  dataset_options, emit_report, load_eval_data, method_options, option_group)
+                                  check_calib_applies, dataset_options, emit_report, load_eval_data, method_options, option_group)
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import load_tokenizer
 
@@ -60,13 +60,12 @@ def sensitivity_options(model, unit, method_choice: MethodChoice, calibration: d
 
     config = build_config(method_choice)
     options = calibration_options(**calibration, seq_len=seq_len, device=device)
+    check_calib_applies(config, options is not None)
     tokens = None
     if needs_calibration(Recipe.of(config)):
         if options is None:
             raise click.UsageError(f"--sensitivity with --method {method_choice.method} needs --calib")
         tokens = calibration_tensor(options, open_checkpoint(model))
-    elif options is not None:
-        raise click.UsageError("--calib applies to calibrated methods (gptq) only")
     return {"unit": unit, "config": config, "calibration": tokens}
 
 

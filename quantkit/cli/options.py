@@ -10,19 +10,27 @@ from pathlib import Path
 
 import click
 
+from quantkit.calibrate.sources import SEQ_LEN
 from quantkit.dtypes import CHOICES
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import load_tokenizer
+from quantkit.run.calibrator import CalibrationOptions
+from quantkit.run.export import ExportOptions
 
 DTYPE_CHOICE = click.Choice(CHOICES)
 
 
-def option_group(name: str, *options, build=dict):
-    """Add click options to a command and hand their values to it as one object, `name` = build(**values)."""
-    probe = lambda: None  # noqa: E731  (collects the parameter names the options create)
+def click_params(options) -> list[click.Parameter]:
+    """The parameters a sequence of click.option decorators creates, in order."""
+    probe = lambda: None  # noqa: E731
     for option in options:
         option(probe)
-    names = [p.name for p in probe.__click_params__]
+    return list(probe.__click_params__)
+
+
+def option_group(name: str, *options, build=dict):
+    """Add click options to a command and hand their values to it as one object, `name` = build(**values)."""
+    names = [p.name for p in click_params(options)]
 
     def decorate(f):
         @functools.wraps(f)
@@ -53,8 +61,7 @@ def method_choice(method, option_pairs, **flags) -> MethodChoice:
     return MethodChoice(method, flags, option_pairs)
 
 
-method_options = functools.partial(
-    option_group, "method_choice",
+METHOD_FLAGS = (
     click.option("--method", help="Quantization method (see `quantkit backends`)."),
     click.option("--bits", type=int, help="Bits per weight (rtn, gptq)."),
     click.option("--group-size", type=int, help="Input columns per scale; -1 = per channel."),
@@ -74,40 +81,21 @@ method_options = functools.partial(
     click.option("-O", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
                  help="Any field of the method's config (see `quantkit backends --json`), e.g. -O block_size=64; "
                       "the value is read as the field's type (int, float, true/false, text). Repeatable; plugin "
-                      "backends' options too."),
-    build=method_choice)
+                      "backends' options too."))
+method_options = functools.partial(option_group, "method_choice", *METHOD_FLAGS, build=method_choice)
 
-FLAGS = {"desc_act": "--act-order", "damp_percent": "--damp", "symmetric": "--sym/--asym",
-         "double_quant": "--double-quant/--no-double-quant", "true_sequential": "--true-sequential/--no-true-sequential"}
-FLAG_FIELDS = {"bits", "group_size", "symmetric", "threshold", "double_quant", "blocksize", "compute_dtype", "desc_act",
-               "static_groups", "damp_percent", "true_sequential", "mse"}  # config fields with a flag of their own
-BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+FLAGS = {p.name: "/".join(p.opts[:1] + p.secondary_opts[:1])  # config field -> its flag, as help shows it
+         for p in click_params(METHOD_FLAGS) if p.name not in ("method", "option_pairs")}
 
 
 def flag(field_name: str) -> str:
-    if field_name not in FLAG_FIELDS:
-        return f"-O {field_name}=..."
-    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+    return FLAGS.get(field_name, f"-O {field_name}=...")
 
 
-def typed_value(key: str, text: str, field_type: str):
-    """-O's text as the config field's declared type (dataclass annotations: int, float, bool, str)."""
-    kind = field_type.split("|")[0].strip()
-    try:
-        if kind == "bool":
-            return BOOLEANS[text.strip().lower()]
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-    except (KeyError, ValueError):
-        want = {"bool": "true or false", "int": "an integer", "float": "a number"}[kind]
-        raise click.BadParameter(f"{key}={text}: {key} is {want}", param_hint="-O/--option") from None
-    return text
-
-
-def parse_pairs(pairs: tuple[str, ...], field_types: dict[str, str]) -> dict:
-    """-O KEY=VALUE pairs -> {KEY: value} typed by the config's fields; unknown keys pass on for the config to name."""
+def parse_pairs(pairs: tuple[str, ...]) -> dict[str, str]:
+    """-O KEY=VALUE pairs -> {KEY: text}, typed later by the config (QuantConfig.parse_strings)."""
     fields = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -119,7 +107,7 @@ def parse_pairs(pairs: tuple[str, ...], field_types: dict[str, str]) -> dict:
                                      param_hint="-O/--option")
         if key in fields:
             raise click.BadParameter(f"{key} given twice: give it once", param_hint="-O/--option")
-        fields[key] = typed_value(key, text, str(field_types[key])) if key in field_types else text
+        fields[key] = text
     return fields
 
 
@@ -137,9 +125,7 @@ def build_config(choice: MethodChoice):
         known = ", ".join(flag(f) for f in sorted(fields) if f != "block_size") or "none"
         raise click.UsageError(f"{', '.join(map(flag, wrong))} does not apply to --method {choice.method} "
                                f"(its options: {known}; any field with -O KEY=VALUE)")
-    types = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-             for f in dataclasses.fields(cls)}  # annotations are strings under `from __future__ import annotations`
-    pairs = parse_pairs(choice.pairs, types)
+    pairs = cls.parse_strings(parse_pairs(choice.pairs))
     both = sorted(set(pairs) & set(given))
     if both:
         raise click.UsageError(f"{', '.join(both)} given twice (a flag and -O): give it once")
@@ -149,16 +135,23 @@ def build_config(choice: MethodChoice):
 def chosen_config(choice: MethodChoice, recipe: Path | None, calibrated: bool):
     """The config (or Recipe) of --method and its options, or of --recipe FILE: exactly one of them; --calib
     (`calibrated`) only for calibrated methods. Shared by quantize and plan."""
-    from quantkit.backends import Recipe, needs_calibration
+    from quantkit.backends import Recipe
 
     if (choice.method is None) == (recipe is None):
         raise click.UsageError("give exactly one of --method and --recipe")
     if recipe is not None and choice.given():
         raise click.UsageError("method options (--bits, --group-size, -O, ...) go into the recipe file with --recipe")
     config = Recipe.from_file(recipe) if recipe is not None else build_config(choice)
+    check_calib_applies(config, calibrated)
+    return config
+
+
+def check_calib_applies(config, calibrated: bool):
+    """--calib only with a calibrated method (the library refuses the converse: a calibrated method without data)."""
+    from quantkit.backends import Recipe, needs_calibration
+
     if calibrated and not needs_calibration(Recipe.of(config)):
         raise click.UsageError("--calib applies to calibrated methods (gptq) only")
-    return config
 
 
 # -- calibration, export and dataset options --------------------------------------------------------
@@ -169,15 +162,16 @@ CALIBRATION_FLAGS = (
     click.option("--calib", help=CALIB_HELP),
     click.option("--calib-mode", type=click.Choice(["random", "document"]), default=None,
                  help="Windows at random offsets of the joined text (GPTQ; default) or one per document (c4's default)."),
-    click.option("--calib-field", default="text", show_default=True, help="Text field of .jsonl/.parquet/.csv sources."),
-    click.option("--n-samples", default=128, show_default=True, help="Calibration windows."),
-    click.option("--seed", default=0, show_default=True, help="Seed for sampling the windows."))
+    click.option("--calib-field", default=CalibrationOptions.text_field, show_default=True,
+                 help="Text field of .jsonl/.parquet/.csv sources."),
+    click.option("--n-samples", default=CalibrationOptions.n_samples, show_default=True, help="Calibration windows."),
+    click.option("--seed", default=CalibrationOptions.seed, show_default=True, help="Seed for sampling the windows."))
+SEQ_LEN_FLAG = click.option("--seq-len", default=CalibrationOptions.seq_len, show_default=True,
+                            help="Tokens per calibration window.")
 
 
-def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len=2048, device="cpu",
-                        calib_dtype=None):
-    from quantkit.run.calibrator import CalibrationOptions
-
+def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len=CalibrationOptions.seq_len,
+                        device=CalibrationOptions.device, calib_dtype=None):
     if calib is None:
         if calib_dtype is not None:
             raise click.UsageError("--calib-dtype applies with --calib (calibrated methods)")
@@ -186,9 +180,7 @@ def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len
                               text_field=calib_field, device=device, dtype=calib_dtype)
 
 
-def export_options(fmt, dtype, max_shard_size, force):
-    from quantkit.run.export import ExportOptions
-
+def export_options(fmt, dtype, max_shard_size=ExportOptions.max_shard_size, force=False):
     return ExportOptions(format=fmt, dtype=dtype, max_shard_size=max_shard_size, overwrite=force)
 
 
@@ -248,7 +240,7 @@ def dataset_options(f):
                      help="wikitext2 (test split), c4 (validation, GPTQ's c4-new), or a local .txt/.jsonl/.json/"
                           ".parquet/.csv file or datasets save_to_disk directory."),
         click.option("--text-field", default="text", show_default=True, help="Text field of .jsonl/.parquet/.csv."),
-        click.option("--seq-len", default=2048, show_default=True, help="Window length in tokens."),
+        click.option("--seq-len", default=SEQ_LEN, show_default=True, help="Window length in tokens."),
         click.option("--stride", type=int, help="Sliding windows every STRIDE tokens (Hugging Face protocol) "
                                                 "[default: non-overlapping windows, the GPTQ protocol]."),
         build=DatasetChoice)(f)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, FormatChoice, calibration_options, chosen_config,
-                                  export_options, method_options, option_group)
+from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, SEQ_LEN_FLAG, FormatChoice, calibration_options,
+                                  chosen_config, export_options, method_options, option_group)
+from quantkit.run.calibrator import CalibrationOptions
+from quantkit.run.export import ExportOptions
 
 
 @click.command()
@@ -17,8 +19,8 @@ from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, FormatChoice,
 @click.option("--recipe", type=click.Path(path_type=Path), help="JSON/YAML recipe mapping module patterns to configs.")
 @method_options()
 @option_group("calibration", *CALIBRATION_FLAGS,
-              click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window."),
-              click.option("--device", default="cpu", show_default=True,
+              SEQ_LEN_FLAG,
+              click.option("--device", default=CalibrationOptions.device, show_default=True,
                            help="Where each layer is calibrated (cpu, cuda)."),
               click.option("--calib-dtype", type=DTYPE_CHOICE, default=None,
                            help="What calibration computes in [default: fp32 on CPU, the checkpoint's dtype on CUDA]; "
@@ -28,7 +30,7 @@ from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, FormatChoice,
               click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
               click.option("--dtype", type=DTYPE_CHOICE, default=None,
                            help="dtype of what stays unquantized [default: the checkpoint's]."),
-              click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
+              click.option("--max-shard-size", default=ExportOptions.max_shard_size, show_default=True, help="Largest safetensors shard."),
               click.option("--force", is_flag=True, help="Replace OUTPUT if it exists; without --resume, also discard "
                                                          "what a previous run to OUTPUT left."),
               build=export_options)

@@ -62,7 +62,7 @@ class QuantFormat:
     def layout_warnings(self, configs: dict[str, Any], ignored: list[str]) -> list[str]:
         """What the assignment costs in the runtimes that serve this format (one line each): vLLM fuses q/k/v and
         gate/up into one linear each and refuses fused shards with different schemes or full precision."""
-        schemes = {name: affine_scheme(c) or json.dumps(c.to_dict(), sort_keys=True) for name, c in configs.items()}
+        schemes = {name: affine_scheme(c) or c for name, c in configs.items()}
         split = []
         for name in [*configs, *ignored]:
             for shards in FUSED_SHARDS:

@@ -20,6 +20,8 @@ import torch
 from quantkit.dtypes import ST_DTYPES
 from quantkit.errors import QuantkitError
 
+SHARD_SIZE = "5GB"  # the largest safetensors shard by default: transformers' save_pretrained's (max_shard_size)
+
 SAFETENSORS_SINGLE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -38,7 +40,7 @@ def parse_size(size: int | str) -> int:
 class ShardWriter:
     """add(name, tensor) in order; close() names the shards and writes the index (if more than one)."""
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+    def __init__(self, out_dir: str | os.PathLike, max_shard_size: int | str = SHARD_SIZE,
                  metadata: dict[str, str] | None = None):
         self.out_dir = Path(out_dir)
         self.max_shard_size = parse_size(max_shard_size)
@@ -94,7 +96,7 @@ class ShardWriter:
         return names
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str = "5GB",
+def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_size: int | str = SHARD_SIZE,
                       metadata: dict[str, str] | None = None) -> list[str]:
     writer = ShardWriter(out_dir, max_shard_size, metadata)
     for name, t in tensors.items():

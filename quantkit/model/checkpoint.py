@@ -35,7 +35,7 @@ from quantkit.model.config import LlamaConfig, shown
 from quantkit.model.layout import checkpoint_shapes, layer_index, layer_prefix
 from quantkit.model.tokenizer import Tokenizer
 from quantkit.model.llama import LlamaDecoderLayer, LlamaForCausalLM, indivisible_dims
-from quantkit.io.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, write_safetensors
+from quantkit.io.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SHARD_SIZE, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -545,7 +545,7 @@ def copy_tokenizer_files(src_dir: Path | None, out_dir: Path):
 
 
 def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-               max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False) -> Path:
+               max_shard_size: int | str = SHARD_SIZE, dtype=None, overwrite: bool = False) -> Path:
     """Save in Hugging Face's layout: config.json, safetensors (sharded with an index), tokenizer files, and
     quantkit_manifest.json (every file's size and sha256)."""
     dtype = parse_dtype(dtype)

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, FormatChoice, chosen_config, export_options,
-                                  method_options, option_group)
+from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, SEQ_LEN_FLAG, FormatChoice, chosen_config,
+                                  export_options, method_options, option_group)
+from quantkit.run.calibrator import CalibrationOptions
 
 
-def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len=2048, device="cpu", calib_dtype=None):
+def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len, device, calib_dtype):
     """The calibration a plan assumes: the flags' n_samples, seq_len, device and dtype (the data is not read)."""
-    from quantkit.run.calibrator import CalibrationOptions
-
     return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
                               text_field=calib_field, device=device, dtype=calib_dtype)
 
@@ -25,15 +24,16 @@ def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len=20
 @click.option("--recipe", type=click.Path(path_type=Path), help="JSON/YAML recipe mapping module patterns to configs.")
 @method_options()
 @option_group("calibration", *CALIBRATION_FLAGS,
-              click.option("--seq-len", default=2048, show_default=True, help="Tokens per calibration window."),
-              click.option("--device", default="cpu", show_default=True, help="Where each layer is calibrated."),
+              SEQ_LEN_FLAG,
+              click.option("--device", default=CalibrationOptions.device, show_default=True,
+                           help="Where each layer is calibrated."),
               click.option("--calib-dtype", type=DTYPE_CHOICE, default=None, help="What calibration computes in."),
               build=plan_calibration)
 @option_group("export",
               click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
               click.option("--dtype", type=DTYPE_CHOICE, default=None,
                            help="dtype of what stays unquantized [default: the checkpoint's]."),
-              build=lambda fmt, dtype: export_options(fmt, dtype, "5GB", False))
+              build=export_options)
 @click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes and seconds).")
 def plan(model, output, recipe, method_choice, calibration, export, ignore, as_json):

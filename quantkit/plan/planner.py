@@ -219,7 +219,7 @@ def time_quantize(source: Source, recipe: Recipe, fmt: QuantFormat, dtype: torch
         if config is None:
             continue
         rows = _rows(n, k)
-        key = (json.dumps(config.to_dict(), sort_keys=True), rows, k)
+        key = (config, rows, k)
         if key not in measured:
             linear = probe_linear(rows, k, False, dtype)
             measured[key] = _timed(lambda: fmt.export_module("probe", quantize_probe(config, linear)),
@@ -281,7 +281,7 @@ def time_calibrated(source: Source, recipe: Recipe, calibration: CalibrationOpti
         if config is None or BACKENDS.for_config(config).observer is None:
             continue
         parts["hessians"] += hessian * tokens
-        key = (json.dumps(config.to_dict(), sort_keys=True), min(n, SOLVE_ROWS), _solve_cols(config, k))
+        key = (config, min(n, SOLVE_ROWS), _solve_cols(config, k))
         if key not in cache:
             cache[key] = _time_solve(config, *key[1:], dtype, device)
             notes.append(cache[key][2])

@@ -21,6 +21,15 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 PER_CHANNEL = -1  # group_size meaning one group per output row, in configs and in every format's metadata
+AFFINE_BITS = (2, 3, 4, 8)  # the widths of the affine methods (rtn, gptq) and of the formats that hold them
+
+
+def validate_affine(method: str, bits: int, group_size: int):
+    """The checks every affine config makes: a supported width and a sensible group size (QuantkitError)."""
+    if bits not in AFFINE_BITS:
+        raise QuantkitError(f"{method}: --bits {bits} is not supported: use one of {', '.join(map(str, AFFINE_BITS))}")
+    if group_size != PER_CHANNEL and group_size < 1:
+        raise QuantkitError(f"{method}: --group-size {group_size} must be positive, or -1 for per-channel")
 
 
 def resolve_group_size(group_size: int, in_features: int, name: str = "weight",

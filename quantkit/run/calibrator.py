@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantkit.calibrate.sources import SEQ_LEN
 from quantkit.backends import BACKENDS, QuantConfig, Recipe, check_finite, replace_linear
 from quantkit.dtypes import dtype_name, parse_dtype, short_name
 from quantkit.errors import QuantkitError
@@ -61,7 +62,7 @@ class CalibrationOptions:
 
     source: Any = None
     n_samples: int = 128
-    seq_len: int = 2048
+    seq_len: int = SEQ_LEN
     seed: int = 0
     mode: str | None = None
     text_field: str = "text"

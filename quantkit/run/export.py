@@ -29,6 +29,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats import QuantFormat, format_names, get_format
 from quantkit.io.files import atomic_dir
 from quantkit.io.manifest import write_manifest
+from quantkit.io.shards import SHARD_SIZE
 from quantkit.model.config import LlamaConfig
 from quantkit.model.layout import is_decoder_linear, module_names
 from quantkit.model.llama import slicing_problem
@@ -44,7 +45,7 @@ class ExportOptions:
 
     format: str | None = None  # a registered format's name; None: the first method's preferred format
     dtype: str | torch.dtype | None = None  # of what stays unquantized; None: the checkpoint's (or model's)
-    max_shard_size: int | str = "5GB"
+    max_shard_size: int | str = SHARD_SIZE
     overwrite: bool = False
 
 

@@ -11,7 +11,6 @@ timed or measured in a child process: that is the planner's (quantkit.plan.plann
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -174,7 +173,7 @@ def output_size(source: Source, recipe: Recipe, fmt: QuantFormat, dtype: torch.d
         if config is None:
             continue
         bias = f"{module}.bias" in source.shapes
-        key = (json.dumps(config.to_dict(), sort_keys=True), bias)
+        key = (config, bias)
         if key not in fits:
             fits[key] = LinearSize.fit(fmt, config, bias, dtype)
         fit, nbytes = fits[key], fits[key].bytes(n, k)

@@ -9,12 +9,15 @@ from torch import nn
 
 from quantkit.backends import BACKENDS, QuantConfig, Recipe, quantize
 from quantkit.backends.int4 import Int4Config
-from quantkit.backends.registry import Registry
+from quantkit.backends.bnb import BnbInt8Config, BnbNF4Config
+from quantkit.backends.gptq import GPTQConfig
+from quantkit.backends.registry import CONFIG_VERSION, Registry
 from quantkit.backends.rtn import RTNConfig
 from quantkit.errors import QuantkitError
 from tests.conftest import install_plugin, random_model, tiny_config
 
-CONFIGS = [Int4Config(), Int4Config(group_size=32), RTNConfig(), RTNConfig(bits=3, group_size=-1, symmetric=True)]
+CONFIGS = [Int4Config(), Int4Config(group_size=32), RTNConfig(), RTNConfig(bits=3, group_size=-1, symmetric=True),
+           GPTQConfig(bits=3, desc_act=True, damp_percent=0.05), BnbInt8Config(threshold=0), BnbNF4Config(blocksize=128)]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
@@ -22,6 +25,52 @@ def test_config_json_round_trip(config):
     import json
 
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
+def test_configs_are_values(config):
+    import dataclasses
+
+    assert config.to_dict()["version"] == CONFIG_VERSION
+    assert hash(config) == hash(QuantConfig.from_dict(config.to_dict())) and len({config, dataclasses.replace(config)}) == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.method_field = 1
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
+def test_from_strings_types_every_field_by_its_hint(config):
+    texts = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in config.to_dict().items() if k != "version"}
+    assert QuantConfig.from_strings(texts) == config
+
+
+@pytest.mark.parametrize("texts, message", [
+    ({"method": "gptq", "bits": "4.0"}, "gptq: bits=4.0: bits is an integer"),
+    ({"method": "gptq", "damp_percent": "lots"}, "gptq: damp_percent=lots: damp_percent is a number"),
+    ({"method": "rtn", "symmetric": "maybe"}, "rtn: symmetric=maybe: symmetric is true or false"),
+    ({"method": "rtn", "colour": "red"}, "rtn: unknown option(s) colour; known: bits, group_size, symmetric"),
+    ({"method": "nope"}, "unknown method 'nope'"),
+])
+def test_from_strings_names_the_field(texts, message):
+    with pytest.raises(QuantkitError) as e:
+        QuantConfig.from_strings(texts)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reload_refuses_a_newer_version_and_reads_one_without():
+    assert QuantConfig.from_dict({"method": "rtn", "bits": 3}) == RTNConfig(bits=3)  # files of older quantkit
+    with pytest.raises(QuantkitError, match=r"rtn: config version 2 is newer than this quantkit reads \(1\): upgrade"):
+        QuantConfig.from_dict({"method": "rtn", "version": 2, "bits": 3})
+
+
+def test_a_mutable_config_is_refused_at_registration():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Mutable(QuantConfig):
+        level: int = 1
+
+    with pytest.raises(QuantkitError, match=r"declare .*Mutable with @dataclass\(frozen=True\)"):
+        Registry().register("mutable", Mutable)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -71,7 +120,7 @@ def test_third_party_plugin_through_entry_points(tmp_path, monkeypatch):
         from torch import nn
         from quantkit.backends.registry import QuantConfig
 
-        @dataclass
+        @dataclass(frozen=True)
         class ToyConfig(QuantConfig):
             scale: float = 0.5
 
@@ -111,7 +160,7 @@ def test_a_broken_plugin_leaves_the_built_ins_working(tmp_path, monkeypatch, cap
 def test_gpu_only_backend_says_where_it_runs(monkeypatch):
     from dataclasses import dataclass
 
-    @dataclass
+    @dataclass(frozen=True)
     class CudaOnlyConfig(QuantConfig):
         pass
 

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.quant.affine import PER_CHANNEL
+from quantkit.quant.affine import PER_CHANNEL, validate_affine
 from quantkit.backends.registry import QuantConfig, register_backend
-from quantkit.backends.rtn import validate_affine
 from quantkit.errors import QuantkitError
 from quantkit.backends.gptq.solver import HessianAccumulator, gptq_quantize
 from quantkit.quant.linear import AffineLinear
@@ -33,7 +32,7 @@ class HessianObserver(HessianAccumulator):
         return {"hessian": self.H}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTQConfig(QuantConfig):
     bits: int = 4
     group_size: int = 128

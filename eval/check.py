@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from quantkit.formats.reader import load_model
-from quantkit.model.checkpoint import load_tokenizer
+from quantkit.model.tokenizer import load_tokenizer
 from quantkit.dtypes import SHORT_NAMES
 from quantkit.errors import QuantkitError
 from quantkit.eval.data import EvalData

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from quantkit.formats.reader import load_model
-from quantkit.model.checkpoint import load_tokenizer
+from quantkit.model.tokenizer import load_tokenizer
 from quantkit.model.llama import LlamaForCausalLM
 from quantkit.eval.base_logits import BaseLogits, save_base_logits
 from quantkit.eval.data import EvalData

@@ -23,7 +23,7 @@ def load(path: str | os.PathLike, dtype=None, device: str = "cpu") -> LlamaForCa
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The sentencepiece tokenizer of a model directory (or a tokenizer.model file)."""
-    from quantkit.model.checkpoint import load_tokenizer
+    from quantkit.model.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

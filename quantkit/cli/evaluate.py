@@ -10,7 +10,7 @@ import click
 from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, MethodChoice, build_config, calibration_options,
                                   check_calib_applies, dataset_options, emit_report, load_eval_data, method_options, option_group)
 from quantkit.errors import QuantkitError
-from quantkit.model.checkpoint import load_tokenizer
+from quantkit.model.tokenizer import load_tokenizer
 
 
 @click.command("eval")

@@ -10,7 +10,7 @@ import click
 from quantkit.cli.options import DTYPE_CHOICE
 from quantkit.errors import QuantkitError
 from quantkit.formats.reader import load_model
-from quantkit.model.checkpoint import load_tokenizer
+from quantkit.model.tokenizer import load_tokenizer
 from quantkit.model.generate import SamplingConfig, generate as generate_ids
 from quantkit.model.tokenizer import TextStream
 from quantkit.quant.linear import int4_kernels

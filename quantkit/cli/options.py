@@ -13,7 +13,7 @@ import click
 from quantkit.calibrate.sources import SEQ_LEN
 from quantkit.dtypes import CHOICES
 from quantkit.errors import QuantkitError
-from quantkit.model.checkpoint import load_tokenizer
+from quantkit.model.tokenizer import load_tokenizer
 from quantkit.run.calibrator import CalibrationOptions
 from quantkit.run.export import ExportOptions
 

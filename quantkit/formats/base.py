@@ -22,7 +22,7 @@ from torch import nn
 from quantkit.quant.affine import AffineWeight, affine_scheme
 from quantkit.dtypes import FLOAT_DTYPES, dtype_name
 from quantkit.errors import QuantkitError
-from quantkit.model.checkpoint import copy_tokenizer_files
+from quantkit.model.save import copy_tokenizer_files
 from quantkit.model.layout import FUSED_SHARDS, local_name
 from quantkit.io.shards import ShardWriter
 from quantkit.quant.linear import AffineLinear

@@ -20,7 +20,8 @@ from quantkit.dtypes import parse_dtype
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import raise_first, shape_problems
 from quantkit.io.manifest import check_intact
-from quantkit.model.checkpoint import Checkpoint, build_model, check_device, ready_for_inference
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.build import build_model, check_device, ready_for_inference
 from quantkit.model.layout import checkpoint_shapes
 from quantkit.model.llama import LlamaForCausalLM
 from quantkit.quant.record import ERRORS_FILE, QuantRecord

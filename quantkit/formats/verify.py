@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from quantkit.errors import QuantkitError
 from quantkit.formats.reader import QuantizedCheckpoint, open_checkpoint
 from quantkit.io.manifest import MANIFEST_FILE, manifest_problems, read_manifest
-from quantkit.model.checkpoint import resolve_model_dir
+from quantkit.model.hub import resolve_model_dir
 from quantkit.model.layout import checkpoint_shapes
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,10 @@ model.safetensors.index.json, or pytorch_model*.bin) without reading tensor data
 shape against config.json up front, and hands out tensors by name or a decoder layer at a time:
 the streaming quantization pipeline reads a 70B checkpoint through it one layer at a time.
 
-This module knows dense checkpoints only; quantized ones are read by `quantkit.formats.reader`, which
-subclasses `Checkpoint` with the formats' knowledge of which modules are stored quantized (the
-native model sits below the quantization code).
+Beside it: hub.py (where a directory comes from, and the rule for the files it names), build.py (the native
+model from a Checkpoint), save.py (writing one). This module knows dense checkpoints only; quantized ones are
+read by `quantkit.formats.reader`, which subclasses `Checkpoint` with the formats' knowledge of which modules
+are stored quantized (the native model sits below the quantization code).
 """
 
 from __future__ import annotations
@@ -18,62 +19,29 @@ import logging
 import os
 import pickle
 import re
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.io.files import atomic_dir
-from quantkit.io.manifest import check_intact, write_manifest
-from quantkit.dtypes import DTYPES, FLOAT_DTYPES, ST_CODES, ST_DTYPES, dtype_name, parse_dtype, short_name
-from quantkit.model.config import LlamaConfig, shown
+from quantkit.io.manifest import check_intact
+from quantkit.dtypes import DTYPES, FLOAT_DTYPES, ST_CODES, ST_DTYPES, dtype_name, short_name
+from quantkit.model.config import LlamaConfig, printable, shown
 from quantkit.model.layout import checkpoint_shapes, layer_index, layer_prefix
-from quantkit.model.tokenizer import Tokenizer
-from quantkit.model.llama import LlamaDecoderLayer, LlamaForCausalLM, indivisible_dims
-from quantkit.io.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SHARD_SIZE, write_safetensors
+from quantkit.model.hub import confined_path, resolve_model_dir
+from quantkit.model.llama import LlamaDecoderLayer, indivisible_dims
+from quantkit.io.shards import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
 log = logging.getLogger(__name__)
 
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                   "added_tokens.json", "generation_config.json")
 IGNORED_TENSORS = re.compile(r"rotary_emb\.inv_freq$")  # saved by old transformers, recomputed here
 
 
-def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; a hub id ('meta-llama/Llama-2-7b-hf') through huggingface_hub."""
-    path = Path(path_or_id)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise QuantkitError(f"{path}: is a file, not a model directory: pass the directory holding config.json")
-    text = str(path_or_id)
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) is None:
-        raise QuantkitError(f"{path}: no such model directory: pass a directory holding config.json")
-    return _download(text)
-
-
-def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise QuantkitError(f"{repo_id}: no such directory, and huggingface_hub is not installed to fetch it "
-                            f"from the hub: pass a local directory") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # network, auth and not-found errors all mean the same thing to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QuantkitError(f"{repo_id}: no such directory, and the Hugging Face hub could not provide it "
-                            f"({reason}): download it elsewhere and pass a local directory") from None
-
-
-HUB_SHARED_BLOBS_MARKER = ".huggingface-shared-blobs"  # huggingface_hub's cache-wide blob store (Xet files)
 COMPUTE_CODES = tuple(ST_DTYPES[d] for d in FLOAT_DTYPES)  # the stored dtypes a dense weight may have
 # What safetensors 0.8 raises for a corrupt file (tests/model/test_fuzz_inputs.py finds no other), or the OS
 # for one it cannot read.
@@ -137,7 +105,7 @@ class Checkpoint:
                 if (self.dir / index_name).is_file():
                     log.warning("%s: both %s and %s exist: reading %s, as transformers does (the index is "
                                 "ignored; delete whichever is stale)", self.dir, single, index_name, single)
-                self._weight_path(single, self.dir)
+                confined_path(self.dir, single, self.dir)
                 self.weights_source = self.dir / single
                 return {name: single for name in self._file_keys(single)}
             if (self.dir / index_name).is_file():
@@ -162,7 +130,7 @@ class Checkpoint:
                                     f"be a file name: restore the file")
         suffix = ".safetensors" if index_path.name == SAFETENSORS_INDEX else ".bin"
         for shard in sorted(set(weight_map.values())):
-            path = self._weight_path(shard, index_path)  # inside the directory, before anything is opened
+            path = confined_path(self.dir, shard, index_path)  # inside the directory, before anything is opened
             if not shard.endswith(suffix):
                 raise QuantkitError(f"{index_path}: weight_map names {shown(shard)}, not a {suffix} file: "
                                     f"restore the file")
@@ -170,37 +138,6 @@ class Checkpoint:
                 raise QuantkitError(f"{printable(str(self.dir / shard))}: shard named in {index_path.name} is missing: "
                                     f"download the complete checkpoint")
         return weight_map
-
-    def _weight_path(self, entry: str, source: Path) -> Path:
-        """self.dir / entry, refused (before anything is opened) if it, or a symlink it goes through, leaves the
-        model directory; a hub cache snapshot's symlinks into its repo's blobs/ are allowed."""
-        parts = PurePosixPath(entry).parts
-        if PurePosixPath(entry).is_absolute() or Path(entry).is_absolute() or ".." in parts or "\\" in entry:
-            raise QuantkitError(f"{source}: weight file {shown(entry)} is outside the model directory {self.dir}: "
-                                f"an index may name files inside it only")
-        path = self.dir / entry
-        try:
-            real, roots = path.resolve(), self._allowed_roots()
-        except (OSError, RuntimeError) as e:  # a symlink loop
-            raise QuantkitError(f"{printable(str(path))}: cannot be resolved ({type(e).__name__}): a symlink loop? "
-                                f"replace it with the file") from None
-        if not any(real.is_relative_to(root) for root in roots):
-            raise QuantkitError(f"{printable(str(path))}: leads through a symlink to {printable(str(real))}, "
-                                f"outside the model directory {self.dir}: copy the file into the directory")
-        return path
-
-    def _allowed_roots(self) -> list[Path]:
-        """The model directory, and for a hub cache snapshot (models--org--name/snapshots/REV) that repo's
-        blobs/ (and the cache-wide shared blob store those may link into)."""
-        real = self.dir.resolve()
-        roots = [real]
-        repo = real.parent.parent
-        if real.parent.name == "snapshots" and repo.name.startswith("models--"):
-            roots.append((repo / "blobs").resolve())
-            shared = repo.parent / "blobs"
-            if (shared / HUB_SHARED_BLOBS_MARKER).is_file():
-                roots.append(shared.resolve())
-        return roots
 
     def _file_keys(self, file_name: str) -> list[str]:
         if file_name.endswith(".safetensors"):
@@ -449,7 +386,7 @@ class Checkpoint:
         with torch.device("meta"):
             layer = LlamaDecoderLayer(self.config, index)
         for name, t in self.layer(index, dtype or self.default_dtype()).items():
-            _set_tensor(layer, name, t)
+            set_tensor(layer, name, t)
         return layer.eval().requires_grad_(False)
 
     def layers(self, dtype: torch.dtype | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -466,11 +403,6 @@ class Checkpoint:
         return [n for n in self.shapes if layer_index(n) is None]
 
 
-def printable(text: str) -> str:
-    """A name read from a file, as is if it prints on one line, else escaped (JSON): messages stay one line."""
-    return text if text.isprintable() else json.dumps(text)
-
-
 def _reason(e: Exception) -> str:
     """An exception's first line, for a one-line message."""
     text = str(e).strip()
@@ -479,7 +411,7 @@ def _reason(e: Exception) -> str:
 
 def _cast_checked(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """_cast, refusing a cast to a smaller range that turns finite values into inf (bf16's 1e6 in fp16)."""
-    out = _cast(t, dtype)
+    out = cast_float(t, dtype)
     if out is not t and torch.finfo(dtype).max < torch.finfo(t.dtype).max and not bool(torch.isfinite(out).all()) \
             and bool(torch.isfinite(t).all()):
         raise QuantkitError(f"{name}: its {dtype_name(t.dtype)} values exceed {dtype_name(dtype)}'s range "
@@ -488,78 +420,12 @@ def _cast_checked(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torc
     return out
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def cast_float(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Float tensors to dtype; integer (packed, quantized) tensors stay as stored."""
     return t if dtype is None or t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """The device, if this machine has it: a missing CUDA is one clear error, not torch's assertion."""
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise QuantkitError(f"--device {device}: not a device ({e}): use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QuantkitError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}): "
-                            f"use --device cpu")
-    return device
 
-
-def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """The model on the meta device, filled tensor by tensor from `ckpt.shapes` (never two copies in memory).
-
-    Modules stored quantized stay on the meta device: quantkit.formats.reader puts their runtime modules in.
-    """
-    with torch.device("meta"):
-        model = LlamaForCausalLM(ckpt.config)
-    for name, t in ckpt.read(ckpt.shapes, dtype):
-        _set_tensor(model, name, t.to(device))
-    model.source_dir = ckpt.dir
-    return model
-
-
-def ready_for_inference(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    model.tie_weights()
-    return model.eval().requires_grad_(False)
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The sentencepiece tokenizer of a model directory (or hub id, or a tokenizer.model file)."""
-    path = os.fspath(path)
-    return Tokenizer(path if path.endswith(".model") else resolve_model_dir(path))
-
-
-def _set_tensor(model: nn.Module, name: str, t: torch.Tensor):
+def set_tensor(model: nn.Module, name: str, t: torch.Tensor):
     module_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(module_name), leaf, nn.Parameter(t, requires_grad=False))
-
-
-# -- saving ---------------------------------------------------------------------------------------
-
-def copy_tokenizer_files(src_dir: Path | None, out_dir: Path):
-    if src_dir is None:
-        return
-    for name in TOKENIZER_FILES:
-        if (Path(src_dir) / name).is_file():
-            shutil.copy2(Path(src_dir) / name, out_dir / name)
-
-
-def save_model(model: LlamaForCausalLM, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-               max_shard_size: int | str = SHARD_SIZE, dtype=None, overwrite: bool = False) -> Path:
-    """Save in Hugging Face's layout: config.json, safetensors (sharded with an index), tokenizer files, and
-    quantkit_manifest.json (every file's size and sha256)."""
-    dtype = parse_dtype(dtype)
-    config = model.config
-    tensors = {k: _cast(v, dtype) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # as transformers does: the embedding is the lm_head
-    saved_dtype = dtype or model.model.embed_tokens.weight.dtype  # what the files hold, not what config said
-    config = dataclasses.replace(config, torch_dtype=dtype_name(saved_dtype))
-    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
-    with atomic_dir(out_dir, overwrite, keep=[tokenizer_dir]) as tmp:
-        write_safetensors(tensors, tmp, max_shard_size)
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        copy_tokenizer_files(tokenizer_dir, tmp)
-        write_manifest(tmp)  # last: it covers every other file
-    log.info("saved %d tensors to %s", len(tensors), out_dir)
-    return Path(out_dir)

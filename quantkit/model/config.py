@@ -38,6 +38,11 @@ HF_DEFAULTS: dict[str, Any] = {"max_position_embeddings": 2048, "rms_norm_eps": 
 ASSUMED_KEY = "quantkit_assumed_defaults"  # written config.json: the keys the source left out, with the values taken
 
 
+def printable(text: str) -> str:
+    """A name read from a file, as is if it prints on one line, else escaped (JSON): messages stay one line."""
+    return text if text.isprintable() else json.dumps(text)
+
+
 def shown(value: Any) -> str:
     """A config value as config.json spells it (null, true, "text"), cut short for a one-line message."""
     text = json.dumps(value, default=repr)

@@ -23,6 +23,10 @@ import sentencepiece as spm
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.model.hub import resolve_model_dir
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                   "added_tokens.json", "generation_config.json")
 
 # Llama-2-chat's prompt format, from Meta's reference code (llama/generation.py).
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -322,3 +326,9 @@ def _token_id(value, path: Path, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise QuantkitError(f"{path}: {what} is {value!r}, not a token id (a non-negative integer): fix the file")
     return value
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The sentencepiece tokenizer of a model directory (or hub id, or a tokenizer.model file)."""
+    path = os.fspath(path)
+    return Tokenizer(path if path.endswith(".model") else resolve_model_dir(path))

@@ -34,7 +34,7 @@ from quantkit.formats import QuantFormat
 from quantkit.backends.gptq.solver import inverse_hessian_cholesky
 from quantkit.io.files import check_output_dir, human_bytes, nearest_existing
 from quantkit.run.calibrator import CalibrationOptions, calibration_dtype
-from quantkit.model.checkpoint import check_device
+from quantkit.model.build import check_device
 from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_index
 from quantkit.run.sizing import (PROBE_ROWS, TOKENS, OutputSize, Source, activation_bytes, column_unit, disk_plan,
                              free_space, output_size, probe_linear, quantize_probe)

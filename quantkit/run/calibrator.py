@@ -39,7 +39,8 @@ from quantkit.calibrate.sources import SEQ_LEN
 from quantkit.backends import BACKENDS, QuantConfig, Recipe, check_finite, replace_linear
 from quantkit.dtypes import dtype_name, parse_dtype, short_name
 from quantkit.errors import QuantkitError
-from quantkit.model.checkpoint import Checkpoint, check_device
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.build import check_device
 from quantkit.model.config import LlamaConfig
 from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_prefix, module_names
 from quantkit.model.llama import rotary_embedding

@@ -26,7 +26,7 @@ from quantkit.formats import QuantFormat
 from quantkit.io.files import human_bytes, mount_point, nearest_existing
 from quantkit.run.calibrator import CalibrationOptions, calibration_dtype
 from quantkit.formats.reader import open_checkpoint
-from quantkit.model.checkpoint import TOKENIZER_FILES
+from quantkit.model.tokenizer import TOKENIZER_FILES
 from quantkit.model.config import PRESETS, LlamaConfig, preset
 from quantkit.model.layout import checkpoint_shapes, layer_index, layer_shapes, linear_of
 from quantkit.run.workdir import work_dir_of

@@ -40,7 +40,8 @@ from quantkit.errors import QuantkitError
 from quantkit.run.export import ExportRecord, ExportWriter
 from quantkit.io.files import atomic_dir, atomic_file, human_bytes, write_error, write_text
 from quantkit.io.manifest import sha256_file
-from quantkit.model.checkpoint import TOKENIZER_FILES, Checkpoint
+from quantkit.model.checkpoint import Checkpoint
+from quantkit.model.tokenizer import TOKENIZER_FILES
 from quantkit.io.shards import SAFETENSORS_SINGLE, ShardWriter, parse_size
 from quantkit.quant.record import LinearReport
 

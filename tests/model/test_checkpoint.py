@@ -12,7 +12,7 @@ import quantkit
 from quantkit.errors import QuantkitError
 from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import Checkpoint, save_model
-from quantkit.model.checkpoint import resolve_model_dir
+from quantkit.model.hub import resolve_model_dir
 from quantkit.io.shards import parse_size
 from tests.conftest import random_model, tiny_config
 
@@ -133,12 +133,12 @@ def test_existing_output_is_refused_and_kept(tiny_model_dir, tmp_path):
 
 
 def test_failed_save_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
-    import quantkit.model.checkpoint as checkpoint
+    import quantkit.model.save as save
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "copy_tokenizer_files", boom)
+    monkeypatch.setattr(save, "copy_tokenizer_files", boom)
     with pytest.raises(QuantkitError, match="out: cannot write there"):  # one line, not an OSError
         save_model(quantkit.load(tiny_model_dir), tmp_path / "out")
     assert list(tmp_path.iterdir()) == [tiny_model_dir.parent / "tiny"] or not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ from quantkit.model.layout import checkpoint_shapes, layer_index, linear_of
 from quantkit.model.generate import SamplingConfig, generate
 from quantkit.quant.linear import int4_kernels
 from quantkit.version import __version__
+from quantkit.quant.record import bits_per_weight
 
 
 
@@ -127,7 +128,7 @@ def config_label(config) -> str:
 
 
 def linear_bits_per_weight(ckpt: QuantizedCheckpoint, files: list[str]) -> float | None:
-    """Stored bits per weight of the decoder linears, from the file headers; None for .bin checkpoints."""
+    """quant.record.bits_per_weight from the file headers; None for .bin checkpoints."""
     if not all(f.endswith(".safetensors") for f in files):
         return None
     n_bytes = 0
@@ -139,7 +140,7 @@ def linear_bits_per_weight(ckpt: QuantizedCheckpoint, files: list[str]) -> float
                     n_bytes += torch.Size(s.get_shape()).numel() * ST_ITEMSIZE[s.get_dtype()]
     n_weights = sum(torch.Size(shape).numel() for name, shape in checkpoint_shapes(ckpt.config).items()
                     if name.endswith(".weight") and linear_of(name) is not None)
-    return 8 * n_bytes / n_weights
+    return bits_per_weight(n_bytes, n_weights)
 
 
 def layer_errors(path: str | os.PathLike) -> list[dict]:

@@ -22,6 +22,7 @@ from quantkit.eval import fidelity, plots
 from quantkit.errors import QuantkitError
 from quantkit.io.files import check_writable, write_text
 from quantkit.model.layout import local_name
+from quantkit.quant.record import BITS_PER_WEIGHT
 
 __all__ = ["SCHEMA_NAME", "SCHEMA_VERSION", "SUFFIXES", "check_report_path", "load_schema", "noise_floor", "to_html",
            "to_json", "to_markdown", "write_report"]
@@ -182,7 +183,8 @@ def _summary(report: dict) -> list[_Block]:
     headers = ("model", "method", "bits/weight", "size (MB)", "perplexity \u00b1 stderr", "\u0394ppl vs base",
                "mean KL \u00b1 stderr", "KL p99", "top-1 agreement (%)", "tokens/s")
     rows = tuple(_summary_row(entry, base, entry is base) for entry in _entries(report))
-    blocks: list[_Block] = [_Heading("Summary", 2), _Table(headers, rows, text_columns=2)]
+    blocks: list[_Block] = [_Heading("Summary", 2), _Table(headers, rows, text_columns=2),
+                            _Paragraph(BITS_PER_WEIGHT[0].upper() + BITS_PER_WEIGHT[1:] + ".")]
     if any(entry.get("fidelity") for entry in report["models"]):
         blocks.append(_Paragraph("KL is KL(base\u2016model) per token in nats; top-1 agreement is how often the "
                                  "model's most likely next token is the base's; \u00b1 is one standard error."))

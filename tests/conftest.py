@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "demo" / "model"
 SHARED_MODEL = REPO.parent / "shared" / "models" / "tiny-llama2-mha"
 DEMO_VOCAB = 4096
+KERNEL_SHAPES = dict(hidden_size=128, intermediate_size=256)  # tiny_config's 4 heads (2 kv): every int4 kernel fits
 
 
 def tiny_config(**overrides) -> LlamaConfig:
@@ -69,6 +70,15 @@ def tiny_model_dir(tmp_path, tokenizer_file) -> Path:
     model = random_model(tiny_config())
     out = tmp_path / "tiny"
     save_model(model, out, tokenizer_dir=tokenizer_file.parent)
+    return out
+
+
+@pytest.fixture
+def kernel_model_dir(tmp_path, tokenizer_file):
+    """A tiny model whose shapes fit the int4 kernels (hidden 128)."""
+    out = tmp_path / "src"
+    model = random_model(tiny_config(**KERNEL_SHAPES))
+    save_model(model, out, tokenizer_dir=tokenizer_file.parent, dtype="fp16")
     return out
 
 

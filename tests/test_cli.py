@@ -11,7 +11,6 @@ from tests.conftest import REPO, random_model, tiny_config
 from tests.helpers import assert_one_line_error, run
 
 
-
 def test_generate(tiny_model_dir):
     result = run("generate", tiny_model_dir, "Hello", "--max-new-tokens", 5)
     assert result.exit_code == 0, result.output
@@ -35,7 +34,6 @@ def test_eval_json(tiny_model_dir, tmp_path):
     dataset, ppl = report["dataset"], report["models"][0]["perplexity"]
     assert dataset["seq_len"] == 64 and dataset["n_tokens"] == dataset["n_windows"] * 63 == ppl["n_tokens"]
     assert ppl["ppl"] > 1 and ppl["ppl_stderr"] > 0
-
 
 
 def test_cli_missing_directory(tmp_path):
@@ -99,20 +97,12 @@ def test_cli_bad_sampling_flags(tiny_model_dir, flag, value, needle):
 
 # -- quantize and backends -------------------------------------------------------------------------
 
-@pytest.fixture
-def kernel_model_dir(tmp_path, tokenizer_file):
-    """A tiny model whose shapes fit the int4 kernels (hidden 128)."""
-    out = tmp_path / "src"
-    model = random_model(tiny_config(hidden_size=128, intermediate_size=256, num_attention_heads=4))
-    save_model(model, out, tokenizer_dir=tokenizer_file.parent, dtype="fp16")
-    return out
-
 
 def test_quantize_end_to_end(kernel_model_dir, tmp_path):
     out = tmp_path / "q"
     result = run("quantize", kernel_model_dir, "--method", "int4", "--group-size", 32, "-o", out)
     assert result.exit_code == 0, result.output
-    assert "MB ->" in result.output and "bits per quantized weight" in result.output
+    assert "MB ->" in result.output and "bits per weight (decoder linears, scales included)" in result.output
     assert run("generate", out, "Hi", "--max-new-tokens", 3).exit_code == 0
 
 

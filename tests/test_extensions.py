@@ -20,22 +20,15 @@ from quantkit.backends import BACKENDS, QuantConfig
 from quantkit.run.export import ExportOptions
 from quantkit.formats import format_names, get_format
 from quantkit.run.calibrator import quantize_calibrated
-from quantkit.model import save_model
 from quantkit.model.layout import SEQUENTIAL_GROUPS
 from quantkit.quant.linear import AffineLinear
 from quantkit.quant.observers import ChannelMagnitudeObserver
 from quantkit.run.pipeline import quantize_checkpoint
-from tests.conftest import install_plugin, random_model, tiny_config
+from tests.conftest import KERNEL_SHAPES, install_plugin, random_model, tiny_config
+from tests.helpers import run
 
-SHAPES = dict(hidden_size=128, intermediate_size=256)
+SHAPES = KERNEL_SHAPES  # the shapes of kernel_model_dir
 IDS = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer_file):
-    out = tmp_path / "src"
-    save_model(random_model(tiny_config(**SHAPES)), out, tokenizer_dir=tokenizer_file.parent, dtype="fp16")
-    return out
 
 
 @pytest.fixture
@@ -66,22 +59,22 @@ def absmax_handler(linear: nn.Linear, config: AbsmaxConfig, name: str) -> nn.Mod
 
 
 @pytest.mark.parametrize("fmt", [None, "compressed-tensors", "gptq"])
-def test_plugin_backend_returning_affine_linear_exports_to_the_affine_formats(registry, model_dir, tmp_path, fmt):
+def test_plugin_backend_returning_affine_linear_exports_to_the_affine_formats(registry, kernel_model_dir, tmp_path, fmt):
     registry.register("absmax-toy", AbsmaxConfig, description="a plugin")(absmax_handler)  # no formats declared
-    summary = quantize_checkpoint(model_dir, AbsmaxConfig(), tmp_path / "q", ExportOptions(format=fmt),
+    summary = quantize_checkpoint(kernel_model_dir, AbsmaxConfig(), tmp_path / "q", ExportOptions(format=fmt),
                                   progress=False)
     assert summary.format == (fmt or "compressed-tensors")  # the first registered format that holds it
-    in_memory = quantkit.quantize(quantkit.load(model_dir), AbsmaxConfig())
+    in_memory = quantkit.quantize(quantkit.load(kernel_model_dir), AbsmaxConfig())
     loaded = quantkit.load(tmp_path / "q")
     assert loaded.model.layers[1].mlp.down_proj.quant_record.config == AbsmaxConfig()
     assert torch.equal(loaded(IDS), in_memory(IDS))
 
 
-def test_plugin_backend_is_refused_by_the_bnb_format_before_any_work(registry, model_dir, tmp_path):
+def test_plugin_backend_is_refused_by_the_bnb_format_before_any_work(registry, kernel_model_dir, tmp_path):
     registry.register("absmax-toy", AbsmaxConfig)(absmax_handler)
     with pytest.raises(quantkit.QuantkitError, match=r"--format bnb: cannot hold method absmax-toy: .*"
                                                      r"use --format compressed-tensors, gptq$"):
-        quantize_checkpoint(model_dir, AbsmaxConfig(), tmp_path / "q", ExportOptions(format="bnb"), progress=False)
+        quantize_checkpoint(kernel_model_dir, AbsmaxConfig(), tmp_path / "q", ExportOptions(format="bnb"), progress=False)
     assert not (tmp_path / "q").exists()
 
 
@@ -95,7 +88,6 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from quantkit.formats.compressed_tensors import CompressedTensorsFormat
-from tests.helpers import run
 
 
 class Collect:
@@ -134,11 +126,11 @@ def one_file_format(tmp_path, monkeypatch):
     sys.modules.pop("one_file_format", None)
 
 
-def test_plugin_format_owns_its_container(one_file_format, model_dir, tmp_path):
+def test_plugin_format_owns_its_container(one_file_format, kernel_model_dir, tmp_path):
     from quantkit.backends.int4 import Int4Config
 
     assert one_file_format in format_names() and get_format(one_file_format).name == one_file_format
-    summary = quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", ExportOptions(format=one_file_format),
+    summary = quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", ExportOptions(format=one_file_format),
                                   progress=False)
     assert summary.format == one_file_format
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.qk1", "quantkit_manifest.json"]
@@ -148,13 +140,13 @@ def test_plugin_format_owns_its_container(one_file_format, model_dir, tmp_path):
     assert config["quantization_config"]["format"] == "pack-quantized" and config["quantkit"]["format"] == "one-file"
 
 
-def test_plugin_format_is_a_cli_choice(one_file_format):
-    from click.testing import CliRunner
-
-    from quantkit.cli import main
-
-    result = CliRunner().invoke(main, ["quantize", "--help"])
-    assert "one-file" in result.output
+def test_plugin_format_is_a_cli_choice(one_file_format, kernel_model_dir, tmp_path):
+    assert "one-file" in run("quantize", "--help").output
+    result = run("quantize", kernel_model_dir, "--method", "int4", "--group-size", 32, "--format", "one-file",
+                 "-o", tmp_path / "q", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("{"):])["format"] == "one-file"
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.qk1", "quantkit_manifest.json"]
 
 
 # -- a calibrated backend with an observer and a transform: the phases collect, transform, quantize -------

@@ -57,7 +57,7 @@ def quantize(model, output, recipe, method_choice, calibration, export, ignore, 
     click.echo(f"wrote {summary.output} ({summary.format}, {summary.layers} layers) in {summary.seconds:.1f} s: "
                f"{summary.bytes_before / mb:.1f} MB -> {summary.bytes_after / mb:.1f} MB "
                f"({summary.bytes_before / max(summary.bytes_after, 1):.2f}x smaller), "
-               f"{summary.bits_per_weight:.2f} bits per quantized weight")
+               f"{summary.bits_per_weight:.2f} bits per weight (decoder linears, scales included)")
     errors = [e for e in summary.errors if e["relative_error"] is not None]
     if errors:
         worst = max(errors, key=lambda e: e["relative_error"])

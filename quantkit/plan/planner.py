@@ -36,6 +36,7 @@ from quantkit.io.files import check_output_dir, human_bytes, nearest_existing
 from quantkit.run.calibrator import CalibrationOptions, calibration_dtype
 from quantkit.model.build import check_device
 from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_index
+from quantkit.quant.record import bits_per_weight
 from quantkit.run.sizing import (PROBE_ROWS, TOKENS, OutputSize, Source, activation_bytes, column_unit, disk_plan,
                              free_space, output_size, probe_linear, quantize_probe)
 
@@ -319,7 +320,7 @@ class Plan:
     output_bytes: int
     work_bytes: int
     disk_needed: int
-    bits_per_weight: float
+    bits_per_weight: float | None  # quant.record.bits_per_weight
     seconds: float
     seconds_parts: dict[str, float]
     ram_phases: dict[str, dict[str, int]]
@@ -387,7 +388,7 @@ def make_plan(model: str | os.PathLike, config: QuantConfig | Recipe, export: Ex
     return Plan(model=source.name, format=fmt.name, recipe=recipe.to_dict(), device=str(device),
                 layers=source.config.num_hidden_layers, peak_ram=memory.ram, peak_gpu=memory.gpu,
                 output_bytes=disk.output, work_bytes=disk.work, disk_needed=disk.needed,
-                bits_per_weight=8 * output.quantized / max(output.quantized_weights, 1),
+                bits_per_weight=bits_per_weight(output.linear_bytes, output.linear_weights),
                 seconds=sum(parts.values()), seconds_parts=parts, ram_phases=memory.ram_phases,
                 gpu_phases=memory.gpu_phases, out=None if out_dir is None else str(out_dir),
                 free_bytes=None if out_dir is None else free_space(out_dir)[0], measured=notes)
@@ -403,7 +404,7 @@ def plan_table(plan: Plan) -> str:
     """The plan as a short human table, then what was measured."""
     ram_phase = max(plan.ram_phases, key=lambda p: sum(plan.ram_phases[p].values()))
     rows = [("model", f"{plan.model} ({plan.layers} layers), {plan.format}, {plan.bits_per_weight:.2f} bits per "
-                      f"quantized weight"),
+                      f"weight (decoder linears, scales included)"),
             ("peak RAM", f"{human_bytes(plan.peak_ram)} (while: {ram_phase})"),
             ("peak GPU", human_bytes(plan.peak_gpu) if plan.gpu_phases else "none (runs on the CPU)"),
             ("output", human_bytes(plan.output_bytes)),

@@ -14,6 +14,17 @@ from typing import Any
 
 from torch import nn
 
+BITS_PER_WEIGHT = ("bits/weight: stored bits of the decoder linears (weights, scales, zero points, group maps, "
+                   "biases; quantized and full-precision linears alike) per weight")
+
+
+def bits_per_weight(stored_bytes: int, weights: int) -> float | None:
+    """The one definition of bits per weight (quantize's summary, plan, every report; BITS_PER_WEIGHT says it):
+    8 x the stored bytes of the decoder linears (the seven of every layer, quantized or kept in full precision;
+    weights, scales, zero points, group maps, biases) over their weight count. None without weights."""
+    return 8 * stored_bytes / weights if weights else None
+
+
 @dataclass
 class QuantRecord:
     config: Any  # the backend's QuantConfig

@@ -33,7 +33,7 @@ from quantkit.io.shards import SHARD_SIZE
 from quantkit.model.config import LlamaConfig
 from quantkit.model.layout import is_decoder_linear, module_names
 from quantkit.model.llama import slicing_problem
-from quantkit.quant.record import LinearReport, linear_reports, record_of
+from quantkit.quant.record import LinearReport, bits_per_weight, linear_reports, record_of
 from quantkit.quant.surgery import decoder_linears, quantized_modules
 
 log = logging.getLogger(__name__)
@@ -117,30 +117,30 @@ class ExportRecord:
 
     configs: dict[str, QuantConfig] = field(default_factory=dict)  # quantized module -> config
     ignored: list[str] = field(default_factory=list)  # linears kept in full precision
-    quantized_weights: int = 0  # parameters of the quantized linears
-    quantized_bytes: int = 0  # bytes of their stored tensors
+    linear_weights: int = 0  # weights of the decoder linears written, quantized or in full precision
+    linear_bytes: int = 0  # bytes of their stored tensors (quant.record.bits_per_weight)
     tp_problem: str | None = None  # why the written modules cannot run the source's pretraining_tp (the first one)
 
-    def bits_per_weight(self) -> float:
-        return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
+    def bits_per_weight(self) -> float | None:
+        return bits_per_weight(self.linear_bytes, self.linear_weights)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (configs as their to_dict()): what a resumable run keeps per finished layer."""
         return {"configs": {name: c.to_dict() for name, c in self.configs.items()}, "ignored": list(self.ignored),
-                "quantized_weights": self.quantized_weights, "quantized_bytes": self.quantized_bytes,
+                "linear_weights": self.linear_weights, "linear_bytes": self.linear_bytes,
                 "tp_problem": self.tp_problem}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExportRecord":
         return cls({name: QuantConfig.from_dict(c) for name, c in d["configs"].items()}, list(d["ignored"]),
-                   d["quantized_weights"], d["quantized_bytes"], d["tp_problem"])
+                   d["linear_weights"], d["linear_bytes"], d["tp_problem"])
 
     def merge(self, other: "ExportRecord"):
         """Add what `other` recorded for modules written after these (the first tp_problem stays)."""
         self.configs.update(other.configs)
         self.ignored += other.ignored
-        self.quantized_weights += other.quantized_weights
-        self.quantized_bytes += other.quantized_bytes
+        self.linear_weights += other.linear_weights
+        self.linear_bytes += other.linear_bytes
         self.tp_problem = self.tp_problem if self.tp_problem is not None else other.tp_problem
 
 
@@ -164,8 +164,8 @@ def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, pr
         config = config_of(prefix + name, m)
         tensors = fmt.export_module(prefix + name, m)
         record.configs[prefix + name] = config
-        record.quantized_weights += m.out_features * m.in_features
-        record.quantized_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        record.linear_weights += m.out_features * m.in_features
+        record.linear_bytes += _nbytes(tensors.values())
         yield from tensors.items()
     skip = set(skip)
     for name, m in module.named_modules():
@@ -173,10 +173,16 @@ def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, pr
             continue
         if type(m) is nn.Linear and is_decoder_linear(prefix + name):
             record.ignored.append(prefix + name)
+            record.linear_weights += m.weight.numel()
+            record.linear_bytes += _nbytes(t for _, t in _own_tensors(m) if t is not None)
         for tensor_name, t in _own_tensors(m):
             full = f"{name}.{tensor_name}" if name else tensor_name
             if full not in skip and t is not None:
                 yield prefix + full, t.detach()
+
+
+def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _own_tensors(m: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

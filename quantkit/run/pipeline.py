@@ -44,7 +44,7 @@ class QuantizeSummary:
     layers: int
     bytes_before: int  # the source's weights, in its dtype
     bytes_after: int  # everything written to the safetensors shards
-    bits_per_weight: float  # stored bits per weight of the quantized linears (scales and zeros included)
+    bits_per_weight: float | None  # quant.record.bits_per_weight: the decoder linears' stored bits per weight
     seconds: float
     errors: list = field(default_factory=list)  # per quantized linear: name, method, relative_error, kind, dead_inputs
 

@@ -146,7 +146,8 @@ class OutputSize:
     dense: int = 0  # everything else, in the output dtype (embedding, norms, lm_head, ignored linears)
     headers: int = 0  # safetensors headers
     files: int = 0  # config.json, tokenizer files, quantkit_errors.json, the manifest
-    quantized_weights: int = 0
+    linear_weights: int = 0  # the decoder linears' weights, quantized or not
+    linear_bytes: int = 0  # their bytes (quant.record.bits_per_weight)
     quantized_per_layer: dict[int, int] = field(default_factory=dict)  # layer -> its quantized bytes
 
     @property
@@ -179,11 +180,13 @@ def output_size(source: Source, recipe: Recipe, fmt: QuantFormat, dtype: torch.d
         fit, nbytes = fits[key], fits[key].bytes(n, k)
         size.quantized += nbytes
         size.headers += fit.tensors * len(module) + fit.header
-        size.quantized_weights += n * k
         size.quantized_per_layer[layer_index(module)] = size.quantized_per_layer.get(layer_index(module), 0) + nbytes
         quantized_names |= {f"{module}.weight", f"{module}.bias"}
     dense = [(name, shape) for name, shape in source.shapes.items() if name not in quantized_names]
     size.dense = sum(math.prod(shape) for _, shape in dense) * dtype.itemsize
+    size.linear_weights = sum(n * k for n, k in source.linears().values())
+    size.linear_bytes = size.quantized + sum(math.prod(shape) for name, shape in dense
+                                             if linear_of(name) is not None) * dtype.itemsize
     size.headers += sum(len(name) + HEADER_BYTES for name, _ in dense)
     files = CONFIG_BYTES + _tokenizer_bytes(source) + ERROR_ROW_BYTES * len(quantized_names) // 2
     size.files = files + MANIFEST_ROW_BYTES * (len(TOKENIZER_FILES) + 4 + size.tensors // (5 << 30))

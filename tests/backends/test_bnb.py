@@ -12,34 +12,19 @@ from quantkit.backends import BACKENDS, QuantConfig, quantize
 from quantkit.backends.bnb import BnbFP4Config, BnbInt8Config, BnbNF4Config
 from quantkit.errors import QuantkitError
 from tests.conftest import random_model, tiny_config
+from tests.helpers import BNB_CONFIGS, LINEAR_SHAPES, quantize_linear, toy_linear
 
-CONFIGS = [BnbInt8Config(threshold=0.0), BnbInt8Config(threshold=6.0)] + [
-    cls(double_quant=dq, blocksize=bs) for cls in (BnbNF4Config, BnbFP4Config) for dq in (True, False)
-    for bs in (64, 128)]
-SHAPES = [(128, 256), (256, 128)]  # (out_features, in_features)
 # Relative output error bounds vs the fp linear, for N(0, 0.02) weights and N(0, 1) inputs. Measured
 # here: int8 0.009-0.010 (inputs and weights rounded to int8 per row), nf4 0.087-0.096, fp4 0.12-0.126.
 MAX_REL_ERROR = {"bnb-int8": 0.02, "bnb-nf4": 0.11, "bnb-fp4": 0.15}
-
-
-def toy_linear(out_features: int, in_features: int, bias: bool = True, seed: int = 0) -> nn.Linear:
-    torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.02)
-    return linear.eval()
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def quantize_linear(linear: nn.Linear, config: QuantConfig) -> nn.Module:
-    return BACKENDS.for_config(config).handler(linear, config, "toy")
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("config", BNB_CONFIGS, ids=lambda c: c.describe())
 def test_every_variant_runs_on_cpu_with_bounded_error(config, shape):
     linear = toy_linear(*shape)
     module = quantize_linear(linear, config)
@@ -97,7 +82,7 @@ def test_quantized_module_follows_the_linears_mode():
     assert quantize_linear(linear, BnbNF4Config()).training
 
 
-@pytest.mark.parametrize("config", CONFIGS + [BnbInt8Config(threshold=3), BnbNF4Config(compute_dtype="bf16"),
+@pytest.mark.parametrize("config", BNB_CONFIGS + [BnbInt8Config(threshold=3), BnbNF4Config(compute_dtype="bf16"),
                                               BnbFP4Config(compute_dtype="fp32", blocksize=4096)],
                          ids=lambda c: c.describe())
 def test_config_json_round_trip(config):

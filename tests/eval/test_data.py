@@ -17,20 +17,11 @@ from quantkit.eval import eval_data, perplexity, text_data, token_windows
 from quantkit.eval.data import Window, windows_of
 from quantkit.errors import QuantkitError
 from tests.conftest import random_model, tiny_config
+from tests.helpers import ToyTokenizer
 
 TEST_TXT = Path(__file__).resolve().parents[2] / "demo" / "model" / "test.txt"
 PARAGRAPHS = [p for p in TEST_TXT.read_text(encoding="utf-8")[:6000].split("\n\n") if p.strip()][:6]
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 3
-
-
-class ToyTokenizer:
-    """Characters as ids, BOS = 1: every token's position is visible in the text."""
-
-    def encode(self, text, bos=True, eos=False):
-        return [1] * bos + [3 + (ord(c) % 60) for c in text]
-
-    def check_ids(self, ids, vocab_size):  # quantkit.model.Tokenizer's: every id here is below 64
-        assert int(max(ids)) < vocab_size
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from quantkit.model import save_model
 from quantkit.quant.linear import int4_kernels
 from quantkit.quant.surgery import decoder_linears
 from tests.conftest import DEMO_VOCAB, peaked_model
-from tests.formats.test_autogptq import unpack_columns
-from tests.formats.test_compressed_tensors import decompress_with_compressed_tensors
+from tests.helpers import decompress_with_compressed_tensors, unpack_columns
 
 
 def gptq_dequantize_fp32(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ from quantkit.eval import evaluate, text_data
 from quantkit.eval.fidelity import (DP_PERCENTILES, KL_PERCENTILES, FidelityAccumulator, TopK, compare_tokens, compress,
                            kl_divergence, pearson)
 from tests.conftest import random_model, tiny_config
+from tests.helpers import ToyTokenizer
 
 TEXT = "Pack my box with five dozen liquor jugs, then jump over the lazy dog and the quick brown fox. " * 4
 KL_KEYS = ("mean", "stderr", "max", "p99_9", "p99", "p90", "median", "p10", "p5", "p1", "min")
@@ -20,9 +21,6 @@ DELTA_P_KEYS = ("mean", "stderr", "rms", "rms_stderr", "max", "p99_9", "p99", "p
                 "p10", "p5", "p1", "p0_1", "min")
 
 
-class ToyTokenizer:
-    def encode(self, text, bos=True, eos=False):
-        return [1] * bos + [3 + (ord(c) % 60) for c in text]
 
 
 def random_logprobs(n, vocab, seed, temperature=3.0):

@@ -9,18 +9,11 @@ import quantkit
 from quantkit.eval import perplexity, token_windows
 from quantkit.errors import QuantkitError
 from tests.conftest import SHARED_MODEL, random_model, tiny_config
+from tests.helpers import ToyTokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40).strip()
 
 
-class ToyTokenizer:
-    """Characters as ids, BOS = 1: enough to hand-check the windowing."""
-
-    def encode(self, text, bos=True, eos=False):
-        return [1] * bos + [3 + (ord(c) % 60) for c in text]
-
-    def check_ids(self, ids, vocab_size):  # quantkit.model.Tokenizer's: every id here is below 64
-        assert int(max(ids)) < vocab_size
 
 
 def test_windows_follow_the_gptq_protocol():

@@ -23,7 +23,7 @@ from quantkit.quant.linear import AffineLinear
 from quantkit.quant.packing import pack
 from quantkit.quant.record import QuantRecord
 from tests.conftest import random_model, tiny_config
-from tests.formats.test_compressed_tensors import GPTQLike, assert_same_affine, make_affine, relative
+from tests.helpers import GPTQLike, assert_same_affine, make_affine, relative, unpack_columns
 
 NAME = "model.layers.0.mlp.down_proj"
 N, K = 48, 256  # N*3 bits is not a multiple of 32: 3-bit qzeros straddle int32 words
@@ -41,19 +41,6 @@ def gptq_config(bits, gs, sym, act=False):
 
 # -- an independent reader of both layouts, written the way AutoGPTQ's (v1) and GPTQModel's (v2) torch
 # dequantization read them --
-
-def unpack_columns(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """int32 (W, C) packed down each column -> (count, C): value i takes bits [i*b, i*b + b) of the column's
-    stream, word w holding stream bits [32w, 32w + 32), least significant first."""
-    u = words.to(torch.int64) & 0xFFFFFFFF  # the words as unsigned 32-bit
-    out = torch.zeros(count, words.shape[1], dtype=torch.int64)
-    for i in range(count):
-        word, shift = divmod(i * bits, 32)
-        value = u[word] >> shift
-        if shift + bits > 32:  # straddles into the next word (3 bits)
-            value = value | (u[word + 1] << (32 - shift))
-        out[i] = value & (2**bits - 1)
-    return out
 
 
 def autogptq_dequantize(t: dict[str, torch.Tensor], bits: int, layout: str = "gptq") -> torch.Tensor:

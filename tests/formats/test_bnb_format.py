@@ -18,10 +18,10 @@ from quantkit.run.export import save_quantized
 from quantkit.formats import get_format
 from quantkit.formats.bnb import BnbFormat
 from quantkit.model import save_model
-from tests.backends.test_bnb import CONFIGS, SHAPES, quantize_linear, toy_linear
 from tests.conftest import random_model, tiny_config
+from tests.helpers import BNB_CONFIGS, LINEAR_SHAPES, quantize_linear, toy_linear
 
-FOUR_BIT = [c for c in CONFIGS if c.method != "bnb-int8"]
+FOUR_BIT = [c for c in BNB_CONFIGS if c.method != "bnb-int8"]
 ONE_OF_EACH = [BnbNF4Config(), BnbFP4Config(), BnbInt8Config()]
 
 
@@ -88,8 +88,8 @@ def test_export_rejects_other_modules():
 # -- exact round trips ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.describe())
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("config", BNB_CONFIGS, ids=lambda c: c.describe())
 def test_export_load_gives_identical_outputs(config, shape):
     module = quantize_linear(toy_linear(*shape), config)
     loaded = reload(module, config)

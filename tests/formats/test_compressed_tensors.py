@@ -3,7 +3,6 @@
 import json
 import logging
 import re
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from compressed_tensors.quantization import QuantizationConfig, apply_quantizati
 from safetensors.torch import load_file
 from torch import nn
 
-from quantkit.quant.affine import AffineWeight, quantize_weight
+from quantkit.quant.affine import AffineWeight
 from quantkit.backends import Recipe, quantize
 from quantkit.backends.int4 import Int4Config
 from quantkit.backends.rtn import RTNConfig
@@ -23,6 +22,7 @@ from quantkit.formats import format_for, get_format
 from quantkit.formats.compressed_tensors import CompressedTensorsFormat
 from quantkit.quant.linear import AffineLinear
 from tests.conftest import random_model, tiny_config
+from tests.helpers import GPTQLike, assert_same_affine, decompress_with_compressed_tensors, make_affine, relative
 
 NAME = "model.layers.0.mlp.down_proj"
 N, K = 48, 256  # N*3 bits is not a multiple of 32: 3-bit zero points straddle int32 words
@@ -34,52 +34,9 @@ MIXED_INT4 = Recipe(default=Int4Config(32), rules=[("down_proj", RTNConfig(8, -1
 
 # -- helpers shared with test_gptq ----------------------------------------------------------------
 
-def make_affine(n: int, k: int, bits: int, group_size: int, symmetric: bool, act_order: bool = False,
-                seed: int = 0) -> AffineWeight:
-    """A quantized random (N, K) weight. With act_order its groups are random sets of group_size columns,
-    as GPTQ's desc_act makes them: g_idx is a permutation of column // group_size."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=gen) * 0.02
-    perm = torch.randperm(k, generator=gen) if act_order else torch.arange(k)
-    a = quantize_weight(w[:, perm], bits, group_size, symmetric)  # contiguous groups in the permuted order
-    inv = torch.argsort(perm)  # original column j sits at permuted position inv[j]
-    g_idx = (torch.arange(k) // a.group_size)[inv].to(torch.int32) if act_order else None
-    return AffineWeight(q=a.q[:, inv].contiguous(), scale=a.scale, zero=a.zero, bits=bits, group_size=a.group_size,
-                        symmetric=symmetric, g_idx=g_idx)
-
-
-def assert_same_affine(a: AffineWeight, b: AffineWeight):
-    assert (a.bits, a.group_size, a.symmetric) == (b.bits, b.group_size, b.symmetric)
-    for field in ("q", "scale", "zero"):
-        x, y = getattr(a, field), getattr(b, field)
-        assert x.dtype == y.dtype and torch.equal(x, y), field
-    assert (a.g_idx is None) == (b.g_idx is None)
-    assert a.g_idx is None or torch.equal(a.g_idx, b.g_idx)
-
-
-def relative(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full tensor names -> the module-relative keys load_module takes."""
-    return {key.removeprefix(name + "."): t for key, t in tensors.items()}
-
 
 def export(fmt, module: nn.Module, name: str = NAME) -> dict[str, torch.Tensor]:
     return relative(name, fmt.export_module(name, module))
-
-
-@dataclass
-class GPTQLike:
-    """A stand-in for the coming GPTQ backend's config: the attributes the formats read."""
-
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
-    desc_act: bool = False
-    static_groups: bool = False
-    damp_percent: float = 0.01
-    true_sequential: bool = True
-
-    def describe(self) -> str:
-        return f"gptq(bits={self.bits}, desc_act={self.desc_act}, static_groups={self.static_groups})"
 
 
 # -- round trip and compressed-tensors' own compressor --------------------------------------------
@@ -357,24 +314,6 @@ def test_transformers_loads_int4_dequantized(tmp_path):
     # Asymmetric int4 loads through transformers' dequantize-at-load path (see the xfail below).
     model, path = saved(tmp_path, Recipe(default=Int4Config(32)))
     assert_matches(from_pretrained(path, **DEQUANTIZE), model)
-
-
-def decompress_with_compressed_tensors(path) -> dict[str, torch.Tensor]:
-    """The dense state dict compressed-tensors makes of an export: its own matching picks each module's
-    scheme (apply_quantization_config on a transformers Llama), its own compressor decompresses."""
-    config = json.loads((path / "config.json").read_text())
-    skeleton = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
-    apply_quantization_config(skeleton, QuantizationConfig.model_validate(config["quantization_config"]))
-    tensors = load_file(path / "model.safetensors")
-    dense = {}
-    for name, module in skeleton.named_modules():
-        own = {k.removeprefix(name + "."): t for k, t in tensors.items() if k.rpartition(".")[0] == name}
-        scheme = getattr(module, "quantization_scheme", None)
-        if scheme is not None:
-            own = PackedQuantizationCompressor.decompress(own, scheme)
-            own = {k: v for k, v in own.items() if k in ("weight", "bias")}
-        dense.update({f"{name}.{k}": v for k, v in own.items()})
-    return dense
 
 
 def test_compressed_tensors_reads_the_mixed_int4_recipe(tmp_path):

@@ -24,6 +24,7 @@ from quantkit.errors import QuantkitError
 from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import Checkpoint, save_model
 from tests.conftest import random_model, tiny_config
+from tests.helpers import file_tensors
 
 
 @pytest.fixture
@@ -139,12 +140,15 @@ def test_symlinks_leaving_the_directory_are_refused(sharded_dir, small_dir, tmp_
 
 
 def test_symlinks_inside_the_directory_load(sharded_dir):
+    stored = file_tensors(sharded_dir)
     blobs = sharded_dir / "blobs"
     blobs.mkdir()
     for shard in sharded_dir.glob("model-*.safetensors"):
         shutil.move(shard, blobs / f"sha-{shard.name}")
         shard.symlink_to(f"blobs/sha-{shard.name}")
-    quantkit.load(sharded_dir)
+    loaded = quantkit.load(sharded_dir).state_dict()
+    assert all(p.is_symlink() for p in sharded_dir.glob("model-*.safetensors"))
+    assert stored.keys() <= loaded.keys() and all(torch.equal(loaded[k], t) for k, t in stored.items())
 
 
 def hub_snapshot(src, cache, repo="models--org--tiny", shared_store=False):

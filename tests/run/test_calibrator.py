@@ -13,18 +13,12 @@ from quantkit.errors import QuantkitError
 from quantkit.model import save_model
 from quantkit.run.pipeline import quantize_checkpoint
 from quantkit.backends import Recipe
-from tests.conftest import random_model, tiny_config
+from tests.conftest import KERNEL_SHAPES, random_model, tiny_config
 
-SHAPES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+
+SHAPES = KERNEL_SHAPES  # the shapes of kernel_model_dir
 TOKENS = torch.randint(3, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
 IDS = TOKENS[:2, :16]
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer_file):
-    out = tmp_path / "src"
-    save_model(random_model(tiny_config(**SHAPES)), out, tokenizer_dir=tokenizer_file.parent, dtype="fp16")
-    return out
 
 
 CASES = [GPTQConfig(4, 32), GPTQConfig(3, 64, symmetric=True), GPTQConfig(4, 32, desc_act=True),
@@ -34,15 +28,15 @@ CASES = [GPTQConfig(4, 32), GPTQConfig(3, 64, symmetric=True), GPTQConfig(4, 32,
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 @pytest.mark.parametrize("config", CASES, ids=lambda c: c.describe())
-def test_streamed_export_reloads_to_the_in_memory_model(model_dir, tmp_path, config, fmt):
-    in_memory = quantkit.load(model_dir)
+def test_streamed_export_reloads_to_the_in_memory_model(kernel_model_dir, tmp_path, config, fmt):
+    in_memory = quantkit.load(kernel_model_dir)
     reports = quantize_calibrated(in_memory, config, TOKENS, progress=False)
     if fmt == "compressed-tensors" and config.desc_act and not config.static_groups:
         with pytest.raises(QuantkitError, match="act-order"):
-            quantize_checkpoint(model_dir, config, tmp_path / "q", ExportOptions(format=fmt), calibration=TOKENS,
+            quantize_checkpoint(kernel_model_dir, config, tmp_path / "q", ExportOptions(format=fmt), calibration=TOKENS,
                                 progress=False)
         return
-    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", ExportOptions(format=fmt), calibration=TOKENS,
+    summary = quantize_checkpoint(kernel_model_dir, config, tmp_path / "q", ExportOptions(format=fmt), calibration=TOKENS,
                                   progress=False)
     with torch.no_grad():
         assert torch.equal(quantkit.load(tmp_path / "q")(IDS), in_memory(IDS))
@@ -50,15 +44,15 @@ def test_streamed_export_reloads_to_the_in_memory_model(model_dir, tmp_path, con
     assert len(reports) == 14 and all(0 < r.relative_error < 1 for r in reports)
 
 
-def test_true_sequential_order_and_per_linear_errors(model_dir):
-    model = quantkit.load(model_dir)
+def test_true_sequential_order_and_per_linear_errors(kernel_model_dir):
+    model = quantkit.load(kernel_model_dir)
     reports = quantize_calibrated(model, GPTQConfig(4, 32), TOKENS, progress=False)
     order = [name for group in SEQUENTIAL_GROUPS for name in group]
     assert [r.name for r in reports] == [f"model.layers.{i}.{n}" for i in range(2) for n in order]
 
 
-def test_gptq_beats_rtn_on_the_model_output(model_dir):
-    base = quantkit.load(model_dir, dtype="fp32")
+def test_gptq_beats_rtn_on_the_model_output(kernel_model_dir):
+    base = quantkit.load(kernel_model_dir, dtype="fp32")
     with torch.no_grad():
         ref = base(TOKENS)
 
@@ -66,15 +60,15 @@ def test_gptq_beats_rtn_on_the_model_output(model_dir):
         with torch.no_grad():
             return (model(TOKENS) - ref).norm().item()
 
-    gptq = quantkit.load(model_dir, dtype="fp32")
+    gptq = quantkit.load(kernel_model_dir, dtype="fp32")
     quantize_calibrated(gptq, GPTQConfig(3, 32), TOKENS, progress=False)
-    rtn = quantkit.quantize(quantkit.load(model_dir, dtype="fp32"), RTNConfig(3, 32))
+    rtn = quantkit.quantize(quantkit.load(kernel_model_dir, dtype="fp32"), RTNConfig(3, 32))
     assert error(gptq) < error(rtn)
 
 
-def test_mixed_recipe_gptq_and_rtn(model_dir, tmp_path):
+def test_mixed_recipe_gptq_and_rtn(kernel_model_dir, tmp_path):
     recipe = Recipe(GPTQConfig(4, 32), rules=[(r"down_proj$", RTNConfig(8, -1))], ignore=[r"layers\.1\.self_attn"])
-    summary = quantize_checkpoint(model_dir, recipe, tmp_path / "q", ExportOptions(format="compressed-tensors"),
+    summary = quantize_checkpoint(kernel_model_dir, recipe, tmp_path / "q", ExportOptions(format="compressed-tensors"),
                                   calibration=TOKENS, progress=False)
     model = quantkit.load(tmp_path / "q")
     assert model.model.layers[0].mlp.down_proj.bits == 8
@@ -84,11 +78,11 @@ def test_mixed_recipe_gptq_and_rtn(model_dir, tmp_path):
 
 # -- bad input -------------------------------------------------------------------------------------
 
-def test_gptq_without_calibration(model_dir, tmp_path):
+def test_gptq_without_calibration(kernel_model_dir, tmp_path):
     with pytest.raises(QuantkitError, match="method gptq needs calibration data: pass --calib"):
-        quantize_checkpoint(model_dir, GPTQConfig(), tmp_path / "q", progress=False)
+        quantize_checkpoint(kernel_model_dir, GPTQConfig(), tmp_path / "q", progress=False)
     with pytest.raises(QuantkitError, match="needs calibration data"):
-        quantkit.quantize(quantkit.load(model_dir), GPTQConfig())
+        quantkit.quantize(quantkit.load(kernel_model_dir), GPTQConfig())
 
 
 @pytest.mark.parametrize("tokens, message", [
@@ -96,9 +90,9 @@ def test_gptq_without_calibration(model_dir, tmp_path):
     (torch.rand(4, 8), "must be integers"),
     (torch.full((2, 8), 5000), "token id 5000 is outside the tokenizer's vocabulary \\[0, 4096\\)"),
 ])
-def test_bad_calibration_tensor(model_dir, tmp_path, tokens, message):
+def test_bad_calibration_tensor(kernel_model_dir, tmp_path, tokens, message):
     with pytest.raises(QuantkitError, match=message):
-        quantize_checkpoint(model_dir, GPTQConfig(4, 32), tmp_path / "q", calibration=tokens, progress=False)
+        quantize_checkpoint(kernel_model_dir, GPTQConfig(4, 32), tmp_path / "q", calibration=tokens, progress=False)
     assert not (tmp_path / "q").exists()
 
 
@@ -112,17 +106,17 @@ def test_bad_gptq_options(make, message):
         make()
 
 
-def test_token_file_needs_no_tokenizer(model_dir, tmp_path):
-    (model_dir / "tokenizer.model").unlink()
+def test_token_file_needs_no_tokenizer(kernel_model_dir, tmp_path):
+    (kernel_model_dir / "tokenizer.model").unlink()
     torch.save(TOKENS, tmp_path / "tokens.pt")
-    summary = quantize_checkpoint(model_dir, GPTQConfig(4, 32), tmp_path / "q", progress=False,
+    summary = quantize_checkpoint(kernel_model_dir, GPTQConfig(4, 32), tmp_path / "q", progress=False,
                                   calibration=CalibrationOptions(str(tmp_path / "tokens.pt"), n_samples=8, seq_len=32))
     assert len(summary.errors) == 14
 
 
-def test_gptq_calibrates_a_model_with_pretraining_tp(model_dir):
+def test_gptq_calibrates_a_model_with_pretraining_tp(kernel_model_dir):
     """pretraining_tp slices bypass the linears' forward hooks: calibration must run at tp=1, not see zero Hessians."""
-    model = quantkit.load(model_dir, dtype="fp32")
+    model = quantkit.load(kernel_model_dir, dtype="fp32")
     model.set_pretraining_tp(2)
     reports = quantize_calibrated(model, GPTQConfig(4, 32), TOKENS, progress=False)
     assert all(0 < r.relative_error < 1 and r.kind == "output" for r in reports)
@@ -178,14 +172,14 @@ def test_the_auto_calibration_dtype(monkeypatch, source, export, device, auto):
 
 
 @pytest.mark.parametrize("export, calib", [("fp16", "bf16"), ("fp32", "bf16"), ("bf16", "fp16")])
-def test_a_calib_dtype_that_would_round_the_written_layers_is_refused(model_dir, tmp_path, export, calib):
+def test_a_calib_dtype_that_would_round_the_written_layers_is_refused(kernel_model_dir, tmp_path, export, calib):
     """fp16 -> bf16 -> fp16 is not the identity: calibration runs in the export dtype or in float32 only."""
     from quantkit.run.calibrator import calibration_dtype
 
     message = (rf"^--calib-dtype {calib}: \w+ cannot hold the \w+ layers' values exactly, so the written norms and "
                rf"weights would change: use --calib-dtype fp32 or {export}, or leave it out \(auto\)$")
     with pytest.raises(QuantkitError, match=message):
-        quantize_checkpoint(model_dir, GPTQConfig(4, 32), tmp_path / "q", ExportOptions(dtype=export), progress=False,
+        quantize_checkpoint(kernel_model_dir, GPTQConfig(4, 32), tmp_path / "q", ExportOptions(dtype=export), progress=False,
                             calibration=CalibrationOptions(TOKENS, dtype=calib))
     assert not (tmp_path / "q").exists()
     dtypes = [quantkit.dtypes.parse_dtype(d) for d in (export, calib)]
@@ -196,7 +190,7 @@ def test_a_calib_dtype_that_would_round_the_written_layers_is_refused(model_dir,
     ("fp16", None, torch.float32), ("bf16", None, torch.float32), ("fp32", None, torch.float32),
     ("fp16", "fp16", torch.float16), ("bf16", "bf16", torch.bfloat16), ("fp16", "fp32", torch.float32),
     ("bf16", "fp32", torch.float32)])
-def test_calibration_computes_in_the_calibration_dtype_and_the_model_keeps_its_own(model_dir, monkeypatch,
+def test_calibration_computes_in_the_calibration_dtype_and_the_model_keeps_its_own(kernel_model_dir, monkeypatch,
                                                                                   model_dtype, requested, computed):
     """On CPU, auto is fp32; GPTQ's observers see activations in the calibration dtype; the model's tensors keep
     the model's dtype (quantized modules' scales and biases, norms, everything)."""
@@ -205,7 +199,7 @@ def test_calibration_computes_in_the_calibration_dtype_and_the_model_keeps_its_o
     seen = set()
     original = HessianObserver.add
     monkeypatch.setattr(HessianObserver, "add", lambda self, x: (seen.add(x.dtype), original(self, x))[1])
-    model = quantkit.load(model_dir, dtype=model_dtype)
+    model = quantkit.load(kernel_model_dir, dtype=model_dtype)
     quantize_calibrated(model, GPTQConfig(4, 32), TOKENS, progress=False, dtype=requested)
     assert seen == {computed}
     floats = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
@@ -230,10 +224,10 @@ def test_activations_that_overflow_fp16_are_named_with_the_fix(tmp_path, tokeniz
     (1e15, r"model\.layers\.1: calibration activations are not finite after mlp"),
     (1e13, r"model\.layers\.1\.mlp\.down_proj: its calibration statistic \(hessian\) is not finite"),  # x x^T only
 ], ids=["activations", "hessian"])
-def test_non_finite_values_in_fp32_blame_the_weights(model_dir, scale, where):
+def test_non_finite_values_in_fp32_blame_the_weights(kernel_model_dir, scale, where):
     """Weights whose products leave fp32's range: every weight is finite, the activations (or, first, the
     down_proj Hessian's x x^T) are not: damaged weights, not a dtype to change."""
-    model = quantkit.load(model_dir, dtype="fp32")
+    model = quantkit.load(kernel_model_dir, dtype="fp32")
     with torch.no_grad():
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(model.model.layers[1].mlp, name).weight.mul_(scale)
@@ -242,15 +236,15 @@ def test_non_finite_values_in_fp32_blame_the_weights(model_dir, scale, where):
         quantize_calibrated(model, GPTQConfig(4, 32), TOKENS, progress=False)
 
 
-def test_a_nan_weight_is_named_before_the_calibration_pass_blames_the_dtype(model_dir):
-    model = quantkit.load(model_dir)
+def test_a_nan_weight_is_named_before_the_calibration_pass_blames_the_dtype(kernel_model_dir):
+    model = quantkit.load(kernel_model_dir)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(QuantkitError, match=r"^model\.layers\.0\.mlp\.up_proj: contains NaN or Inf"):
         quantize_calibrated(model, GPTQConfig(4, 32), TOKENS, progress=False, dtype="fp16")
 
 
-def test_a_non_finite_hessian_names_the_linear_and_the_cause(model_dir, monkeypatch):
+def test_a_non_finite_hessian_names_the_linear_and_the_cause(kernel_model_dir, monkeypatch):
     """Belt and braces behind the forward checks: a statistic that is not finite is named, GPTQ never runs."""
     from quantkit.backends.gptq import HessianObserver
 
@@ -258,7 +252,7 @@ def test_a_non_finite_hessian_names_the_linear_and_the_cause(model_dir, monkeypa
     with pytest.raises(QuantkitError, match=r"^model\.layers\.0\.self_attn\.q_proj: its calibration statistic "
                                             r"\(hessian\) is not finite \(computing in float16\): its activations "
                                             r"exceed float16's range \(65504\): rerun with --calib-dtype fp32$"):
-        quantize_calibrated(quantkit.load(model_dir), GPTQConfig(4, 32), TOKENS, progress=False, dtype="fp16")
+        quantize_calibrated(quantkit.load(kernel_model_dir), GPTQConfig(4, 32), TOKENS, progress=False, dtype="fp16")
 
 
 def test_quantize_cli_names_the_overflow_and_auto_calibrates(tmp_path, tokenizer_file):

@@ -17,22 +17,16 @@ from quantkit.run.export import ExportOptions, save_quantized
 from quantkit.io.manifest import MANIFEST_FILE
 from quantkit.model import save_model
 from quantkit.run.pipeline import quantize_checkpoint
-from tests.conftest import random_model, tiny_config
+from tests.conftest import KERNEL_SHAPES, random_model, tiny_config
+from tests.helpers import file_tensors
 
-SHAPES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+SHAPES = KERNEL_SHAPES  # the shapes of kernel_model_dir
 AFFINE_CASES = ([Int4Config(g) for g in (32, 64, 128)]
                 + [RTNConfig(b, g, s) for b in (2, 3, 4, 8) for g in (32, 128, -1) for s in (False, True)])
 
 
-@pytest.fixture
-def model_dir(tmp_path, tokenizer_file):
-    out = tmp_path / "src"
-    save_model(random_model(tiny_config(**SHAPES)), out, tokenizer_dir=tokenizer_file.parent, dtype="fp16")
-    return out
-
-
-def in_memory(model_dir, config):
-    return quantize(quantkit.load(model_dir), config)
+def in_memory(kernel_model_dir, config):
+    return quantize(quantkit.load(kernel_model_dir), config)
 
 
 IDS = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -40,10 +34,10 @@ IDS = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0)
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 @pytest.mark.parametrize("config", AFFINE_CASES, ids=lambda c: c.describe())
-def test_quantize_save_load_same_logits(model_dir, tmp_path, config, fmt):
-    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", ExportOptions(format=fmt), progress=False)
+def test_quantize_save_load_same_logits(kernel_model_dir, tmp_path, config, fmt):
+    summary = quantize_checkpoint(kernel_model_dir, config, tmp_path / "q", ExportOptions(format=fmt), progress=False)
     reloaded = quantkit.load(tmp_path / "q")  # no flags: everything is in config.json
-    expected = in_memory(model_dir, config)
+    expected = in_memory(kernel_model_dir, config)
     with torch.no_grad():
         assert torch.equal(reloaded(IDS), expected(IDS))
     assert summary.format == fmt and summary.bytes_after < summary.bytes_before
@@ -51,26 +45,44 @@ def test_quantize_save_load_same_logits(model_dir, tmp_path, config, fmt):
     assert bits < summary.bits_per_weight < bits + 1.5  # scales and zeros cost a little more
 
 
+@pytest.mark.parametrize("method, fmt", [("int4", "compressed-tensors"), ("rtn", "gptq"), ("bnb-nf4", "bnb")])
+def test_one_bits_per_weight_in_summary_plan_and_report(kernel_model_dir, tmp_path, method, fmt):
+    """Quantize's summary, the planner and the eval report give the same figure: the decoder linears' stored
+    bits per weight, the linears kept in full precision (--ignore) included."""
+    from quantkit.eval.evaluate import model_info
+    from quantkit.plan.planner import make_plan
+
+    config = QuantConfig.from_dict({"method": method, **({"group_size": 32} if method != "bnb-nf4" else {})})
+    ignore = (r"mlp\.down_proj$",)
+    summary = quantize_checkpoint(kernel_model_dir, config, tmp_path / "q", ExportOptions(format=fmt), ignore=ignore,
+                                  progress=False)
+    reported = model_info(tmp_path / "q")["bits_per_weight"]
+    planned = make_plan(kernel_model_dir, config, ExportOptions(format=fmt), ignore=ignore, measure=False).bits_per_weight
+    assert summary.bits_per_weight == pytest.approx(reported, rel=1e-12)
+    assert planned == pytest.approx(reported, rel=1e-3)
+    bits = config.bits if method != "bnb-nf4" else 4
+    assert bits + 2 < reported < 16  # down_proj, 22% of the linears' weights here, in fp16
+
+
 BNB_CASES = ["bnb-int8", "bnb-nf4", "bnb-fp4"]
 
 
 @pytest.mark.parametrize("options", [{}, {"double_quant": False, "blocksize": 128}], ids=["default", "no-dq-128"])
 @pytest.mark.parametrize("method", BNB_CASES)
-def test_bnb_quantize_save_load_same_logits(model_dir, tmp_path, method, options):
+def test_bnb_quantize_save_load_same_logits(kernel_model_dir, tmp_path, method, options):
     if method == "bnb-int8":
         options = {"threshold": 0.0} if options else {}
     config = QuantConfig.from_dict({"method": method, **options})
-    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", progress=False)
+    summary = quantize_checkpoint(kernel_model_dir, config, tmp_path / "q", progress=False)
     assert summary.format == "bnb"
     with torch.no_grad():
-        assert torch.equal(quantkit.load(tmp_path / "q")(IDS), in_memory(model_dir, config)(IDS))
+        assert torch.equal(quantkit.load(tmp_path / "q")(IDS), in_memory(kernel_model_dir, config)(IDS))
 
 
-def test_streamed_and_in_memory_exports_are_identical(model_dir, tmp_path):
+def test_streamed_and_in_memory_exports_are_identical(kernel_model_dir, tmp_path):
     config = Recipe(Int4Config(32), rules=[(r"down_proj$", RTNConfig(8, -1))], ignore=[r"layers\.1\.self_attn"])
-    quantize_checkpoint(model_dir, config, tmp_path / "streamed", progress=False)
-    save_quantized(in_memory(model_dir, config), tmp_path / "memory")
-    from tests.model.test_checkpoint import file_tensors
+    quantize_checkpoint(kernel_model_dir, config, tmp_path / "streamed", progress=False)
+    save_quantized(in_memory(kernel_model_dir, config), tmp_path / "memory")
 
     a, b = file_tensors(tmp_path / "streamed"), file_tensors(tmp_path / "memory")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -87,15 +99,15 @@ def test_streamed_and_in_memory_exports_are_identical(model_dir, tmp_path):
     assert reloaded.model.layers[0].mlp.down_proj.bits == 8
 
 
-def test_sharded_output(model_dir, tmp_path):
-    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", ExportOptions(max_shard_size="200KB"), progress=False)
+def test_sharded_output(kernel_model_dir, tmp_path):
+    quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", ExportOptions(max_shard_size="200KB"), progress=False)
     assert len(list((tmp_path / "q").glob("model-*-of-*.safetensors"))) > 1
     assert (tmp_path / "q" / "model.safetensors.index.json").exists()
     with torch.no_grad():
-        assert torch.equal(quantkit.load(tmp_path / "q")(IDS), in_memory(model_dir, Int4Config(32))(IDS))
+        assert torch.equal(quantkit.load(tmp_path / "q")(IDS), in_memory(kernel_model_dir, Int4Config(32))(IDS))
 
 
-def test_one_layer_in_memory_at_a_time(model_dir, tmp_path, monkeypatch):
+def test_one_layer_in_memory_at_a_time(kernel_model_dir, tmp_path, monkeypatch):
     from quantkit.model.checkpoint import Checkpoint
 
     alive, most = [], [0]
@@ -110,14 +122,14 @@ def test_one_layer_in_memory_at_a_time(model_dir, tmp_path, monkeypatch):
         return layer
 
     monkeypatch.setattr(Checkpoint, "layer_module", tracked)
-    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+    quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", progress=False)
     assert len(alive) == 2 and most[0] == 0  # when a layer is read, the previous one is gone
 
 
-def test_generate_and_perplexity_on_a_quantized_directory(model_dir, tmp_path):
+def test_generate_and_perplexity_on_a_quantized_directory(kernel_model_dir, tmp_path):
     from quantkit.eval import perplexity
 
-    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+    quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", progress=False)
     model, tok = quantkit.load(tmp_path / "q"), quantkit.load_tokenizer(tmp_path / "q")
     out = quantkit.generate(model, [tok.encode("Hello")], quantkit.SamplingConfig(max_new_tokens=4))
     assert len(out[0]) == 4
@@ -126,42 +138,41 @@ def test_generate_and_perplexity_on_a_quantized_directory(model_dir, tmp_path):
 
 # -- bad input ------------------------------------------------------------------------------------
 
-def test_output_exists_is_refused_and_untouched(model_dir, tmp_path):
+def test_output_exists_is_refused_and_untouched(kernel_model_dir, tmp_path):
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "mine.txt").write_text("keep")
     with pytest.raises(QuantkitError, match="already exists.*--force"):
-        quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+        quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", progress=False)
     assert (tmp_path / "q" / "mine.txt").read_text() == "keep"
-    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", ExportOptions(overwrite=True), progress=False)
+    quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", ExportOptions(overwrite=True), progress=False)
     assert not (tmp_path / "q" / "mine.txt").exists()
 
 
-def test_already_quantized_source(model_dir, tmp_path):
-    quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+def test_already_quantized_source(kernel_model_dir, tmp_path):
+    quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", progress=False)
     with pytest.raises(QuantkitError, match="already quantized"):
         quantize_checkpoint(tmp_path / "q", Int4Config(32), tmp_path / "qq", progress=False)
 
 
-def test_nan_weight_names_the_tensor_and_writes_nothing(model_dir, tmp_path):
-    from tests.model.test_checkpoint import file_tensors
+def test_nan_weight_names_the_tensor_and_writes_nothing(kernel_model_dir, tmp_path):
 
-    tensors = file_tensors(model_dir)
+    tensors = file_tensors(kernel_model_dir)
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
-    save_file(tensors, model_dir / "model.safetensors")
-    (model_dir / MANIFEST_FILE).unlink()  # a source another tool wrote
+    save_file(tensors, kernel_model_dir / "model.safetensors")
+    (kernel_model_dir / MANIFEST_FILE).unlink()  # a source another tool wrote
     with pytest.raises(QuantkitError, match="model.layers.1.mlp.up_proj: contains NaN or Inf"):
-        quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", progress=False)
+        quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", progress=False)
     assert not (tmp_path / "q").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
 
 
-def test_group_size_that_does_not_divide(model_dir, tmp_path):
+def test_group_size_that_does_not_divide(kernel_model_dir, tmp_path):
     with pytest.raises(QuantkitError, match="group size 96 does not divide in_features=128"):
-        quantize_checkpoint(model_dir, RTNConfig(4, 96), tmp_path / "q", progress=False)
+        quantize_checkpoint(kernel_model_dir, RTNConfig(4, 96), tmp_path / "q", progress=False)
 
 
-def test_format_that_cannot_hold_the_method(model_dir, tmp_path):
+def test_format_that_cannot_hold_the_method(kernel_model_dir, tmp_path):
     with pytest.raises(QuantkitError, match=r"--format bnb: cannot hold method int4: it holds bitsandbytes modules .*: use --format compressed-tensors, gptq$"):
-        quantize_checkpoint(model_dir, Int4Config(32), tmp_path / "q", ExportOptions(format="bnb"), progress=False)
+        quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", ExportOptions(format="bnb"), progress=False)
 
 
 def test_unknown_method_lists_known_ones():
@@ -170,17 +181,17 @@ def test_unknown_method_lists_known_ones():
 
 
 @pytest.mark.parametrize("config", [Int4Config(group_size=32), RTNConfig(bits=3, group_size=32)], ids=lambda c: c.method)
-def test_per_linear_weight_errors_are_written_and_exact(model_dir, tmp_path, config):
+def test_per_linear_weight_errors_are_written_and_exact(kernel_model_dir, tmp_path, config):
     """Every quantized linear's ||W - Q|| / ||W|| goes to quantkit_errors.json, the same streamed or in memory."""
-    summary = quantize_checkpoint(model_dir, config, tmp_path / "q", progress=False)
+    summary = quantize_checkpoint(kernel_model_dir, config, tmp_path / "q", progress=False)
     written = json.loads((tmp_path / "q" / "quantkit_errors.json").read_text())
     assert written == summary.errors and len(written) == 14 and {e["kind"] for e in written} == {"weight"}
-    dense = quantkit.load(model_dir, dtype="fp32")
+    dense = quantkit.load(kernel_model_dir, dtype="fp32")
     quantized = quantkit.load(tmp_path / "q", dtype="fp32")
     for e in written:
         w, q = dense.get_submodule(e["name"]).weight, quantized.get_submodule(e["name"]).dequantize().float()
         assert e["relative_error"] == pytest.approx(((q - w).norm() / w.norm()).item(), rel=1e-4)
-    save_quantized(quantize(quantkit.load(model_dir, dtype="fp32"), config), tmp_path / "m")
+    save_quantized(quantize(quantkit.load(kernel_model_dir, dtype="fp32"), config), tmp_path / "m")
     in_memory = json.loads((tmp_path / "m" / "quantkit_errors.json").read_text())
     assert [e["name"] for e in in_memory] == [e["name"] for e in written]
     # the pipeline quantizes in the checkpoint dtype, this in fp32: the qparams round a little differently
@@ -194,8 +205,8 @@ def test_per_linear_weight_errors_are_written_and_exact(model_dir, tmp_path, con
     (Int4Config(32), "compressed-tensors", "gptq"),
     (RTNConfig(3, 32, True), "gptq", "compressed-tensors"),
 ], ids=["int4", "rtn-w3-sym"])
-def test_loaded_model_carries_the_record_and_re_exports(model_dir, tmp_path, config, first, second):
-    summary = quantize_checkpoint(model_dir, config, tmp_path / "a", ExportOptions(format=first), progress=False)
+def test_loaded_model_carries_the_record_and_re_exports(kernel_model_dir, tmp_path, config, first, second):
+    summary = quantize_checkpoint(kernel_model_dir, config, tmp_path / "a", ExportOptions(format=first), progress=False)
     loaded = quantkit.load(tmp_path / "a")
     record = loaded.model.layers[1].self_attn.o_proj.quant_record
     written = {e["name"]: e for e in summary.errors}["model.layers.1.self_attn.o_proj"]
@@ -207,9 +218,9 @@ def test_loaded_model_carries_the_record_and_re_exports(model_dir, tmp_path, con
     assert json.loads((tmp_path / "b" / "config.json").read_text())["quantkit"]["recipe"] == summary.recipe
 
 
-def test_a_file_another_tool_wrote_loads_with_a_config_from_its_metadata(model_dir, tmp_path):
+def test_a_file_another_tool_wrote_loads_with_a_config_from_its_metadata(kernel_model_dir, tmp_path):
     """No quantkit recipe in config.json: the format's metadata stands for the config (GPTQ's options included)."""
-    quantize_checkpoint(model_dir, RTNConfig(4, 32, True), tmp_path / "a", ExportOptions(format="gptq"), progress=False)
+    quantize_checkpoint(kernel_model_dir, RTNConfig(4, 32, True), tmp_path / "a", ExportOptions(format="gptq"), progress=False)
     config_path = tmp_path / "a" / "config.json"
     config_json = json.loads(config_path.read_text())
     del config_json["quantkit"]
@@ -223,17 +234,17 @@ def test_a_file_another_tool_wrote_loads_with_a_config_from_its_metadata(model_d
 
 
 @pytest.mark.parametrize("where", ["itself", "its parent"])
-def test_output_over_the_source_is_refused_even_with_force(model_dir, where):
-    before = sorted(p.name for p in model_dir.iterdir())
-    out = model_dir if where == "itself" else model_dir.parent
+def test_output_over_the_source_is_refused_even_with_force(kernel_model_dir, where):
+    before = sorted(p.name for p in kernel_model_dir.iterdir())
+    out = kernel_model_dir if where == "itself" else kernel_model_dir.parent
     with pytest.raises(QuantkitError, match="is \\(or holds\\) the source .*which writing there would destroy"):
-        quantize_checkpoint(model_dir, Int4Config(32), out, ExportOptions(overwrite=True), progress=False)
-    assert sorted(p.name for p in model_dir.iterdir()) == before
+        quantize_checkpoint(kernel_model_dir, Int4Config(32), out, ExportOptions(overwrite=True), progress=False)
+    assert sorted(p.name for p in kernel_model_dir.iterdir()) == before
 
 
-def test_a_recipe_naming_a_method_not_installed_falls_back_to_the_format(model_dir, tmp_path):
+def test_a_recipe_naming_a_method_not_installed_falls_back_to_the_format(kernel_model_dir, tmp_path):
     """A plugin's model loads without the plugin: its recipe cannot be read, the format's metadata stands in."""
-    quantize_checkpoint(model_dir, RTNConfig(4, 32, True), tmp_path / "a", ExportOptions(format="gptq"), progress=False)
+    quantize_checkpoint(kernel_model_dir, RTNConfig(4, 32, True), tmp_path / "a", ExportOptions(format="gptq"), progress=False)
     config_path = tmp_path / "a" / "config.json"
     config_json = json.loads(config_path.read_text())
     config_json["quantkit"]["recipe"]["default"]["method"] = "not-installed"
@@ -249,21 +260,20 @@ CALIB = torch.randint(3, 4096, (8, 32), generator=torch.Generator().manual_seed(
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-def test_a_gptq_export_keeps_the_export_dtype_whatever_calibration_computes_in(model_dir, tmp_path, fmt):
+def test_a_gptq_export_keeps_the_export_dtype_whatever_calibration_computes_in(kernel_model_dir, tmp_path, fmt):
     """Calibration runs in fp32 on CPU (auto) or as asked: the files hold exactly the tensors (names, dtypes,
     shapes) an uncalibrated export of the same scheme holds, and everything not quantized is the source's, bit
     for bit."""
     from quantkit.backends.gptq import GPTQConfig
     from quantkit.run.calibrator import CalibrationOptions
-    from tests.model.test_checkpoint import file_tensors
 
-    quantize_checkpoint(model_dir, RTNConfig(4, 32), tmp_path / "rtn", ExportOptions(format=fmt), progress=False)
+    quantize_checkpoint(kernel_model_dir, RTNConfig(4, 32), tmp_path / "rtn", ExportOptions(format=fmt), progress=False)
     layout = {k: (t.dtype, t.shape) for k, t in file_tensors(tmp_path / "rtn").items()}
-    source = file_tensors(model_dir)
+    source = file_tensors(kernel_model_dir)
     outputs = {}
     for calib_dtype in (None, "fp16", "fp32"):
         out = tmp_path / f"gptq-{calib_dtype}"
-        quantize_checkpoint(model_dir, GPTQConfig(4, 32), out, ExportOptions(format=fmt), progress=False,
+        quantize_checkpoint(kernel_model_dir, GPTQConfig(4, 32), out, ExportOptions(format=fmt), progress=False,
                             calibration=CalibrationOptions(CALIB, dtype=calib_dtype))
         outputs[calib_dtype] = tensors = file_tensors(out)
         assert {k: (t.dtype, t.shape) for k, t in tensors.items()} == layout

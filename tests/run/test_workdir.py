@@ -3,48 +3,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantkit.model import save_model
 from quantkit.run.workdir import WorkDir, work_dir_of
-from tests.conftest import DEMO_MODEL, random_model, tiny_config
-from tests.helpers import assert_one_line_error, run
-
-LAYERS = 6
-METHODS = {"int4": ("--method", "int4", "--group-size", 32),
-           "rtn-gptq-format": ("--method", "rtn", "--bits", 3, "--group-size", 32, "--format", "gptq"),
-           "gptq": ("--method", "gptq", "--bits", 4, "--group-size", 32, "--n-samples", 8, "--seq-len", 32)}
-
-
-@pytest.fixture
-def src(tmp_path) -> Path:
-    save_model(random_model(tiny_config(num_hidden_layers=LAYERS)), tmp_path / "src", tokenizer_dir=DEMO_MODEL)
-    (tmp_path / "src" / "quantkit_manifest.json").unlink(missing_ok=True)  # a source as the hub has it: edits allowed
-    return tmp_path / "src"
-
-
-@pytest.fixture
-def tokens(tmp_path) -> Path:
-    path = tmp_path / "calib.pt"
-    torch.save(torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0)), path)
-    return path
-
-
-def method_args(method: str, tokens: Path) -> tuple:
-    return METHODS[method] + (("--calib", tokens) if method == "gptq" else ())
-
-
-
-def digests(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+from tests.helpers import LAYERS, METHODS, assert_one_line_error, digests, method_args, run
 
 
 def stop_after(monkeypatch, k: int, error: BaseException):

@@ -13,8 +13,7 @@ import time
 import pytest
 
 from quantkit.run.workdir import work_dir_of
-from tests.run.test_workdir import LAYERS, digests, method_args, src, tokens  # noqa: F401 (fixtures)
-from tests.helpers import run
+from tests.helpers import LAYERS, digests, method_args, run
 
 pytestmark = pytest.mark.slow  # real subprocesses stopped and resumed: `make test-fast` leaves it out
 

@@ -1,4 +1,5 @@
 """Calibration data for GPTQ: sources (wikitext2, c4, ptb, local files) sampled into [n, seq_len] token blocks.
+Layer 1 (installed as quantkit.calibrate): imports only quantkit.errors and quantkit.io.
 
 The protocol follows the GPTQ paper (Frantar et al., "GPTQ: Accurate Post-Training Quantization for
 Generative Pre-trained Transformers", ICLR 2023, arXiv:2210.17323: "128 random 2048 token segments

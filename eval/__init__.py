@@ -1,4 +1,5 @@
 """Evaluation: perplexity, logit fidelity against a base model, the pretraining_tp noise floor, reports.
+Layer 5 (installed as quantkit.eval): imports layers 0-4 (models, formats, a run for --sensitivity); never the CLI.
 
     >>> data = eval_data(tokenizer, "wikitext2", seq_len=2048)          # or a local file
     >>> result = evaluate(quantized, data, base=fp16_model)             # or base=BaseLogits("base.qkl")

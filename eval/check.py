@@ -60,7 +60,7 @@ INSTALL = {"transformers": "pip install transformers accelerate compressed-tenso
 class CheckOptions:
     tolerance: float = 1e-4  # nats of mean KL a runtime may add against quantkit's model
     windows: int = 4  # how many of the dataset's windows run (each runtime's logits are kept: windows x seq x vocab)
-    dtype: str | None = None  # fp32 | bf16 | fp16 for every external runtime [default: the dtype each serves]
+    runtime_dtype: str | None = None  # fp32 | bf16 | fp16 for every external runtime [default: the dtype each serves]
     timeout_s: float = 1800  # per runtime, load included
     progress: bool = True
 
@@ -167,7 +167,7 @@ def compare(reference: torch.Tensor, logits: torch.Tensor) -> dict:
 def external(runtime: str, fmt: str, out, ids: torch.Tensor, options: CheckOptions) -> dict:
     """One external runtime's row: its logits (popped by run_check) and what it applied, or why it did not run."""
     name = runtime if runtime != "transformers" or fmt != "gptq" else "transformers + gptqmodel"
-    dtype = SHORT_NAMES[options.dtype] if options.dtype else SERVED_DTYPE.get((fmt, runtime), "float32")
+    dtype = SHORT_NAMES[options.runtime_dtype] if options.runtime_dtype else SERVED_DTYPE.get((fmt, runtime), "float32")
     row = {"runtime": name, "dtype": dtype}
     python = runtime_python(fmt)
     if python is None:

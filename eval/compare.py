@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalOptions:
-    dtype: str | None = None
+    compute_dtype: str | None = None  # what the models compute in (the CLI's --dtype); None: each checkpoint's own
     device: str = "cpu"  # where the models run (cpu, cuda)
     batch_size: int = 1
     speed: bool = True  # measure decode tokens/s
@@ -43,7 +43,7 @@ class EvalOptions:
 def _load(path, tokenizer, options: EvalOptions, base_name: str):
     """The model at `path` after checking that it shares the base's `tokenizer`."""
     check_same_tokenizer(load_tokenizer(path), tokenizer, str(path), base_name)
-    return load_model(path, dtype=options.dtype, device=options.device)
+    return load_model(path, dtype=options.compute_dtype, device=options.device)
 
 
 def _speed(model, tokenizer, options: EvalOptions) -> float | None:
@@ -61,7 +61,7 @@ def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vo
     if base is None:
         return None, None
     check_same_tokenizer(tokenizer, load_tokenizer(base), str(model_path), str(base))
-    model = load_model(base, dtype=options.dtype, device=options.device)
+    model = load_model(base, dtype=options.compute_dtype, device=options.device)
     return model, {**model_info(base), "arithmetic": arithmetic(model), "tokens_per_s": _speed(model, tokenizer, options)}
 
 
@@ -97,7 +97,7 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     info = model_info(model_path)
     reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path,
                                                 open_checkpoint(model_path).config.vocab_size, options)
-    model = load_model(model_path, dtype=options.dtype, device=options.device)
+    model = load_model(model_path, dtype=options.compute_dtype, device=options.device)
     if isinstance(reference, LlamaForCausalLM):
         check_same_vocabulary(model, reference, str(model_path), str(base))
     speed = _speed(model, tokenizer, options)
@@ -140,7 +140,7 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
         reference.check_matches(data, open_checkpoint(base_path).config.vocab_size, tokenizer)
         base_info["tokens_per_s"] = reference.model_info.get("tokens_per_s")  # measured when it was saved
     else:
-        reference = load_model(base_path, dtype=options.dtype, device=options.device)
+        reference = load_model(base_path, dtype=options.compute_dtype, device=options.device)
         base_info.update(arithmetic=arithmetic(reference), tokens_per_s=_speed(reference, tokenizer, options))
     entries, base_perplexity = [], None
     for path in model_paths:

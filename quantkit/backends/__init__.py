@@ -1,4 +1,6 @@
-"""Backends: the registry, the built-in methods, and the one entry point `quantize(model, config)`."""
+"""Layer 3, the methods: the registry (registry), recipes (recipe), one module per method (int4, rtn, bnb, and gptq/
+with its Hessian observer and solver), and the one entry point `quantize(model, config)`. Imports layers 0-2 and
+the formats beside it at rank 3; never a run, eval or the CLI."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, MethodChoice, build_config, calibration_options,
-                                  check_calib_applies, dataset_options, emit_report, load_eval_data, method_options, option_group)
+                                  check_calib_applies, dataset_options, emit_report, load_eval_data, method_options,
+                                  option_group)
 from quantkit.errors import QuantkitError
 from quantkit.model.tokenizer import load_tokenizer
 
@@ -107,7 +108,7 @@ def check(out, base, dataset, text_field, seq_len, windows, tolerance, dtype, as
         raise click.BadParameter(f"{tolerance}: give a KL of 0 or more", param_hint="--tolerance")
     data = eval_data(load_tokenizer(base), dataset, seq_len=seq_len, text_field=text_field,
                      vocab_size=open_checkpoint(base).config.vocab_size)
-    report = run_check(out, base, data, CheckOptions(tolerance=tolerance, windows=windows, dtype=dtype))
+    report = run_check(out, base, data, CheckOptions(tolerance=tolerance, windows=windows, runtime_dtype=dtype))
     click.echo(json.dumps(report, indent=2) if as_json else to_text(report))
     if failed(report):
         bad = ", ".join(row["runtime"] for row in report["rows"] if row["passed"] is False)

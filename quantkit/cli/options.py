@@ -156,34 +156,6 @@ def check_calib_applies(config, calibrated: bool):
 
 # -- calibration, export and dataset options --------------------------------------------------------
 
-CALIB_HELP = ("Calibration data (gptq): wikitext2, c4, ptb, a text/jsonl/parquet/csv file, a saved dataset "
-              "directory, or a .pt/.safetensors token tensor.")
-CALIBRATION_FLAGS = (
-    click.option("--calib", help=CALIB_HELP),
-    click.option("--calib-mode", type=click.Choice(["random", "document"]), default=None,
-                 help="Windows at random offsets of the joined text (GPTQ; default) or one per document (c4's default)."),
-    click.option("--calib-field", default=CalibrationOptions.text_field, show_default=True,
-                 help="Text field of .jsonl/.parquet/.csv sources."),
-    click.option("--n-samples", default=CalibrationOptions.n_samples, show_default=True, help="Calibration windows."),
-    click.option("--seed", default=CalibrationOptions.seed, show_default=True, help="Seed for sampling the windows."))
-SEQ_LEN_FLAG = click.option("--seq-len", default=CalibrationOptions.seq_len, show_default=True,
-                            help="Tokens per calibration window.")
-
-
-def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len=CalibrationOptions.seq_len,
-                        device=CalibrationOptions.device, calib_dtype=None):
-    if calib is None:
-        if calib_dtype is not None:
-            raise click.UsageError("--calib-dtype applies with --calib (calibrated methods)")
-        return None
-    return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
-                              text_field=calib_field, device=device, dtype=calib_dtype)
-
-
-def export_options(fmt, dtype, max_shard_size=ExportOptions.max_shard_size, force=False):
-    return ExportOptions(format=fmt, dtype=dtype, max_shard_size=max_shard_size, overwrite=force)
-
-
 class FormatChoice(click.Choice):
     """--format's choices: the format registry's names, read when the command runs (plugins included)."""
 
@@ -201,6 +173,49 @@ class FormatChoice(click.Choice):
         pass
 
 
+CALIB_HELP = ("Calibration data (gptq): wikitext2, c4, ptb, a text/jsonl/parquet/csv file, a saved dataset "
+              "directory, or a .pt/.safetensors token tensor.")
+CALIBRATION_FLAGS = (
+    click.option("--calib", help=CALIB_HELP),
+    click.option("--calib-mode", type=click.Choice(["random", "document"]), default=None,
+                 help="Windows at random offsets of the joined text (GPTQ; default) or one per document (c4's default)."),
+    click.option("--calib-field", default=CalibrationOptions.text_field, show_default=True,
+                 help="Text field of .jsonl/.parquet/.csv sources."),
+    click.option("--n-samples", default=CalibrationOptions.n_samples, show_default=True, help="Calibration windows."),
+    click.option("--seed", default=CalibrationOptions.seed, show_default=True, help="Seed for sampling the windows."))
+SEQ_LEN_FLAG = click.option("--seq-len", default=CalibrationOptions.seq_len, show_default=True,
+                            help="Tokens per calibration window.")
+# What quantize and plan both take: the recipe, how each layer is calibrated, the format and output dtype, --ignore.
+RECIPE_FLAG = click.option("--recipe", type=click.Path(path_type=Path),
+                           help="JSON/YAML recipe mapping module patterns to configs.")
+LAYER_CALIBRATION_FLAGS = (
+    *CALIBRATION_FLAGS, SEQ_LEN_FLAG,
+    click.option("--device", default=CalibrationOptions.device, show_default=True,
+                 help="Where each layer is calibrated (cpu, cuda)."),
+    click.option("--calib-dtype", type=DTYPE_CHOICE, default=None,
+                 help="What calibration computes in [default: fp32 on CPU, the checkpoint's dtype on CUDA]; never a "
+                      "smaller range than the checkpoint's."))
+OUTPUT_FLAGS = (
+    click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
+    click.option("--dtype", type=DTYPE_CHOICE, default=None,
+                 help="dtype of what stays unquantized [default: the checkpoint's]."))
+IGNORE_FLAG = click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
+
+
+def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len=CalibrationOptions.seq_len,
+                        device=CalibrationOptions.device, calib_dtype=None):
+    if calib is None:
+        if calib_dtype is not None:
+            raise click.UsageError("--calib-dtype applies with --calib (calibrated methods)")
+        return None
+    return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
+                              text_field=calib_field, device=device, dtype=calib_dtype)
+
+
+def export_options(fmt, dtype, max_shard_size=ExportOptions.max_shard_size, force=False):
+    return ExportOptions(format=fmt, dtype=dtype, max_shard_size=max_shard_size, overwrite=force)
+
+
 @dataclass
 class DatasetChoice:
     dataset: str
@@ -212,7 +227,7 @@ class DatasetChoice:
 def eval_options(dtype, device, batch_size, speed, tps, tp_windows):
     from quantkit.eval.compare import EvalOptions
 
-    return EvalOptions(dtype=dtype, device=device, batch_size=batch_size, speed=speed, tps=parse_tps(tps),
+    return EvalOptions(compute_dtype=dtype, device=device, batch_size=batch_size, speed=speed, tps=parse_tps(tps),
                        tp_windows=tp_windows, command=" ".join(["quantkit"] + sys.argv[1:]))
 
 

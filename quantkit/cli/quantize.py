@@ -7,34 +7,24 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, SEQ_LEN_FLAG, FormatChoice, calibration_options,
+from quantkit.cli.options import (IGNORE_FLAG, LAYER_CALIBRATION_FLAGS, OUTPUT_FLAGS, RECIPE_FLAG, calibration_options,
                                   chosen_config, export_options, method_options, option_group)
-from quantkit.run.calibrator import CalibrationOptions
 from quantkit.run.export import ExportOptions
 
 
 @click.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
-@click.option("--recipe", type=click.Path(path_type=Path), help="JSON/YAML recipe mapping module patterns to configs.")
+@RECIPE_FLAG
 @method_options()
-@option_group("calibration", *CALIBRATION_FLAGS,
-              SEQ_LEN_FLAG,
-              click.option("--device", default=CalibrationOptions.device, show_default=True,
-                           help="Where each layer is calibrated (cpu, cuda)."),
-              click.option("--calib-dtype", type=DTYPE_CHOICE, default=None,
-                           help="What calibration computes in [default: fp32 on CPU, the checkpoint's dtype on CUDA]; "
-                                "never a smaller range than the checkpoint's."),
-              build=calibration_options)
-@option_group("export",
-              click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
-              click.option("--dtype", type=DTYPE_CHOICE, default=None,
-                           help="dtype of what stays unquantized [default: the checkpoint's]."),
-              click.option("--max-shard-size", default=ExportOptions.max_shard_size, show_default=True, help="Largest safetensors shard."),
+@option_group("calibration", *LAYER_CALIBRATION_FLAGS, build=calibration_options)
+@option_group("export", *OUTPUT_FLAGS,
+              click.option("--max-shard-size", default=ExportOptions.max_shard_size, show_default=True,
+                           help="Largest safetensors shard."),
               click.option("--force", is_flag=True, help="Replace OUTPUT if it exists; without --resume, also discard "
                                                          "what a previous run to OUTPUT left."),
               build=export_options)
-@click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
+@IGNORE_FLAG
 @click.option("--resume", is_flag=True, help="Continue a previous run to OUTPUT after its last finished layer "
                                              "(refused if the model, options or environment changed).")
 @click.option("--keep-work/--no-keep-work", default=True, show_default=True,

@@ -1,4 +1,6 @@
-"""The native Llama 2: config, modules, checkpoint I/O, tokenizer, generation."""
+"""Layer 1, the native Llama 2: config, layout (the module grammar, layer 0), modules (llama), checkpoint reading
+(checkpoint, hub), building (build) and saving (save), tokenizer, generation. Imports layer 0 only (errors, dtypes,
+io); knows nothing of quantization."""
 
 from quantkit.model.checkpoint import Checkpoint
 

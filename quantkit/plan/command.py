@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from quantkit.cli.options import (CALIBRATION_FLAGS, DTYPE_CHOICE, SEQ_LEN_FLAG, FormatChoice, chosen_config,
+from quantkit.cli.options import (IGNORE_FLAG, LAYER_CALIBRATION_FLAGS, OUTPUT_FLAGS, RECIPE_FLAG, chosen_config,
                                   export_options, method_options, option_group)
 from quantkit.run.calibrator import CalibrationOptions
 
@@ -21,20 +21,11 @@ def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len, d
 @click.command()
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where the output would go: adds its free disk.")
-@click.option("--recipe", type=click.Path(path_type=Path), help="JSON/YAML recipe mapping module patterns to configs.")
+@RECIPE_FLAG
 @method_options()
-@option_group("calibration", *CALIBRATION_FLAGS,
-              SEQ_LEN_FLAG,
-              click.option("--device", default=CalibrationOptions.device, show_default=True,
-                           help="Where each layer is calibrated."),
-              click.option("--calib-dtype", type=DTYPE_CHOICE, default=None, help="What calibration computes in."),
-              build=plan_calibration)
-@option_group("export",
-              click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
-              click.option("--dtype", type=DTYPE_CHOICE, default=None,
-                           help="dtype of what stays unquantized [default: the checkpoint's]."),
-              build=export_options)
-@click.option("--ignore", multiple=True, help="Regex of module names to keep unquantized (repeatable).")
+@option_group("calibration", *LAYER_CALIBRATION_FLAGS, build=plan_calibration)
+@option_group("export", *OUTPUT_FLAGS, build=export_options)
+@IGNORE_FLAG
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes and seconds).")
 def plan(model, output, recipe, method_choice, calibration, export, ignore, as_json):
     """Estimate what quantizing MODEL takes (peak RAM and GPU, output and work-directory size, time) before it runs.

@@ -41,25 +41,27 @@ def leftovers(parent, name):
 QUANTIZE = ("--method", "rtn", "--bits", 4, "--group-size", 32)
 
 
-@pytest.mark.parametrize("n_tensors, estimate", [(1, "at least"), (40, "about")])  # non-layer tensors; a layer done
+@pytest.mark.parametrize("n_tensors, layer_done", [(1, False), (40, True)])  # non-layer tensors; a layer done
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
-def test_quantize_disk_full_is_one_line(tiny_model_dir, tmp_path, monkeypatch, n_tensors, estimate, code):
+def test_quantize_disk_full_is_one_line(tiny_model_dir, tmp_path, monkeypatch, n_tensors, layer_done, code):
     fill_disk_after(monkeypatch, n_tensors, code)
     out = tmp_path / "q"
     result = without_progress(run("quantize", tiny_model_dir, *QUANTIZE, "-o", out))
-    assert_one_line_error(result, f"{out}: no space left on device after writing ", f"({estimate} ", " needed, ",
+    assert_one_line_error(result, f"{out}: no space left on device after writing ", "(about ", " needed, ",
                           " free on /", "choose another output (-o)")
     assert "Traceback" not in result.output and not out.exists()
     # a finished layer is kept in the work directory for --resume (quantkit.run.workdir); nothing else is left
-    kept = [".q.quantkit-work"] if estimate == "about" else []
+    kept = [".q.quantkit-work"] if layer_done else []
     assert leftovers(tmp_path, "q") == kept and ("--resume continues" in result.output) == bool(kept)
 
 
-def test_estimate_extrapolates_the_layers_written(tiny_model_dir, tmp_path, monkeypatch):
-    """After a layer, the estimate is about what the finished output takes (plus one shard being closed)."""
+@pytest.mark.parametrize("n_tensors", [1, 40])  # before any layer, after one
+def test_estimate_is_the_planners_output_size(tiny_model_dir, tmp_path, monkeypatch, n_tensors):
+    """The estimate is about what the finished output takes (plus one shard being closed), however far the run got:
+    the output size of quantkit.run.sizing, the planner's."""
     done = quantkit.quantize_checkpoint(tiny_model_dir, quantkit.backends.QuantConfig.from_dict(
         {"method": "rtn", "bits": 4, "group_size": 32}), tmp_path / "full", progress=False)
-    fill_disk_after(monkeypatch, 40)
+    fill_disk_after(monkeypatch, n_tensors)
     with pytest.raises(DiskFull) as caught:
         quantkit.quantize_checkpoint(tiny_model_dir, quantkit.backends.QuantConfig.from_dict(
             {"method": "rtn", "bits": 4, "group_size": 32}), tmp_path / "q", progress=False)

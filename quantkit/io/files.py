@@ -129,11 +129,11 @@ class DiskFull(QuantkitError):
     """No space left on the device (or over quota) while writing `path`, after `written` bytes: one line with
     the space free there and, when the writer can estimate it, the space the whole output needs."""
 
-    def __init__(self, path: str | os.PathLike, written: int, needed: int | None = None, at_least: bool = False,
+    def __init__(self, path: str | os.PathLike, written: int, needed: int | None = None,
                  fix: str = "free space or write it elsewhere"):
         self.path, self.written, self.needed = Path(path), written, needed
         where = nearest_existing(self.path.parent)
-        need = f"{'at least' if at_least else 'about'} {human_bytes(needed)} needed, " if needed else ""
+        need = f"about {human_bytes(needed)} needed, " if needed else ""
         super().__init__(f"{path}: no space left on device after writing {human_bytes(written)} ({need}"
                          f"{human_bytes(shutil.disk_usage(where).free)} free on {mount_point(where)}): {fix}")
 

@@ -144,7 +144,7 @@ class ExportRecord:
         self.tp_problem = self.tp_problem if self.tp_problem is not None else other.tp_problem
 
 
-def config_of(name: str, module: nn.Module) -> QuantConfig:
+def recorded_config(name: str, module: nn.Module) -> QuantConfig:
     """The config a quantized module was made with; an error for one loaded with a scheme no method has."""
     config = record_of(module).config
     if config is None:
@@ -161,7 +161,7 @@ def module_tensors(module: nn.Module, fmt: QuantFormat, record: ExportRecord, pr
     """
     quantized = dict(quantized_modules(module))
     for name, m in quantized.items():
-        config = config_of(prefix + name, m)
+        config = recorded_config(prefix + name, m)
         tensors = fmt.export_module(prefix + name, m)
         record.configs[prefix + name] = config
         record.linear_weights += m.out_features * m.in_features
@@ -265,7 +265,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, options: Export
     if options is not None and option_fields:
         raise QuantkitError(f"save_quantized: give options or {', '.join(option_fields)}, not both")
     options = options or ExportOptions(**option_fields)
-    configs = {name: config_of(name, m) for name, m in quantized_modules(model)}
+    configs = {name: recorded_config(name, m) for name, m in quantized_modules(model)}
     fmt = choose_format(configs.values(), options.format)
     check_layout(fmt, {**{name: None for name, _ in decoder_linears(model)}, **configs})
     dtype = model.model.embed_tokens.weight.dtype

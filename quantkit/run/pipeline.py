@@ -27,9 +27,8 @@ from quantkit.run.export import ExportOptions, ExportWriter, planned_format, qua
 from quantkit.io.files import DiskFull, Terminated, check_output_dir, terminate_as_exception
 from quantkit.run.calibrator import CalibrationOptions, LayerCalibrator, calibration_tensor
 from quantkit.formats.reader import open_checkpoint
-from quantkit.model.layout import layer_prefix, linear_of
-from quantkit.io.shards import parse_size
-from quantkit.run.sizing import check_free_space
+from quantkit.model.layout import layer_prefix
+from quantkit.run.sizing import check_free_space, output_needed
 from quantkit.run.workdir import NON_LAYER, WorkDir, fingerprint, layer_unit, work_dir_of
 
 log = logging.getLogger(__name__)
@@ -50,43 +49,6 @@ class QuantizeSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Written:
-    """Bytes sent to the shards so far: the non-layer tensors, then the decoder layers one by one."""
-
-    non_layer: int = 0
-    layers: int = 0
-    layer_bytes: int = 0
-
-    @classmethod
-    def of(cls, work: WorkDir) -> "Written":
-        """What the work directory holds already (a resumed run)."""
-        state = work.state or {}
-        return cls((state.get("non_layer") or {}).get("bytes", 0), work.done,
-                   sum(u["bytes"] for u in state.get("layers", [])))
-
-    def layer_done(self, layer_bytes: int):
-        self.layers += 1
-        self.layer_bytes += layer_bytes
-
-
-def space_needed(ckpt, recipe: Recipe, dtype: torch.dtype, written: Written,
-                 max_shard_size: int | str) -> tuple[int, bool]:
-    """(bytes the output needs, whether only a lower bound): extrapolated from the layers written so far; before
-    the first one, the source's non-layer tensors plus its decoder linears at the recipe's lowest bit width.
-    Plus one shard: ShardWriter holds a shard twice (spool and shard file) while it closes it."""
-    n = ckpt.config.num_hidden_layers
-    if written.layers:
-        total, at_least = written.non_layer + written.layer_bytes * n // written.layers, False
-    else:
-        non_layer = sum(torch.Size(ckpt.shapes[name]).numel() for name in ckpt.non_layer_names()) * dtype.itemsize
-        bits = min(getattr(c, "bits", 4) for c in recipe.configs())  # bitsandbytes configs: 4 bits or more
-        linears = sum(torch.Size(shape).numel() for name, shape in ckpt.shapes.items()
-                      if name.endswith(".weight") and linear_of(name) is not None)
-        total, at_least = non_layer + linears * bits // 8, True
-    return total + min(parse_size(max_shard_size), total), at_least
 
 
 def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, out_dir: str | os.PathLike,
@@ -131,15 +93,14 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
                                      calibration.batch_size, calibration.device, progress, calib_dtype)
     export_fields = {"format": fmt.name, "dtype": dtype_name(dtype), "max_shard_size": export.max_shard_size}
     work.begin(fingerprint(ckpt, recipe_dict, export_fields, calibration if calibrator else None, tokens, calib_dtype))
-    written = Written.of(work)
     try:
         with terminate_as_exception():  # SIGTERM anywhere in the run: Terminated, so that the cleanup below runs
-            _checkpoint_layers(ckpt, recipe, fmt, dtype, work, calibrator, written, progress)
+            _checkpoint_layers(ckpt, recipe, fmt, dtype, work, calibrator, progress)
             with quantized_writer(out_dir, fmt, export, ckpt.config, recipe_dict, dtype, ckpt.dir) as writer:
                 work.assemble(writer, progress)
     except BaseException as e:
         raise _stopped(e, work, keep_work,
-                       lambda: space_needed(ckpt, recipe, dtype, written, export.max_shard_size)) from None
+                       lambda: output_needed(ckpt, recipe, fmt, dtype, export.max_shard_size)) from None
     work.remove()
     before = sum(torch.Size(s).numel() for s in ckpt.shapes.values()) * ckpt.output_dtype().itemsize
     return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe_dict,
@@ -149,7 +110,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
 
 
 def _checkpoint_layers(ckpt, recipe: Recipe, fmt, dtype: torch.dtype, work: WorkDir,
-                       calibrator: LayerCalibrator | None, written: Written, progress: bool):
+                       calibrator: LayerCalibrator | None, progress: bool):
     """The non-layer tensors and each decoder layer the work directory does not hold yet: read, quantize, keep."""
     n = ckpt.config.num_hidden_layers
     writer_of = lambda sink: ExportWriter(fmt, sink, ckpt.config)  # noqa: E731
@@ -157,7 +118,6 @@ def _checkpoint_layers(ckpt, recipe: Recipe, fmt, dtype: torch.dtype, work: Work
         unit = work.write_unit(NON_LAYER, writer_of,
                                lambda writer: writer.write_tensors(ckpt.read(ckpt.non_layer_names(), dtype)))
         work.finish_non_layer(unit)
-        written.non_layer = unit["bytes"]
     if calibrator is not None and 0 < work.done < n:
         calibrator.load_activations(work.activations())
     for index in tqdm(range(work.done, n), desc="quantize", unit="layer", initial=work.done, total=n,
@@ -167,18 +127,17 @@ def _checkpoint_layers(ckpt, recipe: Recipe, fmt, dtype: torch.dtype, work: Work
         layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
         unit = work.write_unit(layer_unit(index), writer_of, lambda writer: writer.write(layer, prefix=prefix))
         work.finish_layer(unit, calibrator.save_activations if calibrator else None)
-        written.layer_done(unit["bytes"])
         del layer  # the next layer replaces it: memory stays at one layer
 
 
 def _stopped(e: BaseException, work: WorkDir, keep_work: bool, needed) -> BaseException:
     """The exception to raise for a run stopped by `e`, once the work directory is kept or removed (`needed`:
-    space_needed's estimate, for a full disk). Kept (with keep_work) after an interruption, a full disk or an
+    sizing.output_needed, for a full disk). Kept (with keep_work) after an interruption, a full disk or an
     unexpected error; removed after a QuantkitError, whose fix always changes what the fingerprint covers."""
     if isinstance(e, DiskFull):  # the temporary is gone; say how much the whole output needs
-        on_disk, (total, at_least) = work.size() + e.written, needed()
+        on_disk, total = work.size() + e.written, needed()
         fix = f"free space or choose another output (-o); stopped {work.stopped(keep_work)}"
-        return DiskFull(work.out, on_disk, total, at_least, fix=fix)
+        return DiskFull(work.out, on_disk, total, fix=fix)
     if isinstance(e, QuantkitError):  # bad input: its fix (another source, recipe or option) could not resume
         work.stopped(keep=False)
         return e

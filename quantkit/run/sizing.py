@@ -24,6 +24,7 @@ from quantkit.backends import BACKENDS, QuantConfig, Recipe, needs_calibration, 
 from quantkit.errors import QuantkitError
 from quantkit.formats import QuantFormat
 from quantkit.io.files import human_bytes, mount_point, nearest_existing
+from quantkit.io.shards import parse_size
 from quantkit.run.calibrator import CalibrationOptions, calibration_dtype
 from quantkit.formats.reader import open_checkpoint
 from quantkit.model.tokenizer import TOKENIZER_FILES
@@ -227,6 +228,13 @@ def free_space(out_dir: str | os.PathLike) -> tuple[int, Path]:
     """(free bytes, mount point) of the filesystem OUT would be written to (its nearest existing parent)."""
     where = nearest_existing(Path(out_dir).absolute().parent)
     return shutil.disk_usage(where).free, mount_point(where)
+
+
+def output_needed(ckpt, recipe: Recipe, fmt: QuantFormat, dtype: torch.dtype, max_shard_size: int | str) -> int:
+    """Bytes the output of checkpoint `ckpt` takes at its peak (a full disk's message): its size (output_size)
+    plus one shard, which ShardWriter holds twice (spool and shard file) while it closes it."""
+    total = output_size(Source.of_checkpoint(ckpt), recipe, fmt, dtype).total
+    return total + min(parse_size(max_shard_size), total)
 
 
 def check_free_space(out_dir: str | os.PathLike, ckpt, recipe: Recipe, fmt: QuantFormat, dtype: torch.dtype,

@@ -129,7 +129,7 @@ def _source_change(old: dict, new: dict) -> str:
     return "the source changed"
 
 
-CALIBRATION_FLAGS = {"tokens_sha256": "the calibration tokens changed (--calib, --n-samples, --seq-len, --seed)",
+CALIBRATION_CHANGES = {"tokens_sha256": "the calibration tokens changed (--calib, --n-samples, --seq-len, --seed)",
                      "shape": "the calibration tokens changed (--calib, --n-samples, --seq-len, --seed)",
                      "dtype": "--calib-dtype", "device": "--device", "batch_size": "the calibration batch size"}
 
@@ -138,7 +138,7 @@ def _calibration_change(old: dict | None, new: dict | None) -> str:
     if old is None or new is None:
         return "the recipe's calibration changed"
     key = next(k for k in new if old.get(k) != new[k])
-    what = CALIBRATION_FLAGS[key]
+    what = CALIBRATION_CHANGES[key]
     return what if what.startswith("the calibration tokens") else f"{what} changed ({old.get(key)} -> {new[key]})"
 
 

@@ -203,6 +203,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        return self.output(self.attend(x, cos, sin, mask, cache))
+
+    def attend(self, x, cos, sin, mask, cache: KVCache | None):
+        """Attention up to o_proj: x (B, T, hidden) -> o_proj's input (B, T, heads * head_dim)."""
         B, T, _ = x.shape
         tp = self.pretraining_tp
         q = linear_split_rows(x, self.q_proj, tp).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -213,8 +217,11 @@ class LlamaAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, D)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_heads != self.n_kv_heads)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return linear_split_cols(y, self.o_proj, tp)
+        return y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+
+    def output(self, y):
+        """o_proj of attend's output."""
+        return linear_split_cols(y, self.o_proj, self.pretraining_tp)
 
 
 class LlamaMLP(nn.Module):
@@ -227,9 +234,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x):
+        return linear_split_cols(self.down_input(x), self.down_proj, self.pretraining_tp)
+
+    def down_input(self, x):
+        """act(gate_proj(x)) * up_proj(x): down_proj's input (B, T, intermediate)."""
         tp = self.pretraining_tp
-        h = F.silu(linear_split_rows(x, self.gate_proj, tp)) * linear_split_rows(x, self.up_proj, tp)
-        return linear_split_cols(h, self.down_proj, tp)
+        return F.silu(linear_split_rows(x, self.gate_proj, tp)) * linear_split_rows(x, self.up_proj, tp)
 
 
 class LlamaDecoderLayer(nn.Module):

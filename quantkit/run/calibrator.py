@@ -3,14 +3,16 @@
 The calibration tokens are embedded once; then for each decoder layer, in order, and inside it for
 each sequential group (true-sequential: q/k/v -> o -> gate/up -> down, as GPTQ's llama.py), four phases:
 
-  collect    run the layer on the current inputs; each target linear's observer (its backend's:
-             GPTQ's Hessian, activation magnitudes, ...) sees that linear's inputs;
+  collect    each target linear's observer (its backend's: GPTQ's Hessian, activation magnitudes, ...)
+             sees that linear's inputs: the group's stage of the layer's forward (quantkit/run/stages.py:
+             each stage computed once and again only after a group it depends on is quantized), or with
+             true_sequential off one full forward pass;
   transform  backends that rewrite a group before quantizing it (activation-aware scaling: rescale
              the preceding norm or linear and the group's linears) do so, with the statistics;
   quantize   every target linear of the group is swapped for its quantized module, the handler
              receiving its observer's statistics (later groups thus see the quantized earlier ones);
 and once per layer:
-  advance    recompute the layer's outputs with the quantized layer: the next layer's inputs.
+  advance    the quantized layer's outputs (from the kept residual stream): the next layer's inputs.
 
 So layer i is calibrated on the outputs of the already-quantized layers before it. Only one layer's
 weights, the activations (n, T, hidden) and one group's statistics are in memory at a time.
@@ -27,7 +29,7 @@ import logging
 import math
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_prefix, module_names
 from quantkit.model.llama import rotary_embedding
 from quantkit.quant.record import LinearReport, linear_reports, record_of
 from quantkit.quant.surgery import quantized_modules
+from quantkit.run.stages import LayerStages
 
 log = logging.getLogger(__name__)
 
@@ -237,29 +240,46 @@ class LayerCalibrator:
         # Observers hook the linears, which pretraining_tp's slicing bypasses: calibrate at tp=1.
         tp = layer.self_attn.pretraining_tp
         layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = 1
+        stages = self._stages(layer, prefix) if self.true_sequential else None
         groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
         for names in tqdm(groups, desc=prefix.rstrip("."), leave=False, disable=not self.progress):
             configs = self._targets(layer, prefix, names)
-            observers = self.collect(layer, prefix, configs)
-            self.transform(layer, prefix, configs, observers)
+            observers = self.collect(layer, prefix, configs, stages and (lambda names=names: stages.inputs(names)))
+            if self.transform(layer, prefix, configs, observers) and stages:
+                stages.changed()
             self.quantize(layer, prefix, configs, observers, dtype=export_dtype)
-        self.advance(layer, prefix)
+            if stages:
+                stages.changed(names)
+        self.hidden = stages.output() if stages else self._run(layer, prefix)
         layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = tp
         _cast_full_precision(layer, export_dtype)  # exact: the norms and ignored linears come back bit for bit
         return layer
+
+    def _stages(self, layer: nn.Module, prefix: str) -> LayerStages:
+        """The layer's true-sequential stages on the current inputs (quantkit/run/stages.py)."""
+        def on_nonfinite(i: int):
+            self._non_finite(layer, prefix, self.hidden.split(self.batch_size)[i])
+        return LayerStages(layer, self.hidden, self.batch_size, self.cos, self.sin, on_nonfinite)
 
     def _targets(self, layer: nn.Module, prefix: str, names: tuple[str, ...]) -> dict[str, QuantConfig]:
         """The group's full-precision linears that the recipe quantizes, with their configs."""
         configs = {n: self.recipe.config_for(prefix + n) for n in names if type(layer.get_submodule(n)) is nn.Linear}
         return {n: c for n, c in configs.items() if c is not None}
 
-    def collect(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig]) -> dict[str, Any]:
-        """One forward pass feeding each calibrated target's observer its inputs; no pass if none needs it."""
+    def collect(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig],
+                inputs: Callable[[], Iterable[torch.Tensor]] | None = None) -> dict[str, Any]:
+        """Feed each calibrated target's observer its inputs: the group's shared input batches from `inputs`
+        (the staged forward), or else one forward pass of the layer with hooks; nothing runs if none needs it."""
         observers = {}
         for n, config in configs.items():
             make = BACKENDS.for_config(config).observer
             if make is not None:
                 observers[n] = make(layer.get_submodule(n), config)
+        if observers and inputs is not None:
+            for x in inputs():
+                for observer in observers.values():
+                    observer.add(x)
+            return observers
         hooks = [layer.get_submodule(n).register_forward_hook(lambda mod, args, out, n=n: observers[n].add(args[0]))
                  for n in observers]
         try:
@@ -270,13 +290,15 @@ class LayerCalibrator:
                 hook.remove()
         return observers
 
-    def transform(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig], observers: dict[str, Any]):
-        """Each backend with a transform rewrites the group once, before any of it is quantized."""
+    def transform(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig],
+                  observers: dict[str, Any]) -> bool:
+        """Each backend with a transform rewrites the group once, before any of it is quantized; whether any did."""
         backends = {b.name: b for b in map(BACKENDS.for_config, configs.values())}  # each backend once
-        for backend in backends.values():
-            if backend.transform is not None:
-                backend.transform(GroupContext(layer, prefix, tuple(configs), configs, observers,
-                                               run=lambda: self._run(layer, prefix)))
+        transforms = [b.transform for b in backends.values() if b.transform is not None]
+        for transform in transforms:
+            transform(GroupContext(layer, prefix, tuple(configs), configs, observers,
+                                   run=lambda: self._run(layer, prefix)))
+        return bool(transforms)
 
     def quantize(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig], observers: dict[str, Any],
                  dtype: torch.dtype | None = None):
@@ -293,9 +315,6 @@ class LayerCalibrator:
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
                 raise QuantkitError(f"{name}: its calibration statistic ({key}) is not finite (computing in "
                                     f"{dtype_name(self.dtype)}): {nonfinite_cause(self.dtype)}")
-
-    def advance(self, layer: nn.Module, prefix: str = ""):
-        self.hidden = self._run(layer, prefix)
 
     def save_activations(self, path: Path):
         """Write the current activations (n, T, hidden) to a safetensors file, exactly (their dtype, on CPU)."""

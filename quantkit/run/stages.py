@@ -1,0 +1,99 @@
+"""The decoder layer's forward split at the true-sequential group boundaries: each stage is computed once over the
+calibration set and again only when a quantized group changes it.
+
+  group       its linears' input                                   kept
+  q/k/v       input_layernorm(x)                                   no (one norm: cheap)
+  o           y = attention of the q/k/v of input_layernorm(x)     yes, until q/k/v change
+  gate/up     post_attention_layernorm(h), h = x + o_proj(y)       h, until q/k/v or o change
+  down        act(gate(m)) * up(m), m = post_attention_layernorm(h) no
+  advance     h + down(...): the next layer's inputs
+
+A layer so costs one attention and about two MLPs of forward passes instead of five full ones (one per group and
+the advance). The stages are the model's own (LlamaAttention.attend / .output, LlamaMLP.down_input): the same float
+operations on the same batches as LlamaDecoderLayer.forward, so every group sees bit for bit the inputs a full
+forward pass would give it (tests/run/test_stages.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from quantkit.model.layout import SEQUENTIAL_GROUPS
+
+QKV, O, GATE_UP, DOWN = SEQUENTIAL_GROUPS
+
+
+class LayerStages:
+    """One decoder layer's stages over the calibration activations x (n, T, hidden), batch by batch.
+
+    `on_nonfinite(i)` is called (and raises) when a stage's values in batch i are not finite."""
+
+    def __init__(self, layer: nn.Module, x: torch.Tensor, batch_size: int, cos: torch.Tensor, sin: torch.Tensor,
+                 on_nonfinite: Callable[[int], None]):
+        self.layer, self.cos, self.sin, self.on_nonfinite = layer, cos, sin, on_nonfinite
+        self.x = x.split(batch_size)
+        self._y: list[torch.Tensor] | None = None  # o_proj's inputs
+        self._h: list[torch.Tensor] | None = None  # the residual stream after self_attn
+
+    def inputs(self, group: tuple[str, ...]) -> Iterator[torch.Tensor]:
+        """The group's input, batch by batch (the linears of a true-sequential group share it)."""
+        if group == QKV:
+            return self._checked(self.layer.input_layernorm(x) for x in self.x)
+        if group == O:
+            return iter(self._attention())
+        if group == GATE_UP:
+            return self._checked(self.layer.post_attention_layernorm(h) for h in self._residual())
+        if group == DOWN:
+            mlp, norm = self.layer.mlp, self.layer.post_attention_layernorm
+            return self._checked(mlp.down_input(norm(h)) for h in self._residual())
+        raise ValueError(f"{group}: not a true-sequential group")
+
+    def changed(self, group: tuple[str, ...] | None = None):
+        """The group's linears were replaced (None: anything in the layer may have changed): drop what they feed."""
+        if group in (None, QKV):
+            self._y = None
+        if group in (None, QKV, O):
+            self._h = None
+
+    def output(self) -> torch.Tensor:
+        """The layer's outputs (n, T, hidden): h + mlp(post_attention_layernorm(h)), computed in h's batches."""
+        h = self._residual()
+        self._h = None
+        mlp, norm = self.layer.mlp, self.layer.post_attention_layernorm
+        finite = [torch.isfinite(hb.add_(mlp(norm(hb)))).all() for hb in h]
+        self._check(finite)
+        return torch.cat(h)
+
+    def _attention(self) -> list[torch.Tensor]:
+        if self._y is None:
+            attn, norm = self.layer.self_attn, self.layer.input_layernorm
+            self._y = self._kept(attn.attend(norm(x), self.cos, self.sin, None, None) for x in self.x)
+        return self._y
+
+    def _residual(self) -> list[torch.Tensor]:
+        if self._h is None:
+            attn = self.layer.self_attn
+            self._h = self._kept(x + attn.output(y) for x, y in zip(self.x, self._attention()))
+            self._y = None  # every group that reads it is quantized by now
+        return self._h
+
+    def _kept(self, batches: Iterator[torch.Tensor]) -> list[torch.Tensor]:
+        kept = list(batches)
+        self._check([torch.isfinite(t).all() for t in kept])
+        return kept
+
+    def _checked(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The batches, then a check that all were finite (one sync for the pass, not one a batch)."""
+        finite = []
+        for t in batches:
+            finite.append(torch.isfinite(t).all())
+            yield t
+        self._check(finite)
+
+    def _check(self, finite: list[torch.Tensor]):
+        ok = torch.stack(finite)
+        if not ok.all():
+            self.on_nonfinite(int((~ok).nonzero()[0]))

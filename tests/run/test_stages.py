@@ -1,0 +1,130 @@
+"""The staged layer forward (quantkit/run/stages.py): every group's inputs and the layer's outputs are bit for bit
+those of a full forward pass, recomputed after a group changes, and the attention runs once per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantkit.backends.gptq import GPTQConfig
+from quantkit.model.layout import SEQUENTIAL_GROUPS
+from quantkit.model.llama import LlamaDecoderLayer, rotary_embedding
+from quantkit.run.calibrator import quantize_calibrated
+from quantkit.run.stages import LayerStages
+from tests.conftest import KERNEL_SHAPES, peaked_model, random_model, tiny_config
+
+BATCH = 3
+
+
+def toy_layer(**overrides):
+    config = tiny_config(**KERNEL_SHAPES, **overrides)
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(config, 0).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.05)
+    x = torch.randn(7, 16, config.hidden_size)  # 7 windows: batches of 3, 3 and 1
+    cos, sin = rotary_embedding(config, torch.arange(16)[None], x.dtype)
+    return layer, x, cos, sin
+
+
+def hooked_inputs(layer, x, cos, sin, names):
+    """What each linear of `names` receives in a full forward pass over x in batches, concatenated."""
+    seen = {n: [] for n in names}
+    hooks = [layer.get_submodule(n).register_forward_hook(lambda m, args, out, n=n: seen[n].append(args[0]))
+             for n in names]
+    with torch.no_grad():
+        out = torch.cat([layer(b, cos, sin) for b in x.split(BATCH)])
+    for hook in hooks:
+        hook.remove()
+    return {n: torch.cat(ts) for n, ts in seen.items()}, out
+
+
+def stages_of(layer, x, cos, sin):
+    def fail(i):
+        raise AssertionError(f"batch {i} not finite")
+    return LayerStages(layer, x, BATCH, cos, sin, fail)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_every_group_sees_what_a_full_pass_gives_it(kv_heads):
+    layer, x, cos, sin = toy_layer(num_key_value_heads=kv_heads)
+    stages = stages_of(layer, x, cos, sin)
+    with torch.no_grad():
+        for group in SEQUENTIAL_GROUPS:
+            expected, out = hooked_inputs(layer, x, cos, sin, group)
+            got = torch.cat(list(stages.inputs(group)))
+            assert all(torch.equal(got, expected[n]) for n in group), group
+        assert torch.equal(stages.output(), out)
+
+
+def test_a_changed_group_changes_what_follows_it():
+    layer, x, cos, sin = toy_layer()
+    stages = stages_of(layer, x, cos, sin)
+    with torch.no_grad():
+        for group in SEQUENTIAL_GROUPS:
+            list(stages.inputs(group))
+            for name in group:  # stands in for the quantized module: other weights, same shape
+                linear = layer.get_submodule(name)
+                replacement = nn.Linear(linear.in_features, linear.out_features, bias=False)
+                replacement.weight.copy_(linear.weight.half().float())
+                layer.set_submodule(name, replacement)
+            stages.changed(group)
+            later = SEQUENTIAL_GROUPS[SEQUENTIAL_GROUPS.index(group) + 1:]
+            for following in later:
+                expected, _ = hooked_inputs(layer, x, cos, sin, following)
+                assert torch.equal(torch.cat(list(stages.inputs(following))), expected[following[0]]), following
+        _, out = hooked_inputs(layer, x, cos, sin, ())
+        assert torch.equal(stages.output(), out)
+
+
+def test_the_attention_runs_once_a_layer(monkeypatch):
+    from quantkit.model.llama import LlamaAttention, LlamaMLP
+
+    calls = {"attend": 0, "down_input": 0}
+    for cls, name in ((LlamaAttention, "attend"), (LlamaMLP, "down_input")):
+        real = getattr(cls, name)
+
+        def spy(self, *args, real=real, name=name):
+            calls[name] += 1
+            return real(self, *args)
+        monkeypatch.setattr(cls, name, spy)
+    model = random_model(tiny_config(**KERNEL_SHAPES))
+    tokens = torch.randint(0, 4096, (6, 16), generator=torch.Generator().manual_seed(0))
+    quantize_calibrated(model, GPTQConfig(4, 32), tokens, batch_size=2, progress=False)
+    batches, layers = 3, model.config.num_hidden_layers
+    assert calls == {"attend": batches * layers, "down_input": 2 * batches * layers}  # down's inputs, the advance
+
+
+def test_a_stage_that_overflows_is_caught_in_its_batch():
+    layer, x, cos, sin = toy_layer()
+    x[4, 2, 0] = float("inf")  # batch 1 (windows 3-5)
+    failed = []
+
+    def note(i):
+        failed.append(i)
+        raise OverflowError
+    stages = LayerStages(layer, x, BATCH, cos, sin, note)
+    with torch.no_grad(), pytest.raises(OverflowError):
+        list(stages.inputs(SEQUENTIAL_GROUPS[0]))
+    assert failed == [1]
+
+
+@pytest.mark.parametrize("config", [GPTQConfig(4, 32), GPTQConfig(3, 32, desc_act=True, symmetric=True)],
+                         ids=lambda c: c.describe())
+def test_staged_calibration_equals_a_full_pass_per_group(monkeypatch, config):
+    """The whole calibration, staged and with one full forward pass per group (the path before the stages):
+    the same quantized model, bit for bit."""
+    from quantkit.run.calibrator import LayerCalibrator
+
+    def calibrated():
+        model = peaked_model(**KERNEL_SHAPES)
+        tokens = torch.randint(0, 4096, (5, 16), generator=torch.Generator().manual_seed(1))
+        quantize_calibrated(model, config, tokens, batch_size=2, progress=False)
+        return model.state_dict()
+
+    staged = calibrated()
+    monkeypatch.setattr(LayerCalibrator, "_stages", lambda self, layer, prefix: None)
+    full = calibrated()
+    assert staged.keys() == full.keys() and all(torch.equal(staged[k], full[k]) for k in staged)

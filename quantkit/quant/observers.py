@@ -20,6 +20,10 @@ class Observer(Protocol):
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one batch of the linear's inputs, (..., K)."""
 
+    def merge(self, other: "Observer") -> "Observer":
+        """Add the statistics of another observer of the same linear (other samples) to this one; returns self.
+        Statistics add up, so calibration can be split across processes and reduced."""
+
     def handler_kwargs(self) -> dict:
         """What the backend's handler receives as keyword arguments."""
 
@@ -40,6 +44,11 @@ class ChannelMagnitudeObserver:
         x = x.reshape(-1, x.shape[-1])  # (tokens, K)
         self.total += x.abs().sum(0, dtype=torch.float64)
         self.n += x.shape[0]
+
+    def merge(self, other: "ChannelMagnitudeObserver") -> "ChannelMagnitudeObserver":
+        self.total += other.total
+        self.n += other.n
+        return self
 
     @property
     def mean_abs(self) -> torch.Tensor:

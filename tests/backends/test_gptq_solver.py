@@ -1,6 +1,7 @@
 """GPTQ math on toy linears with hand-built Hessians (llm-compressor style)."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -31,6 +32,30 @@ W = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
 def test_streamed_hessian_is_2_xtx_over_n():
     X = correlated_inputs()
     torch.testing.assert_close(hessian(X), 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
+
+
+def test_the_hessian_is_the_references_running_mean_bit_for_bit():
+    """gptq.py's add_batch keeps H a running mean (H *= n / (n + t); H += x' x'^T, x' = sqrt(2 / (n + t)) x)."""
+    X = correlated_inputs(tokens=4096)
+    H, n = torch.zeros(256, 256), 0
+    for batch in X.split(300):
+        H *= n / (n + batch.shape[0])
+        n += batch.shape[0]
+        scaled = batch * math.sqrt(2 / n)
+        H.addmm_(scaled.T, scaled)
+    assert torch.equal(hessian(X), H)
+
+
+def test_accumulators_of_disjoint_samples_merge_into_the_whole():
+    X = correlated_inputs(tokens=3000)
+    parts = [HessianAccumulator(256) for _ in range(3)]
+    for i, batch in enumerate(X.split(300)):
+        parts[i % 3].add(batch)  # round robin: each part sees other samples, as ranks would
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert merged.n == 3000
+    torch.testing.assert_close(merged.H, hessian(X), rtol=1e-5, atol=1e-5 * hessian(X).abs().max().item())
+    empty = HessianAccumulator(256)
+    assert torch.equal(empty.merge(merged).H, merged.H) and empty.n == 3000  # merging into an empty one copies it
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -196,3 +196,68 @@ def test_transform_runs_between_collect_and_quantize_and_keeps_the_function(regi
     assert all(d is None or d < 1e-5 for _, _, d in log) and sum(d is not None for _, _, d in log) == 4
     assert len(reports) == 14 and {r.method for r in reports} == {"smooth-toy"}
     assert registry.get("smooth-toy").needs_calibration
+
+
+# -- a layer transform (the seam AWQ uses): every scaling pair folded, then true-sequential GPTQ ---------------
+
+
+@dataclass(frozen=True)
+class ScaledGPTQConfig(QuantConfig):
+    """A toy AWQ-then-GPTQ: random positive scales folded along every scaling pair, then GPTQ w4 g32."""
+
+    bits: int = 4
+    group_size: int = 32
+
+
+def scale_every_pair(ctx, log):
+    from quantkit.model.layout import SCALING_PAIRS
+    from quantkit.quant.scaling import fold_scales
+
+    qkv, o, gate_up, _ = SEQUENTIAL_GROUPS
+    log.append(("layer", ctx.prefix, sorted(ctx.configs)))
+    with torch.no_grad():
+        attention = [ctx.attention(a) for a in ctx.inputs(qkv)]
+        mlp = [ctx.mlp(m) for m in ctx.inputs(gate_up)]
+        o_inputs = ctx.inputs(o)
+        g = torch.Generator().manual_seed(len(log))
+        scales = {}
+        for preceding, followers, _ in SCALING_PAIRS:
+            s = torch.rand(ctx.layer.get_submodule(followers[0]).in_features, generator=g) + 0.5
+            fold_scales(ctx.layer.get_submodule(preceding), [ctx.layer.get_submodule(n) for n in followers], s)
+            scales[preceding] = s
+        ctx.changed()
+        log.append(("attention", max((ctx.attention(a) - b).abs().max().item() / b.abs().max().item()
+                                     for a, b in zip(ctx.inputs(qkv), attention))))
+        log.append(("mlp", max((ctx.mlp(m) - b).abs().max().item() / b.abs().max().item()
+                               for m, b in zip(ctx.inputs(gate_up), mlp))))
+        log.append(("o inputs", max((y * scales["self_attn.v_proj"] - b).abs().max().item() / b.abs().max().item()
+                                    for y, b in zip(ctx.inputs(o), o_inputs))))
+
+
+def test_a_layer_transform_rescales_every_pair_before_true_sequential_gptq(registry):
+    from quantkit.backends.gptq import GPTQConfig, HessianObserver, quantize_gptq
+
+    log = []
+    original_add = HessianObserver.add
+
+    def observe(self, x):
+        log.append(("collect",))
+        return original_add(self, x)
+
+    registry.register("scaled-gptq", ScaledGPTQConfig, observer=HessianObserver.for_linear,
+                      layer_transform=lambda ctx: scale_every_pair(ctx, log))(
+        lambda linear, config, name, hessian: quantize_gptq(linear, GPTQConfig(config.bits, config.group_size), name,
+                                                            hessian))
+    model = random_model(tiny_config(**SHAPES, num_key_value_heads=4))  # MHA: v_proj -> o_proj pairs
+    tokens = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(1))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(HessianObserver, "add", observe)
+        reports = quantize_calibrated(model, ScaledGPTQConfig(), tokens, batch_size=2, progress=False)
+    layers = [i for i, entry in enumerate(log) if entry[0] == "layer"]
+    assert len(layers) == 2 and log[layers[0]][2] == sorted(name for g in SEQUENTIAL_GROUPS for name in g)
+    for start in layers:  # the transform, its checks, then the layer's collects: the layer is rescaled first
+        assert [e[0] for e in log[start + 1:start + 4]] == ["attention", "mlp", "o inputs"]
+        assert all(e[1] < 1e-5 for e in log[start + 1:start + 4]), log[start + 1:start + 4]
+        assert log[start + 4] == ("collect",)
+    assert len(reports) == 14 and all(r.kind == "output" for r in reports)
+    assert registry.get("scaled-gptq").needs_calibration

@@ -9,7 +9,8 @@ callable) that registers its backends when loaded.
 A backend that learns from calibration data declares an `observer` (quantkit.quant.observers): one is made
 per target linear, fed that linear's inputs during the calibration forward passes, and hands the
 handler its statistics as keyword arguments (GPTQ: `hessian=`). It may also declare a `transform`
-that rewrites a sequential group before it is quantized (activation-aware scaling). See
+that rewrites a sequential group before it is quantized, and a `layer_transform` that rewrites the whole layer
+before any of it is quantized (activation-aware scaling: AWQ's four scalings, then GPTQ on the scaled layer). See
 quantkit/run/calibrator.py for the phases: collect, transform, quantize, advance.
 """
 
@@ -126,10 +127,11 @@ class Backend:
     observer: Callable | None = None  # (linear, config) -> Observer: the statistics its handler needs
     transform: Callable | None = None  # (GroupContext) -> None: rewrites a sequential group before quantizing
     dense_weight: Callable = dequantize  # (module) -> (N, K) float weight it computes with, or None
+    layer_transform: Callable | None = None  # (LayerContext) -> None: rewrites a layer before any of it is quantized
 
     @property
     def needs_calibration(self) -> bool:
-        return self.observer is not None or self.transform is not None
+        return self.observer is not None or self.transform is not None or self.layer_transform is not None
 
     def unusable_reason(self) -> str | None:
         """Why this backend cannot run here, or None."""
@@ -157,7 +159,7 @@ class Registry:
     def register(self, name: str, config_cls: type, *, devices: tuple[str, ...] = ("cpu", "cuda"),
                  formats: tuple[str, ...] = (), requires: tuple[str, ...] = (), description: str = "",
                  observer: Callable | None = None, transform: Callable | None = None,
-                 dense_weight: Callable = dequantize):
+                 dense_weight: Callable = dequantize, layer_transform: Callable | None = None):
         """Decorator for a handler `(linear, config, name, **stats) -> nn.Module` of config_cls (see Backend)."""
         if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
             raise QuantkitError(f"backend {name!r}: declare {config_cls.__qualname__} with @dataclass(frozen=True) "
@@ -169,7 +171,8 @@ class Registry:
                                     f"{self._by_name[name].config_cls.__qualname__}")
             config_cls.method = name
             self._by_name[name] = Backend(name, config_cls, handler, tuple(devices), tuple(formats),
-                                          tuple(requires), description, observer, transform, dense_weight)
+                                          tuple(requires), description, observer, transform, dense_weight,
+                                          layer_transform)
             return handler
         return decorate
 

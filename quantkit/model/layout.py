@@ -27,6 +27,16 @@ SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("self_attn.q_proj", "self_att
                                                   ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
                                                   ("mlp.down_proj",))
 
+# Activation-aware scaling (AWQ, Lin et al. 2023, arXiv:2306.00978; llm-compressor's Llama mappings): a module
+# whose output channels absorb 1/s, the linears after it whose input channels take s (the float layer unchanged),
+# and the block whose output judges a scaling. v_proj -> o_proj needs one o_proj input column per v_proj output
+# channel, which GQA (fewer kv heads) does not give.
+SCALING_PAIRS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    ("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
+
 # Shards that vLLM fuses into one linear (qkv_proj, gate_up_proj): each fused set needs one scheme.
 FUSED_SHARDS: tuple[tuple[str, ...], ...] = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                                              ("mlp.gate_proj", "mlp.up_proj"))

@@ -1,7 +1,14 @@
 """Calibrated quantization, one decoder layer at a time: the orchestration around the backends' observers.
 
-The calibration tokens are embedded once; then for each decoder layer, in order, and inside it for
-each sequential group (true-sequential: q/k/v -> o -> gate/up -> down, as GPTQ's llama.py), four phases:
+The calibration tokens are embedded once; then for each decoder layer, in order, first
+
+  layer transform  backends that rewrite the whole layer before any of it is quantized (activation-aware
+             scaling: AWQ's four pairs, quantkit.model.layout.SCALING_PAIRS, folded with
+             quantkit.quant.scaling.fold_scales) do so, seeing every group's inputs and the attention and
+             MLP blocks to run on them (LayerContext);
+
+and then inside it for each sequential group (true-sequential: q/k/v -> o -> gate/up -> down, as GPTQ's
+llama.py), four phases:
 
   collect    each target linear's observer (its backend's: GPTQ's Hessian, activation magnitudes, ...)
              sees that linear's inputs: the group's stage of the layer's forward (quantkit/run/stages.py:
@@ -193,6 +200,21 @@ class GroupContext:
     run: Callable[[], torch.Tensor] = field(repr=False)  # the layer on the current calibration inputs
 
 
+@dataclass
+class LayerContext:
+    """What a backend's layer transform sees, once per layer before any of it is quantized (activation-aware
+    scaling: it may rescale a norm or linear and the linears after it, quantkit.quant.scaling.fold_scales, along
+    quantkit.model.layout.SCALING_PAIRS; the true-sequential groups are then calibrated on the rescaled layer)."""
+
+    layer: nn.Module  # the decoder layer, full precision, computing in the calibration dtype
+    prefix: str  # 'model.layers.3.'
+    configs: dict[str, QuantConfig]  # the layer's target linears this backend quantizes -> their configs
+    inputs: Callable[[tuple[str, ...]], list[torch.Tensor]] = field(repr=False)  # a group's input batches
+    attention: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # self_attn on q/k/v's input batch
+    mlp: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # the MLP on gate/up's input batch
+    changed: Callable[[], None] = field(repr=False)  # after rewriting the layer: `inputs` then computes anew
+
+
 class LayerCalibrator:
     """Holds the calibration activations (n, T, hidden) and walks them through the layers as they are quantized."""
 
@@ -240,6 +262,7 @@ class LayerCalibrator:
         # Observers hook the linears, which pretraining_tp's slicing bypasses: calibrate at tp=1.
         tp = layer.self_attn.pretraining_tp
         layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = 1
+        self.layer_transform(layer, prefix)
         stages = self._stages(layer, prefix) if self.true_sequential else None
         groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
         for names in tqdm(groups, desc=prefix.rstrip("."), leave=False, disable=not self.progress):
@@ -255,11 +278,27 @@ class LayerCalibrator:
         _cast_full_precision(layer, export_dtype)  # exact: the norms and ignored linears come back bit for bit
         return layer
 
-    def _stages(self, layer: nn.Module, prefix: str) -> LayerStages:
-        """The layer's true-sequential stages on the current inputs (quantkit/run/stages.py)."""
+    def _stages(self, layer: nn.Module, prefix: str) -> LayerStages | None:
+        """The stages the true-sequential groups are collected from (None: a full forward pass per group)."""
+        return self.stages_of(layer, prefix)
+
+    def stages_of(self, layer: nn.Module, prefix: str) -> LayerStages:
+        """The layer's stages on the current inputs (quantkit/run/stages.py)."""
         def on_nonfinite(i: int):
             self._non_finite(layer, prefix, self.hidden.split(self.batch_size)[i])
         return LayerStages(layer, self.hidden, self.batch_size, self.cos, self.sin, on_nonfinite)
+
+    def layer_transform(self, layer: nn.Module, prefix: str):
+        """Each backend with a layer transform rewrites the layer once, before any group is collected."""
+        configs = self._targets(layer, prefix, sum(SEQUENTIAL_GROUPS, ()))
+        backends = {b.name: b for b in map(BACKENDS.for_config, configs.values()) if b.layer_transform is not None}
+        for backend in backends.values():
+            stages = self.stages_of(layer, prefix)
+            mine = {n: c for n, c in configs.items() if BACKENDS.for_config(c) is backend}
+            backend.layer_transform(LayerContext(
+                layer, prefix, mine, inputs=lambda group, stages=stages: list(stages.inputs(group)),
+                attention=lambda a: layer.self_attn(a, self.cos, self.sin, None, None), mlp=layer.mlp,
+                changed=stages.changed))
 
     def _targets(self, layer: nn.Module, prefix: str, names: tuple[str, ...]) -> dict[str, QuantConfig]:
         """The group's full-precision linears that the recipe quantizes, with their configs."""

@@ -150,3 +150,25 @@ def test_mse_clipping_search_does_not_hurt():
     X = correlated_inputs()
     plain = gptq_quantize(W, hessian(X), 3, 64).relative_error
     assert gptq_quantize(W, hessian(X), 3, 64, mse=True).relative_error <= plain * 1.05
+
+
+def direct_relative_error(W, Wq, H):
+    dW = Wq - W
+    return math.sqrt(((dW @ H) * dW).sum().item() / ((W @ H) * W).sum().item())
+
+
+@pytest.mark.parametrize("case", ["plain", "act-order", "static", "dead inputs", "sym mse", "damp 0.1"])
+def test_the_output_error_from_gptqs_losses_is_the_direct_one(case):
+    """tr(dW H dW^T) = 2 sum(losses) - lambda ||dW||^2: the report needs no K x K product for its numerator."""
+    X = correlated_inputs()
+    H = 2 * X.T @ X / X.shape[0]
+    options = {"act-order": dict(act_order=True), "static": dict(act_order=True, static_groups=True),
+               "sym mse": dict(symmetric=True, mse=True), "damp 0.1": dict(damp=0.1)}.get(case, {})
+    if case == "dead inputs":
+        H[:, 5:9] = 0
+        H[5:9, :] = 0
+    result = gptq_quantize(W, H, 3, 64, **options)
+    Wq = result.weight.dequantize(torch.float32)
+    if case == "dead inputs":
+        assert result.dead_inputs == 4 and bool((Wq[:, 5:9] == 0).all())
+    assert result.relative_error == pytest.approx(direct_relative_error(W, Wq, H), rel=1e-4)

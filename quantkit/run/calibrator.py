@@ -56,6 +56,7 @@ from quantkit.model.llama import rotary_embedding
 from quantkit.quant.record import LinearReport, linear_reports, record_of
 from quantkit.quant.surgery import quantized_modules
 from quantkit.run.stages import LayerStages
+from quantkit.run.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ class LayerCalibrator:
         positions = torch.arange(tokens.shape[1], device=self.device)[None]
         self.cos, self.sin = rotary_embedding(config, positions, self.hidden.dtype)  # (1, 1, T, D)
         self.true_sequential = all(getattr(c, "true_sequential", True) for c in recipe.configs())
+        self.times = PhaseTimes(self.device)  # forward, statistics, transform, quantize: added up over the layers
 
     @torch.no_grad()
     def _run(self, layer: nn.Module, prefix: str) -> torch.Tensor:
@@ -262,18 +264,24 @@ class LayerCalibrator:
         # Observers hook the linears, which pretraining_tp's slicing bypasses: calibrate at tp=1.
         tp = layer.self_attn.pretraining_tp
         layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = 1
-        self.layer_transform(layer, prefix)
+        with self.times("transform"):
+            self.layer_transform(layer, prefix)
         stages = self._stages(layer, prefix) if self.true_sequential else None
         groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
-        for names in tqdm(groups, desc=prefix.rstrip("."), leave=False, disable=not self.progress):
+        bar = tqdm(groups, desc=prefix.rstrip("."), leave=False, disable=not self.progress)
+        for names in bar:
+            bar.set_postfix_str("/".join(n.rpartition(".")[2].removesuffix("_proj") for n in names))
             configs = self._targets(layer, prefix, names)
             observers = self.collect(layer, prefix, configs, stages and (lambda names=names: stages.inputs(names)))
-            if self.transform(layer, prefix, configs, observers) and stages:
-                stages.changed()
-            self.quantize(layer, prefix, configs, observers, dtype=export_dtype)
+            with self.times("transform"):
+                if self.transform(layer, prefix, configs, observers) and stages:
+                    stages.changed()
+            with self.times("quantize"):
+                self.quantize(layer, prefix, configs, observers, dtype=export_dtype)
             if stages:
                 stages.changed(names)
-        self.hidden = stages.output() if stages else self._run(layer, prefix)
+        with self.times("forward"):
+            self.hidden = stages.output() if stages else self._run(layer, prefix)
         layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = tp
         _cast_full_precision(layer, export_dtype)  # exact: the norms and ignored linears come back bit for bit
         return layer
@@ -315,15 +323,21 @@ class LayerCalibrator:
             if make is not None:
                 observers[n] = make(layer.get_submodule(n), config)
         if observers and inputs is not None:
-            for x in inputs():
-                for observer in observers.values():
-                    observer.add(x)
-            return observers
+            batches = iter(inputs())
+            while True:
+                with self.times("forward"):
+                    x = next(batches, None)
+                if x is None:
+                    return observers
+                with self.times("statistics"):
+                    for observer in observers.values():
+                        observer.add(x)
         hooks = [layer.get_submodule(n).register_forward_hook(lambda mod, args, out, n=n: observers[n].add(args[0]))
                  for n in observers]
         try:
             if hooks:
-                self._run(layer, prefix)
+                with self.times("forward"):  # the observers' statistics included
+                    self._run(layer, prefix)
         finally:
             for hook in hooks:
                 hook.remove()

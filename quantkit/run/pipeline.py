@@ -29,6 +29,7 @@ from quantkit.run.calibrator import CalibrationOptions, LayerCalibrator, calibra
 from quantkit.formats.reader import open_checkpoint
 from quantkit.model.layout import layer_prefix
 from quantkit.run.sizing import check_free_space, output_needed
+from quantkit.run.timing import PhaseTimes
 from quantkit.run.workdir import NON_LAYER, WorkDir, fingerprint, layer_unit, work_dir_of
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class QuantizeSummary:
     bits_per_weight: float | None  # quant.record.bits_per_weight: the decoder linears' stored bits per weight
     seconds: float
     errors: list = field(default_factory=list)  # per quantized linear: name, method, relative_error, kind, dead_inputs
+    seconds_per_layer: float | None = None  # the layers quantized in this run (not those a --resume found done)
+    phases: dict = field(default_factory=dict)  # seconds by phase over the run: read, forward, statistics,
+    #                                             transform, quantize, write (the layers), assemble (the output)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,8 +99,11 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     work.begin(fingerprint(ckpt, recipe_dict, export_fields, calibration if calibrator else None, tokens, calib_dtype))
     try:
         with terminate_as_exception():  # SIGTERM anywhere in the run: Terminated, so that the cleanup below runs
-            _checkpoint_layers(ckpt, recipe, fmt, dtype, work, calibrator, progress)
-            with quantized_writer(out_dir, fmt, export, ckpt.config, recipe_dict, dtype, ckpt.dir) as writer:
+            layers_done = work.done
+            times = _checkpoint_layers(ckpt, recipe, fmt, dtype, work, calibrator, progress)
+            layers_done = work.done - layers_done
+            with times("assemble"), quantized_writer(out_dir, fmt, export, ckpt.config, recipe_dict, dtype,
+                                                     ckpt.dir) as writer:
                 work.assemble(writer, progress)
     except BaseException as e:
         raise _stopped(e, work, keep_work,
@@ -106,13 +113,21 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     return QuantizeSummary(source=str(ckpt.dir), output=str(out_dir), format=fmt.name, recipe=recipe_dict,
                            layers=ckpt.config.num_hidden_layers, bytes_before=before,
                            bytes_after=writer.sink.total_size, bits_per_weight=writer.record.bits_per_weight(),
-                           seconds=time.perf_counter() - start, errors=[asdict(r) for r in writer.reports])
+                           seconds=time.perf_counter() - start, errors=[asdict(r) for r in writer.reports],
+                           seconds_per_layer=_per_layer(times, layers_done), phases=times.rounded())
+
+
+def _per_layer(times: PhaseTimes, layers: int) -> float | None:
+    layer_phases = sum(s for phase, s in times.seconds.items() if phase != "assemble")
+    return round(layer_phases / layers, 3) if layers else None
 
 
 def _checkpoint_layers(ckpt, recipe: Recipe, fmt, dtype: torch.dtype, work: WorkDir,
-                       calibrator: LayerCalibrator | None, progress: bool):
-    """The non-layer tensors and each decoder layer the work directory does not hold yet: read, quantize, keep."""
+                       calibrator: LayerCalibrator | None, progress: bool) -> PhaseTimes:
+    """The non-layer tensors and each decoder layer the work directory does not hold yet: read, quantize, keep.
+    Returns the seconds by phase (the calibrator's included)."""
     n = ckpt.config.num_hidden_layers
+    times = calibrator.times if calibrator is not None else PhaseTimes()
     writer_of = lambda sink: ExportWriter(fmt, sink, ckpt.config)  # noqa: E731
     if not work.has_non_layer:
         unit = work.write_unit(NON_LAYER, writer_of,
@@ -123,11 +138,18 @@ def _checkpoint_layers(ckpt, recipe: Recipe, fmt, dtype: torch.dtype, work: Work
     for index in tqdm(range(work.done, n), desc="quantize", unit="layer", initial=work.done, total=n,
                       disable=not progress):
         prefix = layer_prefix(index)
-        layer = ckpt.layer_module(index, dtype)
-        layer = calibrator.step(layer, prefix).cpu() if calibrator else quantize(layer, recipe, prefix=prefix)
-        unit = work.write_unit(layer_unit(index), writer_of, lambda writer: writer.write(layer, prefix=prefix))
-        work.finish_layer(unit, calibrator.save_activations if calibrator else None)
+        with times("read"):
+            layer = ckpt.layer_module(index, dtype)
+        if calibrator:
+            layer = calibrator.step(layer, prefix).cpu()
+        else:
+            with times("quantize"):
+                layer = quantize(layer, recipe, prefix=prefix)
+        with times("write"):
+            unit = work.write_unit(layer_unit(index), writer_of, lambda writer: writer.write(layer, prefix=prefix))
+            work.finish_layer(unit, calibrator.save_activations if calibrator else None)
         del layer  # the next layer replaces it: memory stays at one layer
+    return times
 
 
 def _stopped(e: BaseException, work: WorkDir, keep_work: bool, needed) -> BaseException:

@@ -331,3 +331,20 @@ def test_dead_inputs_in_the_cli_summary_and_rtn_rows_have_none(tmp_path, tokeniz
             "set their weight columns to 0): calibrate on text that uses them") in result.output
     summary = quantize_checkpoint(src, RTNConfig(4, 32), tmp_path / "rtn", progress=False)
     assert {e["dead_inputs"] for e in summary.errors} == {None}  # not calibrated: not measured
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_the_summary_says_where_the_seconds_went(kernel_model_dir, tmp_path, method):
+    from quantkit.run.calibrator import CalibrationOptions
+
+    config = QuantConfig.from_dict({"method": method, "bits": 4, "group_size": 32})
+    tokens = torch.randint(0, 4096, (4, 32), generator=torch.Generator().manual_seed(0))
+    summary = quantize_checkpoint(kernel_model_dir, config, tmp_path / "q", progress=False,
+                                  calibration=CalibrationOptions(tokens) if method == "gptq" else None)
+    expected = {"read", "quantize", "write", "assemble"} | ({"forward", "statistics", "transform"}
+                                                            if method == "gptq" else set())
+    assert set(summary.phases) == expected and all(s >= 0 for s in summary.phases.values())
+    assert sum(summary.phases.values()) <= summary.seconds
+    layer_seconds = sum(s for p, s in summary.phases.items() if p != "assemble")
+    assert summary.seconds_per_layer == pytest.approx(layer_seconds / 2, abs=2e-3)  # 2 layers
+    assert json.loads(json.dumps(summary.to_dict()))["phases"] == summary.phases

@@ -275,7 +275,7 @@ def test_targets_name_single_modules_exactly():
 IDS = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(1))
 # The weights are bit-identical (checked first, and the real test: in this random model the std-1
 # embeddings dominate the residual stream, so one group off by one step moves the logits only ~2e-4).
-# The logits then agree to bf16 rounding: quantkit's int4 kernels compute in bf16 (modules.py), while
+# The logits then agree to bf16 rounding: quantkit's int4 kernels compute in bf16 (quant/linear.py), while
 # transformers runs the decompressed weights in fp32. Tolerance: bf16's epsilon relative to max |logit|.
 BF16_EPS = 2.0**-8
 

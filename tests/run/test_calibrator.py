@@ -163,11 +163,11 @@ def test_a_calib_dtype_with_a_smaller_range_than_the_checkpoint_is_refused_up_fr
     ("bf16", "fp16", "cuda", "fp32"), ("fp32", "bf16", "cuda", "fp32")])
 def test_the_auto_calibration_dtype(monkeypatch, source, export, device, auto):
     """fp32 on CPU; on CUDA the checkpoint's own dtype, unless the layers are written in another (then fp32)."""
-    import quantkit.run.calibrator as layerwise
+    import quantkit.run.calibrator as calibrator
     from quantkit.dtypes import parse_dtype
 
-    monkeypatch.setattr(layerwise, "check_device", torch.device)  # this machine may have no CUDA
-    got = layerwise.calibration_dtype(None, parse_dtype(source), device, export=parse_dtype(export))
+    monkeypatch.setattr(calibrator, "check_device", torch.device)  # this machine may have no CUDA
+    got = calibrator.calibration_dtype(None, parse_dtype(source), device, export=parse_dtype(export))
     assert got == parse_dtype(auto)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -269,10 +270,15 @@ class LayerCalibrator:
         stages = self._stages(layer, prefix) if self.true_sequential else None
         groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
         bar = tqdm(groups, desc=prefix.rstrip("."), leave=False, disable=not self.progress)
+        samples = self.hidden.shape[0]
         for names in bar:
-            bar.set_postfix_str("/".join(n.rpartition(".")[2].removesuffix("_proj") for n in names))
+            label = "/".join(n.rpartition(".")[2].removesuffix("_proj") for n in names)
+            bar.set_postfix_str(label)
             configs = self._targets(layer, prefix, names)
+            start = time.perf_counter()
             observers = self.collect(layer, prefix, configs, stages and (lambda names=names: stages.inputs(names)))
+            if observers:
+                bar.set_postfix_str(f"{label}: {samples / max(time.perf_counter() - start, 1e-9):,.0f} samples/s")
             with self.times("transform"):
                 if self.transform(layer, prefix, configs, observers) and stages:
                     stages.changed()

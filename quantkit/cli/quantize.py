@@ -49,8 +49,8 @@ def quantize(model, output, recipe, method_choice, calibration, export, ignore, 
                f"({summary.bytes_before / max(summary.bytes_after, 1):.2f}x smaller), "
                f"{summary.bits_per_weight:.2f} bits per weight (decoder linears, scales included)")
     if summary.seconds_per_layer is not None:
-        phases = ", ".join(f"{p} {s:.1f}" for p, s in summary.phases.items() if p != "assemble" and s >= 0.05)
-        click.echo(f"{summary.seconds_per_layer:.1f} s per layer; seconds over the run: {phases}")
+        phases = ", ".join(f"{p} {s:.2g}" for p, s in summary.phases.items() if p != "assemble" and s >= 0.005)
+        click.echo(f"{summary.seconds_per_layer:.2g} s per layer; seconds over the run: {phases}")
     errors = [e for e in summary.errors if e["relative_error"] is not None]
     if errors:
         worst = max(errors, key=lambda e: e["relative_error"])

@@ -2,7 +2,7 @@
 
 GPTQ (w4 g128 asymmetric, fp32) of a model in memory with quantkit.run.calibrator.quantize_calibrated, on the same
 calibration windows, two ways in the same process, alternating: staged (quantkit/run/stages.py: each group's inputs
-computed once, the attention once a layer) and full (LayerCalibrator._stages patched to None: a forward pass of the
+computed once, the attention once a layer) and full (LayerCalibrator.staged = False: a forward pass of the
 whole layer per group, then one for the outputs, as before). Both give the same quantized weights bit for bit
 (checked here too). Optionally one decoder layer of Llama-2-7B's shape with random weights (--llama7b-layer).
 
@@ -29,12 +29,11 @@ from quantkit.run.calibrator import LayerCalibrator, quantize_calibrated
 
 @contextlib.contextmanager
 def full_passes():
-    real = LayerCalibrator._stages
-    LayerCalibrator._stages = lambda self, layer, prefix: None
+    LayerCalibrator.staged = False
     try:
         yield
     finally:
-        LayerCalibrator._stages = real
+        LayerCalibrator.staged = True
 
 
 def llama7b_layer() -> LlamaForCausalLM:

@@ -56,7 +56,7 @@ from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_prefix, module_names
 from quantkit.model.llama import rotary_embedding
 from quantkit.quant.record import LinearReport, linear_reports, record_of
 from quantkit.quant.surgery import quantized_modules
-from quantkit.run.stages import LayerStages
+from quantkit.run.stages import LayerStages, first_nonfinite
 from quantkit.run.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,9 @@ class LayerContext:
 class LayerCalibrator:
     """Holds the calibration activations (n, T, hidden) and walks them through the layers as they are quantized."""
 
+    staged = True  # False: one full forward pass per true-sequential group instead (the same results, slower;
+    #                tests and bench/bench_stages.py compare the two)
+
     def __init__(self, config: LlamaConfig, tokens: torch.Tensor, embed_weight: torch.Tensor, recipe: Recipe,
                  batch_size: int = 8, device: str | torch.device = "cpu", progress: bool = True,
                  dtype: torch.dtype | None = None):
@@ -241,9 +244,9 @@ class LayerCalibrator:
         """The layer's outputs (n, T, hidden) on the current inputs; a QuantkitError naming it where not finite."""
         batches = self.hidden.split(self.batch_size)
         outputs = [layer(x, self.cos, self.sin) for x in batches]
-        finite = torch.stack([torch.isfinite(y).all() for y in outputs])  # one sync for the pass, not one a batch
-        if not finite.all():
-            self._non_finite(layer, prefix, batches[int((~finite).nonzero()[0])])
+        first = first_nonfinite([torch.isfinite(y).all() for y in outputs])
+        if first is not None:
+            self._non_finite(layer, prefix, batches[first])
         return torch.cat(outputs)
 
     def _non_finite(self, layer: nn.Module, prefix: str, x: torch.Tensor):
@@ -267,7 +270,7 @@ class LayerCalibrator:
         layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = 1
         with self.times("transform"):
             self.layer_transform(layer, prefix)
-        stages = self._stages(layer, prefix) if self.true_sequential else None
+        stages = self.stages_of(layer, prefix) if self.true_sequential and self.staged else None
         groups = SEQUENTIAL_GROUPS if self.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
         bar = tqdm(groups, desc=prefix.rstrip("."), leave=False, disable=not self.progress)
         samples = self.hidden.shape[0]
@@ -291,10 +294,6 @@ class LayerCalibrator:
         layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = tp
         _cast_full_precision(layer, export_dtype)  # exact: the norms and ignored linears come back bit for bit
         return layer
-
-    def _stages(self, layer: nn.Module, prefix: str) -> LayerStages | None:
-        """The stages the true-sequential groups are collected from (None: a full forward pass per group)."""
-        return self.stages_of(layer, prefix)
 
     def stages_of(self, layer: nn.Module, prefix: str) -> LayerStages:
         """The layer's stages on the current inputs (quantkit/run/stages.py)."""

@@ -99,9 +99,9 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     work.begin(fingerprint(ckpt, recipe_dict, export_fields, calibration if calibrator else None, tokens, calib_dtype))
     try:
         with terminate_as_exception():  # SIGTERM anywhere in the run: Terminated, so that the cleanup below runs
-            layers_done = work.done
+            resumed_at = work.done
             times = _checkpoint_layers(ckpt, recipe, fmt, dtype, work, calibrator, progress)
-            layers_done = work.done - layers_done
+            layers_run = work.done - resumed_at  # before work.remove() forgets them
             with times("assemble"), quantized_writer(out_dir, fmt, export, ckpt.config, recipe_dict, dtype,
                                                      ckpt.dir) as writer:
                 work.assemble(writer, progress)
@@ -114,7 +114,7 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
                            layers=ckpt.config.num_hidden_layers, bytes_before=before,
                            bytes_after=writer.sink.total_size, bits_per_weight=writer.record.bits_per_weight(),
                            seconds=time.perf_counter() - start, errors=[asdict(r) for r in writer.reports],
-                           seconds_per_layer=_per_layer(times, layers_done), phases=times.rounded())
+                           seconds_per_layer=_per_layer(times, layers_run), phases=times.rounded())
 
 
 def _per_layer(times: PhaseTimes, layers: int) -> float | None:

@@ -94,6 +94,12 @@ class LayerStages:
         self._check(finite)
 
     def _check(self, finite: list[torch.Tensor]):
-        ok = torch.stack(finite)
-        if not ok.all():
-            self.on_nonfinite(int((~ok).nonzero()[0]))
+        first = first_nonfinite(finite)
+        if first is not None:
+            self.on_nonfinite(first)
+
+
+def first_nonfinite(finite: list[torch.Tensor]) -> int | None:
+    """The index of the first False among per-batch isfinite(...).all() flags, or None: one sync for the pass."""
+    ok = torch.stack(finite)
+    return None if ok.all() else int((~ok).nonzero()[0])

@@ -142,7 +142,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     W[:, dead] = 0
 
     # Static groups: qparams of every group from the unquantized weight, in the original column order.
-    static = [group_qparams(W[:, c:c + g], bits, symmetric, mse) for c in range(0, K, g)] if static_groups else None
+    static = [(s, z, 1.0 / s) for s, z in (group_qparams(W[:, c:c + g], bits, symmetric, mse)
+                                           for c in range(0, K, g))] if static_groups else None
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
     if act_order:
@@ -155,34 +156,36 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     Q = torch.zeros(N, K, dtype=torch.uint8, device=W.device)  # grid values, permuted order
     groups: list[tuple[torch.Tensor, torch.Tensor]] = []  # qparams (N, 1) of each group as it is reached
     losses = torch.zeros(N, device=W.device)
-    scale = zero = None
+    scale = zero = inverse = None
+    order = perm.tolist()  # original column of each permuted one (static groups look theirs up)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)  # the block's grid values and scaled errors
         for i in range(i2 - i1):
             j = i1 + i  # column in permuted order
             if static is not None:
-                scale, zero = static[int(perm[j]) // g]
+                scale, zero, inverse = static[order[j] // g]
             elif j % g == 0:
                 # qparams of the group from the *current* weights: this block's updated columns, and
                 # the later columns with this block's pending lazy update applied.
                 end = min(j + g, K)
                 later = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]
                 scale, zero = group_qparams(torch.cat([W1[:, i:], later], 1)[:, : end - j], bits, symmetric, mse)
+                inverse = 1.0 / scale  # torchao's w * (1 / scale), once a group instead of once a column
                 groups.append((scale, zero))
-            w, d = W1[:, i], Hinv1[i, i]
-            q = quantize_columns(w[:, None], scale, zero, maxq)  # (N, 1)
-            dq = ((q - zero) * scale).flatten()
-            Q[:, j] = q.flatten().to(torch.uint8)
-            losses += (w - dq) ** 2 / d**2 / 2
-            err = (w - dq) / d
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # spread the error over the block's later columns
-            Err1[:, i] = err
+            w = W1[:, i:i + 1]  # (N, 1)
+            q = torch.clamp(torch.round(w * inverse) + zero, 0, maxq)  # quantize_columns, bit for bit
+            Q1[:, i:i + 1] = q
+            torch.div(w - (q - zero) * scale, Hinv1[i, i], out=Err1[:, i:i + 1])  # (w - dequant(q)) / Hinv_ii
+            W1[:, i:] -= Err1[:, i:i + 1] @ Hinv1[i:i + 1, i:]  # spread the error over the block's later columns
+        Q[:, i1:i2] = Q1
+        losses += Err1.square().sum(1) / 2  # the reference's (w - q)^2 / Hinv_ii^2 / 2, to float rounding
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of everything after the block
 
     del Hinv, W
-    weight = _affine_weight(Q[:, torch.argsort(perm)] if act_order else Q, static or groups, perm, bits, g, symmetric,
+    qparams = [(s, z) for s, z, *_ in static] if static else groups
+    weight = _affine_weight(Q[:, torch.argsort(perm)] if act_order else Q, qparams, perm, bits, g, symmetric,
                             scattered=act_order and not static_groups)
     loss = losses.sum().item()
     dW = weight.dequantize(torch.float32) - W0

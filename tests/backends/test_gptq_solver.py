@@ -1,14 +1,18 @@
 """GPTQ math on toy linears with hand-built Hessians (llm-compressor style)."""
 
+import hashlib
+import json
 import logging
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from quantkit.quant.affine import quantize_weight
 from quantkit.errors import QuantkitError
-from quantkit.backends.gptq.solver import HessianAccumulator, gptq_quantize
+from quantkit.backends.gptq.solver import HessianAccumulator, gptq_quantize, inverse_hessian_cholesky
 from quantkit.quant.linear import AffineLinear, act_order_permutation
 
 BITS, GROUPS = (2, 3, 4, 8), (32, 64, 128, -1)
@@ -172,3 +176,62 @@ def test_the_output_error_from_gptqs_losses_is_the_direct_one(case):
     if case == "dead inputs":
         assert result.dead_inputs == 4 and bool((Wq[:, 5:9] == 0).all())
     assert result.relative_error == pytest.approx(direct_relative_error(W, Wq, H), rel=1e-4)
+
+
+GRID_CASES = {"plain": {}, "act-order": dict(act_order=True), "static": dict(act_order=True, static_groups=True),
+              "sym mse": dict(symmetric=True, mse=True), "3 bits g32": dict(bits=3, group_size=32),
+              "per channel": dict(group_size=-1), "block 32": dict(block_size=32), "dead inputs": dict(dead=True)}
+GRID_DIGESTS = Path(__file__).parents[1] / "data" / "gptq_grid_digests.json"
+
+
+def grid_digest(case: dict) -> str:
+    """sha256 of the grid values, scales, zero points and g_idx GPTQ gives on a test Hessian (K = 512: 4 blocks)."""
+    case = dict(case)
+    X = correlated_inputs(K=512, tokens=4096, rank=64, seed=3)
+    if case.pop("dead", False):
+        X[:, [0, 100, 511]] = 0
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(4)) * 0.02
+    kwargs = dict(bits=4, group_size=64) | case
+    weight = gptq_quantize(w, hessian(X), **kwargs).weight
+    digest = hashlib.sha256()
+    for t in (weight.q, weight.scale, weight.zero, weight.g_idx):
+        if t is not None:
+            digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("case", GRID_CASES)
+def test_the_grid_values_are_todays(case):
+    """The column loop's speed-ups and the in-place inverse keep GPTQ's results bit for bit: digests recorded with
+    the solver before them (QUANTKIT_UPDATE_DIGESTS=1 re-records, deliberately, when the arithmetic must change)."""
+    torch.set_num_threads(1)  # BLAS splits differently with the thread count
+    digest = grid_digest(GRID_CASES[case])
+    recorded = json.loads(GRID_DIGESTS.read_text()) if GRID_DIGESTS.exists() else {}
+    if os.environ.get("QUANTKIT_UPDATE_DIGESTS"):
+        recorded[case] = digest
+        GRID_DIGESTS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+    assert digest == recorded.get(case)
+
+
+def test_the_inverse_is_computed_in_one_workspace_and_leaves_h_alone():
+    """In place, the same bits as the out-of-place route (cholesky, cholesky_inverse, cholesky upper)."""
+    H = hessian(correlated_inputs())
+    before = H.clone()
+    U, dampening = inverse_hessian_cholesky(H, 0.01)
+    assert torch.equal(H, before)
+    damped = H.clone()
+    damped.diagonal().add_(0.01 * torch.mean(torch.diag(H)).item())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(U, expected)
+    assert dampening == pytest.approx(0.01 * torch.diag(H).mean().item())
+
+
+@pytest.mark.parametrize("case", ["plain", "act-order", "dead inputs"])
+def test_the_callers_hessian_is_not_changed(case):
+    X = correlated_inputs()
+    if case == "dead inputs":
+        X[:, [3, 9]] = 0
+    H = hessian(X)
+    before = H.clone()
+    gptq_quantize(W, H, 4, 64, act_order=case == "act-order")
+    assert torch.equal(H, before)

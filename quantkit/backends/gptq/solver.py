@@ -86,25 +86,42 @@ def group_qparams(w: torch.Tensor, bits: int, symmetric: bool, mse: bool):
     return mse_qparams(w, bits, symmetric) if mse else choose_qparams(w, bits, w.shape[1], symmetric)
 
 
-def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "weight", max_tries: int = 6) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; dampening grows 10x on failure.
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "weight", perm: torch.Tensor | None = None,
+                             dead: torch.Tensor | None = None, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """(U, lambda): the upper Cholesky factor U of (H' + lambda I)^-1, lambda = damp * mean(diag H'); damp grows
+    10x on failure. H' is H (K, K) with its rows and columns in `perm`'s order (act-order) and the diagonal of the
+    `dead` inputs (bool, K) set to 1 (the reference's fix for inputs never seen); H itself is not changed.
 
-    H is dampened in place (callers pass their own copy): at 70B's down_proj (K = 28672) each
-    fp32 K x K matrix is 3.3 GB, so intermediates are freed as soon as they are used. H must be
-    finite (gptq_quantize checks it first: a non-finite H is an overflow, which no dampening fixes).
+    One K x K workspace: H' is gathered into U, dampened, factored, inverted and factored again in place (LAPACK's
+    potrf / potri do so natively; the same values as out-of-place calls, bit for bit). At 70B's down_proj
+    (K = 28672) each fp32 K x K matrix is 3.3 GB. H must be finite (gptq_quantize checks it first: a non-finite H
+    is an overflow, which no dampening fixes).
     """
-    mean_diag = torch.mean(torch.diag(H)).item()
-    added, first = 0.0, damp
+    U = torch.empty_like(H)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
+
+    def gather():  # H' into U: row blocks, so that no second K x K matrix is needed
+        if perm is None:
+            U.copy_(H)
+        else:
+            for r in range(0, H.shape[0], 1024):
+                U[r:r + 1024] = H[perm[r:r + 1024, None], perm]
+        if dead is not None:
+            U.diagonal()[dead if perm is None else dead[perm]] = 1
+
+    gather()
+    mean_diag = torch.mean(torch.diag(U)).item()
+    first = damp
     for attempt in range(max_tries):
-        H.diagonal().add_(damp * mean_diag - added)
-        added = damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(H)
+        if attempt:
+            gather()
+        U.diagonal().add_(damp * mean_diag)
+        torch.linalg.cholesky_ex(U, out=(U, info))  # L, lower
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            torch.cholesky_inverse(U, out=U)  # (L L^T)^-1
+            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
             if info == 0:
-                return U
+                return U, damp * mean_diag
         if attempt == max_tries - 1:
             break
         log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", name, damp, damp * 10)
@@ -136,22 +153,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         raise QuantkitError(f"{name}: the Hessian of its calibration inputs has NaN or Inf values: the inputs "
                             f"overflowed (in a 16-bit calibration dtype: use float32) or the weights are damaged")
     W = W0.clone()
-    H = H0.clone()
-    dead = torch.diag(H) == 0  # inputs that were always zero: any value works, choose 0
-    H[dead, dead] = 1
+    dead = torch.diag(H0) == 0  # inputs that were always zero: any value works, choose 0
     W[:, dead] = 0
 
     # Static groups: qparams of every group from the unquantized weight, in the original column order.
     static = [(s, z, 1.0 / s) for s, z in (group_qparams(W[:, c:c + g], bits, symmetric, mse)
                                            for c in range(0, K, g))] if static_groups else None
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
+    perm = torch.argsort(torch.diag(H0).masked_fill(dead, 1), descending=True) if act_order else None
+    Hinv, dampening = inverse_hessian_cholesky(H0, damp, name, perm=perm, dead=dead if dead.any() else None)
     if act_order:
-        W, H = W[:, perm], H[perm][:, perm]
-    diagonal = H.diagonal().clone()
-    Hinv = inverse_hessian_cholesky(H, damp, name)  # dampens our copy of H in place
-    dampening = (H.diagonal() - diagonal).mean().item()  # what it added (10x the requested damp per retry)
-    del H, diagonal
+        W = W[:, perm]
+    else:
+        perm = torch.arange(K, device=W.device)
 
     Q = torch.zeros(N, K, dtype=torch.uint8, device=W.device)  # grid values, permuted order
     groups: list[tuple[torch.Tensor, torch.Tensor]] = []  # qparams (N, 1) of each group as it is reached

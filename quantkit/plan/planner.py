@@ -147,12 +147,11 @@ def _shape_terms(source: Source, output: OutputSize, dtype: torch.dtype, work_pe
 
 def _gptq_terms(source: Source, calibration: CalibrationOptions, calib_dtype: torch.dtype) -> dict[str, int]:
     """The calibrator's terms (bytes): the activations, a forward batch's intermediates, the largest group's
-    Hessians plus the solver's working copies (2 K x K: the inverse's workspace and act-order's permuted H, and
-    4 N x K in fp32)."""
+    Hessians plus the solver's working copies (one K x K, the inverse's workspace, and 4 N x K in fp32)."""
     c, linears = source.config, source.linears()
     shapes = {name.split(".", 3)[-1]: shape for name, shape in linears.items() if layer_index(name) == 0}
     def solver(n: str) -> int:
-        return 4 * (2 * shapes[n][1] ** 2 + 4 * math.prod(shapes[n]))
+        return 4 * (shapes[n][1] ** 2 + 4 * math.prod(shapes[n]))
 
     group = max((sum(4 * shapes[n][1] ** 2 for n in names if n in shapes)
                  + max((solver(n) for n in names if n in shapes), default=0) for names in SEQUENTIAL_GROUPS), default=0)

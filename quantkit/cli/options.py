@@ -194,7 +194,12 @@ LAYER_CALIBRATION_FLAGS = (
                  help="Where each layer is calibrated (cpu, cuda)."),
     click.option("--calib-dtype", type=DTYPE_CHOICE, default=None,
                  help="What calibration computes in [default: fp32 on CPU, the checkpoint's dtype on CUDA]; never a "
-                      "smaller range than the checkpoint's."))
+                      "smaller range than the checkpoint's."),
+    click.option("--calib-batch-size", default=CalibrationOptions.batch_size, show_default=True,
+                 help="Calibration windows through a layer at once."),
+    click.option("--offload-activations", is_flag=True,
+                 help="Keep the calibration activations in CPU memory, each batch moved to --device when used (70B "
+                      "on one 24 GB GPU); the same results."))
 OUTPUT_FLAGS = (
     click.option("--format", "fmt", type=FormatChoice(), help="Export format [default: the method's first]."),
     click.option("--dtype", type=DTYPE_CHOICE, default=None,
@@ -203,13 +208,17 @@ IGNORE_FLAG = click.option("--ignore", multiple=True, help="Regex of module name
 
 
 def calibration_options(calib, calib_mode, calib_field, n_samples, seed, seq_len=CalibrationOptions.seq_len,
-                        device=CalibrationOptions.device, calib_dtype=None):
+                        device=CalibrationOptions.device, calib_dtype=None, calib_batch_size=CalibrationOptions.batch_size,
+                        offload_activations=False):
     if calib is None:
-        if calib_dtype is not None:
-            raise click.UsageError("--calib-dtype applies with --calib (calibrated methods)")
+        for flag, given in (("--calib-dtype", calib_dtype is not None), ("--offload-activations", offload_activations),
+                            ("--calib-batch-size", calib_batch_size != CalibrationOptions.batch_size)):
+            if given:
+                raise click.UsageError(f"{flag} applies with --calib (calibrated methods)")
         return None
     return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
-                              text_field=calib_field, device=device, dtype=calib_dtype)
+                              text_field=calib_field, device=device, dtype=calib_dtype, batch_size=calib_batch_size,
+                              offload_activations=offload_activations)
 
 
 def export_options(fmt, dtype, max_shard_size=ExportOptions.max_shard_size, force=False):

@@ -12,10 +12,13 @@ from quantkit.cli.options import (IGNORE_FLAG, LAYER_CALIBRATION_FLAGS, OUTPUT_F
 from quantkit.run.calibrator import CalibrationOptions
 
 
-def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len, device, calib_dtype):
-    """The calibration a plan assumes: the flags' n_samples, seq_len, device and dtype (the data is not read)."""
+def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len, device, calib_dtype, calib_batch_size,
+                     offload_activations):
+    """The calibration a plan assumes: the flags' n_samples, seq_len, device, dtype, batch and where the activations
+    live (the data is not read)."""
     return CalibrationOptions(calib, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=calib_mode,
-                              text_field=calib_field, device=device, dtype=calib_dtype)
+                              text_field=calib_field, device=device, dtype=calib_dtype, batch_size=calib_batch_size,
+                              offload_activations=offload_activations)
 
 
 @click.command()

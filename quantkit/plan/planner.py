@@ -34,6 +34,7 @@ from quantkit.formats import QuantFormat
 from quantkit.backends.gptq.solver import inverse_hessian_cholesky
 from quantkit.io.files import check_output_dir, human_bytes, nearest_existing
 from quantkit.run.calibrator import CalibrationOptions, calibration_dtype
+from quantkit.run.stages import PASSES
 from quantkit.model.build import check_device
 from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_index
 from quantkit.quant.record import bits_per_weight
@@ -186,6 +187,12 @@ def memory_plan(source: Source, output: OutputSize, dtype: torch.dtype, baseline
     if check_device(calibration.device).type == "cuda":
         ram = {name: {**terms, "activations (saved)": act} for name, terms in writing.items()}
         ram["embed"] = {"baseline": baseline, **embed}
+        if calibration.offload_activations:  # the activations and kept stages in RAM, a batch of each on the GPU
+            batch = act * min(calibration.batch_size, calibration.n_samples) // calibration.n_samples
+            for name, terms in gpu.items():
+                kept = {k: v for k, v in terms.items() if k.startswith("activations")}
+                ram[name] = {"baseline": baseline, **kept}
+                gpu[name] = {**{k: v for k, v in terms.items() if k not in kept}, "activation batches x3": 3 * batch}
         return Memory(_peak(ram), _peak(gpu), ram, gpu)
     ram = {name: {"baseline": baseline, **terms} for name, terms in gpu.items()}
     ram.update({name: {**terms, "activations": act} for name, terms in writing.items()})
@@ -270,7 +277,7 @@ def time_calibrated(source: Source, recipe: Recipe, calibration: CalibrationOpti
     """Seconds of the calibrated pipeline's forward passes, Hessians and solves, measured per distinct shape."""
     device, c = check_device(calibration.device), source.config
     tokens = calibration.n_samples * calibration.seq_len
-    passes = len(SEQUENTIAL_GROUPS) + 1 if all(getattr(x, "true_sequential", True) for x in recipe.configs()) else 2
+    staged = all(getattr(x, "true_sequential", True) for x in recipe.configs())  # else one full pass + the advance
     attention = calibration.seq_len * c.num_attention_heads * c.head_dim / max(source.layer_numel(), 1)
     parts, cache, notes = {"forward": 0.0, "hessians": 0.0, "solve": 0.0}, {}, []
     for module, (n, k) in source.linears().items():
@@ -278,6 +285,7 @@ def time_calibrated(source: Source, recipe: Recipe, calibration: CalibrationOpti
         if (n, k) not in cache:
             cache[(n, k)] = _time_passes(n, k, calib_dtype, device)
         forward, hessian = cache[(n, k)]
+        passes = PASSES.get(module.split(".", 3)[-1], 1) if staged else 2
         parts["forward"] += forward * tokens * passes * (1 + attention)
         if config is None or BACKENDS.for_config(config).observer is None:
             continue
@@ -288,7 +296,8 @@ def time_calibrated(source: Source, recipe: Recipe, calibration: CalibrationOpti
             notes.append(cache[key][2])
         parts["solve"] += _solve_seconds(cache[key], n, k, *key[1:])
     notes.append(f"forward and Hessian passes timed on {TOKENS} tokens per linear shape, x {tokens} tokens, "
-                 f"{passes} passes per layer, attention at seq_len {calibration.seq_len} added in proportion")
+                 f"{'the staged forward (q/k/v, o and down once, gate/up twice)' if staged else '2 passes'} per "
+                 f"layer, attention at seq_len {calibration.seq_len} added in proportion")
     return parts, notes
 
 

@@ -70,7 +70,9 @@ class CalibrationOptions:
     c4, ptb, a text/jsonl/parquet/csv file, a saved dataset, a .pt/.safetensors token tensor, a list of
     strings), sampled into n_samples windows of seq_len tokens with `seed` (`mode`, `text_field`: see
     quantkit.calibrate). `batch_size` windows go through a layer at once, on `device`, computing in
-    `dtype` (the CLI's --calib-dtype; None: auto, see `calibration_dtype`).
+    `dtype` (the CLI's --calib-dtype; None: auto, see `calibration_dtype`). `offload_activations`: the
+    activations (n, seq_len, hidden) and the kept stages live in CPU memory and each batch moves to `device` when
+    used (what a 70B layer on one 24 GB GPU needs); the same results.
     """
 
     source: Any = None
@@ -82,6 +84,7 @@ class CalibrationOptions:
     batch_size: int = 8
     device: str = "cpu"
     dtype: str | torch.dtype | None = None
+    offload_activations: bool = False
 
     def __post_init__(self):
         from quantkit.calibrate.sampling import check_sizes
@@ -225,12 +228,14 @@ class LayerCalibrator:
 
     def __init__(self, config: LlamaConfig, tokens: torch.Tensor, embed_weight: torch.Tensor, recipe: Recipe,
                  batch_size: int = 8, device: str | torch.device = "cpu", progress: bool = True,
-                 dtype: torch.dtype | None = None):
-        """`dtype`: what the layers compute in (None: calibration_dtype's auto for the embedding's dtype)."""
+                 dtype: torch.dtype | None = None, offload: bool = False):
+        """`dtype`: what the layers compute in (None: calibration_dtype's auto for the embedding's dtype);
+        `offload`: the activations live in CPU memory, each batch computed on `device` (CalibrationOptions)."""
         self.recipe, self.batch_size, self.device, self.progress = recipe, batch_size, check_device(device), progress
+        self.store = torch.device("cpu") if offload else self.device  # where the activations live
         self.dtype = dtype or calibration_dtype(None, embed_weight.dtype, self.device)
         # Looked up in the weight's dtype, then cast: exact, and no copy of the whole table in self.dtype.
-        self.hidden = F.embedding(tokens.to(self.device), embed_weight.to(self.device)).to(self.dtype)  # (n, T, hidden)
+        self.hidden = F.embedding(tokens.to(self.store), embed_weight.to(self.store)).to(self.dtype)  # (n, T, hidden)
         if not torch.isfinite(self.hidden).all():
             raise QuantkitError(f"the calibration tokens' embeddings are not finite in {dtype_name(self.dtype)}: "
                                 f"{nonfinite_cause(self.dtype)}")
@@ -243,17 +248,17 @@ class LayerCalibrator:
     def _run(self, layer: nn.Module, prefix: str) -> torch.Tensor:
         """The layer's outputs (n, T, hidden) on the current inputs; a QuantkitError naming it where not finite."""
         batches = self.hidden.split(self.batch_size)
-        outputs = [layer(x, self.cos, self.sin) for x in batches]
+        outputs = [layer(x.to(self.device), self.cos, self.sin) for x in batches]
         first = first_nonfinite([torch.isfinite(y).all() for y in outputs])
         if first is not None:
             self._non_finite(layer, prefix, batches[first])
-        return torch.cat(outputs)
+        return torch.cat([y.to(self.store) for y in outputs])
 
     def _non_finite(self, layer: nn.Module, prefix: str, x: torch.Tensor):
         """Raise for a pass whose outputs are not finite on the batch x, whose inputs are (checked a pass before)."""
         for name, p in layer.named_parameters():  # a damaged weight is named as such, whatever the dtype
             check_finite(prefix + name.removesuffix(".weight"), p)
-        site = _overflow_site(layer, x, self.cos, self.sin)
+        site = _overflow_site(layer, x.to(self.device), self.cos, self.sin)
         raise QuantkitError(f"{prefix.rstrip('.')}: calibration activations are not finite after {site} "
                             f"(computing in {dtype_name(self.dtype)}): {nonfinite_cause(self.dtype)}")
 
@@ -299,7 +304,7 @@ class LayerCalibrator:
         """The layer's stages on the current inputs (quantkit/run/stages.py)."""
         def on_nonfinite(i: int):
             self._non_finite(layer, prefix, self.hidden.split(self.batch_size)[i])
-        return LayerStages(layer, self.hidden, self.batch_size, self.cos, self.sin, on_nonfinite)
+        return LayerStages(layer, self.hidden, self.batch_size, self.cos, self.sin, on_nonfinite, self.device)
 
     def layer_transform(self, layer: nn.Module, prefix: str):
         """Each backend with a layer transform rewrites the layer once, before any group is collected."""
@@ -388,16 +393,17 @@ class LayerCalibrator:
             raise QuantkitError(f"{path}: activations {list(hidden.shape)} in {dtype_name(hidden.dtype)}, not "
                                 f"{list(shape)} in {dtype_name(dtype)}: the work directory is damaged: pass --force "
                                 f"to start over")
-        self.hidden = hidden.to(self.device)
+        self.hidden = hidden.to(self.store)
 
 
 def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: tuple[str, ...] = (),
                         batch_size: int = 8, device: str | torch.device = "cpu", progress: bool = True,
-                        dtype: str | torch.dtype | None = None) -> list[LinearReport]:
+                        dtype: str | torch.dtype | None = None, offload: bool = False) -> list[LinearReport]:
     """GPTQ (or any recipe with calibrated methods) of an in-memory model, in place; returns per-linear errors.
 
     `dtype`: what calibration computes in (None: auto; never a smaller range than the model's, see
-    calibration_dtype); the model keeps its own dtype.
+    calibration_dtype); the model keeps its own dtype. `offload`: the activations live in CPU memory
+    (CalibrationOptions.offload_activations).
     """
     from quantkit.backends import runnable_recipe
 
@@ -405,7 +411,7 @@ def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: 
     recipe.assign(*module_names(model.config))  # every pattern applies to some module: refused before any work
     weight = model.model.embed_tokens.weight
     compute = calibration_dtype(dtype, weight.dtype, device, whose="the model's")  # the model is source and export
-    calibrator = LayerCalibrator(model.config, tokens, weight, recipe, batch_size, device, progress, compute)
+    calibrator = LayerCalibrator(model.config, tokens, weight, recipe, batch_size, device, progress, compute, offload)
     reports = []
     for index, layer in enumerate(tqdm(model.model.layers, desc="quantize", unit="layer", disable=not progress)):
         calibrator.step(layer, layer_prefix(index)).to(weight.device)

@@ -94,7 +94,8 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
         calib_dtype = calibration.compute_dtype(ckpt, dtype)  # refused here if it could overflow or round the layers
         tokens = calibration_tensor(calibration, ckpt)
         calibrator = LayerCalibrator(ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe,
-                                     calibration.batch_size, calibration.device, progress, calib_dtype)
+                                     calibration.batch_size, calibration.device, progress, calib_dtype,
+                                     offload=calibration.offload_activations)
     export_fields = {"format": fmt.name, "dtype": dtype_name(dtype), "max_shard_size": export.max_shard_size}
     work.begin(fingerprint(ckpt, recipe_dict, export_fields, calibration if calibrator else None, tokens, calib_dtype))
     try:

@@ -8,6 +8,10 @@ calibration set and again only when a quantized group changes it.
   down        act(gate(m)) * up(m), m = post_attention_layernorm(h) no
   advance     h + down(...): the next layer's inputs
 
+The activations and what is kept stay where x is (the layer's device, or CPU memory with --offload-activations: 70B's
+128 x 2048 x 8192 fp32 activations are 8.6 GB a copy, and three are kept); each batch moves to the layer's device when
+it is used, and what is kept moves back.
+
 A layer so costs one attention and about two MLPs of forward passes instead of five full ones (one per group and
 the advance). The stages are the model's own (LlamaAttention.attend / .output, LlamaMLP.down_input): the same float
 operations on the same batches as LlamaDecoderLayer.forward, so every group sees bit for bit the inputs a full
@@ -24,16 +28,21 @@ from torch import nn
 from quantkit.model.layout import SEQUENTIAL_GROUPS
 
 QKV, O, GATE_UP, DOWN = SEQUENTIAL_GROUPS
+# How often the staged forward runs each linear of a layer (q/k/v for o_proj's inputs, o_proj for the residual,
+# gate/up for down_proj's inputs and again in the advance, down_proj in the advance): what `quantkit plan` times.
+PASSES = {name: 2 if name in GATE_UP else 1 for group in SEQUENTIAL_GROUPS for name in group}
 
 
 class LayerStages:
     """One decoder layer's stages over the calibration activations x (n, T, hidden), batch by batch.
 
-    `on_nonfinite(i)` is called (and raises) when a stage's values in batch i are not finite."""
+    `on_nonfinite(i)` is called (and raises) when a stage's values in batch i are not finite. `device`: where the
+    layer computes (None: x's device); x and the kept stages stay on x's device."""
 
     def __init__(self, layer: nn.Module, x: torch.Tensor, batch_size: int, cos: torch.Tensor, sin: torch.Tensor,
-                 on_nonfinite: Callable[[int], None]):
+                 on_nonfinite: Callable[[int], None], device: torch.device | None = None):
         self.layer, self.cos, self.sin, self.on_nonfinite = layer, cos, sin, on_nonfinite
+        self.store, self.device = x.device, device or x.device
         self.x = x.split(batch_size)
         self._y: list[torch.Tensor] | None = None  # o_proj's inputs
         self._h: list[torch.Tensor] | None = None  # the residual stream after self_attn
@@ -41,14 +50,14 @@ class LayerStages:
     def inputs(self, group: tuple[str, ...]) -> Iterator[torch.Tensor]:
         """The group's input, batch by batch (the linears of a true-sequential group share it)."""
         if group == QKV:
-            return self._checked(self.layer.input_layernorm(x) for x in self.x)
+            return self._checked(self.layer.input_layernorm(self._in(x)) for x in self.x)
         if group == O:
-            return iter(self._attention())
+            return map(self._in, self._attention())
         if group == GATE_UP:
-            return self._checked(self.layer.post_attention_layernorm(h) for h in self._residual())
+            return self._checked(self.layer.post_attention_layernorm(self._in(h)) for h in self._residual())
         if group == DOWN:
             mlp, norm = self.layer.mlp, self.layer.post_attention_layernorm
-            return self._checked(mlp.down_input(norm(h)) for h in self._residual())
+            return self._checked(mlp.down_input(norm(self._in(h))) for h in self._residual())
         raise ValueError(f"{group}: not a true-sequential group")
 
     def changed(self, group: tuple[str, ...] | None = None):
@@ -62,27 +71,39 @@ class LayerStages:
         """The layer's outputs (n, T, hidden): h + mlp(post_attention_layernorm(h)), computed in h's batches."""
         h = self._residual()
         self._h = None
-        mlp, norm = self.layer.mlp, self.layer.post_attention_layernorm
-        finite = [torch.isfinite(hb.add_(mlp(norm(hb)))).all() for hb in h]
+        finite = [torch.isfinite(self._advance(hb)).all() for hb in h]
         self._check(finite)
         return torch.cat(h)
+
+    def _advance(self, h: torch.Tensor) -> torch.Tensor:
+        """h + mlp(post_attention_layernorm(h)), into h (kept where it is)."""
+        hd = self._in(h)
+        hd.add_(self.layer.mlp(self.layer.post_attention_layernorm(hd)))
+        return h if hd is h else h.copy_(hd)
+
+    def _in(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
 
     def _attention(self) -> list[torch.Tensor]:
         if self._y is None:
             attn, norm = self.layer.self_attn, self.layer.input_layernorm
-            self._y = self._kept(attn.attend(norm(x), self.cos, self.sin, None, None) for x in self.x)
+            self._y = self._kept(attn.attend(norm(self._in(x)), self.cos, self.sin, None, None) for x in self.x)
         return self._y
 
     def _residual(self) -> list[torch.Tensor]:
         if self._h is None:
             attn = self.layer.self_attn
-            self._h = self._kept(x + attn.output(y) for x, y in zip(self.x, self._attention()))
+            self._h = self._kept(self._in(x) + attn.output(self._in(y)) for x, y in zip(self.x, self._attention()))
             self._y = None  # every group that reads it is quantized by now
         return self._h
 
     def _kept(self, batches: Iterator[torch.Tensor]) -> list[torch.Tensor]:
-        kept = list(batches)
-        self._check([torch.isfinite(t).all() for t in kept])
+        """The batches, checked finite where they were computed, kept on x's device."""
+        kept, finite = [], []
+        for t in batches:
+            finite.append(torch.isfinite(t).all())
+            kept.append(t.to(self.store))
+        self._check(finite)
         return kept
 
     def _checked(self, batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

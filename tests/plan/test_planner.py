@@ -150,3 +150,20 @@ def test_quantize_runs_when_the_disk_just_fits(tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - needed, needed))
     quantkit.quantize_checkpoint(tiny_model_dir, config, tmp_path / "q", progress=False)
     assert (tmp_path / "q" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offloaded_activations_move_from_the_gpu_to_ram(monkeypatch, offload):
+    """70B GPTQ on CUDA: 128 x 2048 fp16 activations are 4.3 GB a copy, three kept; offloaded they are in RAM and
+    the GPU holds a batch of each."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # planning only: nothing runs on the device
+    config = QuantConfig.from_dict({"method": "gptq", "group_size": 128})
+
+    def plan(offload):
+        calibration = CalibrationOptions(n_samples=128, seq_len=2048, device="cuda", offload_activations=offload)
+        return make_plan("llama2-70b", config, calibration=calibration, measure=False)
+    kept, offloaded = plan(False), plan(True)
+    activations = 128 * 2048 * 8192 * 2
+    assert kept.peak_gpu - offloaded.peak_gpu > 2.5 * activations
+    assert offloaded.peak_ram > kept.peak_ram and offloaded.peak_gpu < 24e9 < kept.peak_gpu
+    assert offloaded.gpu_phases["collect"]["activation batches x3"] == 3 * activations * 8 // 128

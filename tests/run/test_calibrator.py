@@ -14,6 +14,7 @@ from quantkit.model import save_model
 from quantkit.run.pipeline import quantize_checkpoint
 from quantkit.backends import Recipe
 from tests.conftest import KERNEL_SHAPES, random_model, tiny_config
+from tests.helpers import run as run_cli
 
 
 SHAPES = KERNEL_SHAPES  # the shapes of kernel_model_dir
@@ -275,3 +276,23 @@ def test_quantize_cli_names_the_overflow_and_auto_calibrates(tmp_path, tokenizer
     ignored = CliRunner().invoke(main, ["quantize", str(src), "-o", str(tmp_path / "r"), "--method", "rtn",
                                         "--calib-dtype", "fp32"])
     assert ignored.exit_code == 2 and "--calib-dtype applies with --calib" in ignored.output
+
+
+def test_offload_and_batch_size_flags_reach_the_calibrator(src, tokens, tmp_path):
+    """--offload-activations gives the same bytes (here CPU to CPU: the activations' home is the device's);
+    --calib-batch-size is the windows a batch (in the run's fingerprint)."""
+    def run(out, *flags):
+        result = run_cli("quantize", src, "-o", tmp_path / out, "--method", "gptq", "--group-size", "32",
+                         "--calib", tokens, "--n-samples", "8", "--seq-len", "32", *flags)
+        assert result.exit_code == 0, result.output
+        return tmp_path / out
+    plain, offloaded = run("plain", "--calib-batch-size", "3"), run("offloaded", "--calib-batch-size", "3",
+                                                                     "--offload-activations")
+    for f in sorted(plain.glob("*.safetensors")):
+        assert f.read_bytes() == (offloaded / f.name).read_bytes(), f.name
+
+
+@pytest.mark.parametrize("flag", [["--offload-activations"], ["--calib-batch-size", "4"]])
+def test_calibration_flags_without_calib_are_usage_errors(src, tmp_path, flag):
+    result = run_cli("quantize", src, "-o", tmp_path / "q", "--method", "rtn", *flag)
+    assert result.exit_code == 2 and f"{flag[0]} applies with --calib" in result.output

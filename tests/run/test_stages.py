@@ -128,3 +128,26 @@ def test_staged_calibration_equals_a_full_pass_per_group(monkeypatch, config):
     monkeypatch.setattr(LayerCalibrator, "staged", False)
     full = calibrated()
     assert staged.keys() == full.keys() and all(torch.equal(staged[k], full[k]) for k in staged)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offloaded_activations_stay_in_cpu_memory_and_give_the_same_stages(device):
+    """--offload-activations: x and the kept stages live in CPU memory, each batch computed on the layer's device;
+    the same values as with everything on that device. (On a machine without CUDA this runs CPU to CPU only.)"""
+    layer, x, cos, sin = toy_layer()
+    layer, cos, sin = layer.to(device), cos.to(device), sin.to(device)
+
+    def fail(i):
+        raise AssertionError(f"batch {i} not finite")
+    on_device = LayerStages(layer, x.to(device), BATCH, cos, sin, fail)
+    offloaded = LayerStages(layer, x.clone(), BATCH, cos, sin, fail, device=torch.device(device))
+    with torch.no_grad():
+        for group in SEQUENTIAL_GROUPS:
+            got, expected = list(offloaded.inputs(group)), list(on_device.inputs(group))
+            assert all(g.device.type == device and torch.equal(g, e) for g, e in zip(got, expected)), group
+        assert all(t.device.type == "cpu" for t in offloaded._h)  # what is kept stays where x is
+        out = offloaded.output()
+        assert out.device.type == "cpu" and torch.equal(out, on_device.output().cpu())

@@ -25,12 +25,17 @@ class Observer(Protocol):
         Statistics add up, so calibration can be split across processes and reduced."""
 
     def handler_kwargs(self) -> dict:
-        """What the backend's handler receives as keyword arguments."""
+        """What the backend's handler receives as keyword arguments (handlers must not change them in place)."""
+
+    # Optional class attribute `shared_by_inputs = True`: the statistics depend on the inputs alone (not the linear's
+    # weight or config), so linears that read the same input share one observer (quantkit/run/calibrator.py).
 
 
 class ChannelMagnitudeObserver:
     """Mean |x| per input channel (K,) in fp32: the activation statistic of AWQ (Lin et al. 2023,
     arXiv:2306.00978, `get_act_scale`) and SmoothQuant's per-channel scales use the max instead."""
+
+    shared_by_inputs = True
 
     def __init__(self, in_features: int, device=None):
         self.total = torch.zeros(in_features, dtype=torch.float64, device=device)

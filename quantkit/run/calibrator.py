@@ -10,8 +10,9 @@ The calibration tokens are embedded once; then for each decoder layer, in order,
 and then inside it for each sequential group (true-sequential: q/k/v -> o -> gate/up -> down, as GPTQ's
 llama.py), four phases:
 
-  collect    each target linear's observer (its backend's: GPTQ's Hessian, activation magnitudes, ...)
-             sees that linear's inputs: the group's stage of the layer's forward (quantkit/run/stages.py:
+  collect    each target linear's observer (its backend's: GPTQ's Hessian, activation magnitudes, ...;
+             one for linears that read the same input where the statistic depends on it alone; statistics
+             `merge`, so samples can be split and reduced) sees that linear's inputs: the group's stage of the layer's forward (quantkit/run/stages.py:
              each stage computed once and again only after a group it depends on is quantized), or with
              true_sequential off one full forward pass;
   transform  backends that rewrite a group before quantizing it (activation-aware scaling: rescale
@@ -326,13 +327,13 @@ class LayerCalibrator:
     def collect(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig],
                 inputs: Callable[[], Iterable[torch.Tensor]] | None = None) -> dict[str, Any]:
         """Feed each calibrated target's observer its inputs: the group's shared input batches from `inputs`
-        (the staged forward), or else one forward pass of the layer with hooks; nothing runs if none needs it."""
-        observers = {}
-        for n, config in configs.items():
-            make = BACKENDS.for_config(config).observer
-            if make is not None:
-                observers[n] = make(layer.get_submodule(n), config)
-        if observers and inputs is not None:
+        (the staged forward), or else one forward pass of the layer with hooks; nothing runs if none needs it.
+
+        Linears that read the same input (a true-sequential group's: q/k/v, gate/up) share one observer where its
+        statistic depends on the inputs alone (`shared_by_inputs`: GPTQ's Hessian is computed once for q/k/v)."""
+        observers = self._observers(layer, configs)
+        unique = list(dict.fromkeys(observers.values()))
+        if unique and inputs is not None:
             batches = iter(inputs())
             while True:
                 with self.times("forward"):
@@ -340,10 +341,11 @@ class LayerCalibrator:
                 if x is None:
                     return observers
                 with self.times("statistics"):
-                    for observer in observers.values():
+                    for observer in unique:
                         observer.add(x)
-        hooks = [layer.get_submodule(n).register_forward_hook(lambda mod, args, out, n=n: observers[n].add(args[0]))
-                 for n in observers]
+        first = {id(o): n for n, o in reversed(observers.items())}  # one hook per observer, on its first linear
+        hooks = [layer.get_submodule(n).register_forward_hook(lambda mod, args, out, o=observers[n]: o.add(args[0]))
+                 for n in first.values()]
         try:
             if hooks:
                 with self.times("forward"):  # the observers' statistics included
@@ -351,6 +353,24 @@ class LayerCalibrator:
         finally:
             for hook in hooks:
                 hook.remove()
+        return observers
+
+    @staticmethod
+    def _observers(layer: nn.Module, configs: dict[str, QuantConfig]) -> dict[str, Any]:
+        """Target -> its observer (calibrated targets only); targets in one of SEQUENTIAL_GROUPS (one input) with the
+        same observer factory get the same observer where it is `shared_by_inputs`."""
+        observers, shared = {}, {}
+        for n, config in configs.items():
+            make = BACKENDS.for_config(config).observer
+            if make is None:
+                continue
+            key = (make, next((i for i, group in enumerate(SEQUENTIAL_GROUPS) if n in group), n))
+            if key in shared:
+                observers[n] = shared[key]
+                continue
+            observers[n] = make(layer.get_submodule(n), config)
+            if getattr(observers[n], "shared_by_inputs", False):
+                shared[key] = observers[n]
         return observers
 
     def transform(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig],

@@ -296,3 +296,34 @@ def test_offload_and_batch_size_flags_reach_the_calibrator(src, tokens, tmp_path
 def test_calibration_flags_without_calib_are_usage_errors(src, tmp_path, flag):
     result = run_cli("quantize", src, "-o", tmp_path / "q", "--method", "rtn", *flag)
     assert result.exit_code == 2 and f"{flag[0]} applies with --calib" in result.output
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "full passes"])
+def test_linears_reading_one_input_share_one_hessian_and_nothing_changes(monkeypatch, staged):
+    """q/k/v and gate/up read one input each: one Hessian per group (4 a layer, not 7), the same model bit for bit
+    as with one per linear."""
+    from quantkit.backends.gptq import HessianObserver
+    from quantkit.run.calibrator import LayerCalibrator
+
+    monkeypatch.setattr(LayerCalibrator, "staged", staged)
+    made = []
+    real = HessianObserver.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(self)
+        real(self, *args, **kwargs)
+    monkeypatch.setattr(HessianObserver, "__init__", counting)
+
+    def calibrated():
+        model = random_model(tiny_config(**KERNEL_SHAPES))
+        tokens = torch.randint(0, 4096, (5, 16), generator=torch.Generator().manual_seed(2))
+        quantize_calibrated(model, GPTQConfig(4, 32, desc_act=True), tokens, batch_size=2, progress=False)
+        return model.state_dict(), model.config.num_hidden_layers
+
+    shared, layers = calibrated()
+    assert len(made) == 4 * layers
+    made.clear()
+    monkeypatch.setattr(HessianObserver, "shared_by_inputs", False)
+    separate, _ = calibrated()
+    assert len(made) == 7 * layers
+    assert all(torch.equal(shared[k], separate[k]) for k in shared)

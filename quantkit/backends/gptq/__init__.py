@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class HessianObserver(HessianAccumulator):
-    """GPTQ's statistic: H = 2/n sum x x^T (K, K) in fp32 (Frantar et al. 2022, IST-DASLab gptq.py add_batch)."""
+    """GPTQ's statistic: H = 2/n sum x x^T (K, K) in fp32 (Frantar et al. 2022, IST-DASLab gptq.py add_batch).
+
+    It depends on the inputs alone, so linears that read the same input share one (gptq_quantize never changes
+    the H it is given)."""
+
+    shared_by_inputs = True
 
     @classmethod
     def for_linear(cls, linear: nn.Linear, config) -> "HessianObserver":

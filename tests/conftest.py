@@ -57,6 +57,24 @@ def _quiet_logs(caplog):
     caplog.set_level(logging.INFO, logger="quantkit")
 
 
+@pytest.fixture(autouse=True)
+def _same_threads():
+    """torch's thread count as each test found it: a leaked change alters later tests' float results (a resumed
+    subprocess run compared with an in-process one)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (BLAS splits sums differently with the thread count), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_file() -> Path:
     path = DEMO_MODEL / "tokenizer.model"

@@ -57,14 +57,6 @@ def digest(out) -> dict[str, str]:
     return found
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_export_bytes_unchanged(case, tmp_path, one_thread):
     config_dict, fmt, calibration = CASES[case]

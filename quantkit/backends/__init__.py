@@ -1,4 +1,4 @@
-"""Layer 3, the methods: the registry (registry), recipes (recipe), one module per method (int4, rtn, bnb, and gptq/
+"""Layer 3, the methods: the registry (registry), recipes (recipe), one module per method (int4, rtn, bnb, awq, and gptq/
 with its Hessian observer and solver), and the one entry point `quantize(model, config)`. Imports layers 0-2 and
 the formats beside it at rank 3; never a run, eval or the CLI."""
 
@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from quantkit.backends import int4, rtn, bnb, gptq  # noqa: F401  (importing registers the built-in backends)
+from quantkit.backends import int4, rtn, bnb, gptq, awq  # noqa: F401  (importing registers the built-in backends)
 from quantkit.backends.registry import BACKENDS, Backend, QuantConfig, register_backend
 from quantkit.errors import QuantkitError
 from quantkit.backends.recipe import Recipe

@@ -1,0 +1,160 @@
+"""`awq`: activation-aware weight quantization (Lin et al. 2023, arXiv:2306.00978), calibrated layer by layer.
+
+Once per decoder layer, before any of it is quantized (the calibrator's layer transform, quantkit/run/calibrator.py),
+for each scaling pair of quantkit.model.layout.SCALING_PAIRS (input_layernorm -> q/k/v judged on the attention's
+output, v_proj -> o_proj on o_proj's, post_attention_layernorm -> gate/up on the MLP's, up_proj -> down_proj on
+down_proj's; v_proj -> o_proj only where the shapes pair, not under GQA):
+
+  1. x_mean: the mean |x| of each input channel of the pair's linears over all calibration tokens; with duo scaling
+     also w_mean, the mean over output rows of |W| / max|W| in its quantization group (the linears stacked);
+  2. a grid search of the exponent a in 0, 1/n_grid, ..., (n_grid-1)/n_grid: s = x_mean^a (duo: x_mean^a /
+     (w_mean^(1-a) + 1e-4)), clamped at 1e-4 and normalised by sqrt(max s * min s); the pair's linears
+     fake-quantized as Q(W diag(s)) diag(s)^-1; the block's mean squared output error against the float block on
+     the first `search_tokens` tokens of the calibration windows; s = 1 (no scaling) is a candidate too, so the
+     chosen s is never worse than none on this objective;
+  3. the best s folded into the pair (quantkit.quant.scaling.fold_scales): the float layer is unchanged to rounding.
+
+Each linear is then rounded to nearest on its scaled weight (torchao's qparams, as `rtn`). The search follows
+AutoAWQ's quantizer.py (`_search_best_scale`, `_compute_best_scale`) and llm-compressor's AWQModifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.backends.registry import QuantConfig, register_backend
+from quantkit.errors import QuantkitError
+from quantkit.model.layout import SCALING_PAIRS, SEQUENTIAL_GROUPS
+from quantkit.backends.rtn import quantize_rtn
+from quantkit.quant.affine import quantize_weight, resolve_group_size, validate_affine
+from quantkit.quant.scaling import fold_scales
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AWQConfig(QuantConfig):
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    duo_scaling: bool = True  # s from activation and weight magnitudes (AutoAWQ's and llm-compressor's default)
+    n_grid: int = 20  # exponents searched: 0, 1/n_grid, ..., (n_grid - 1)/n_grid
+    search_tokens: int = 65536  # calibration tokens the search's loss is measured on (AutoAWQ: 128 x 512)
+
+    def __post_init__(self):
+        validate_affine("awq", self.bits, self.group_size)
+        if self.n_grid < 1:
+            raise QuantkitError(f"awq: n_grid {self.n_grid} must be at least 1")
+        if self.search_tokens < 1:
+            raise QuantkitError(f"awq: search_tokens {self.search_tokens} must be positive")
+
+
+def fake_quantize(w: torch.Tensor, config: AWQConfig, name: str) -> torch.Tensor:
+    """Q(w) in w's dtype: rounded to nearest on config's grid (the handler's arithmetic)."""
+    return quantize_weight(w, config.bits, config.group_size, config.symmetric, name=name).dequantize(w.dtype)
+
+
+def weight_magnitude(linears: list[nn.Linear], group_size: int) -> torch.Tensor:
+    """w_mean (K,): per input channel, the mean over the linears' stacked rows of |W| / max|W| of its group."""
+    w = torch.cat([linear.weight.float() for linear in linears])  # (sum N, K)
+    g = resolve_group_size(group_size, w.shape[1], "awq")
+    grouped = w.abs().reshape(w.shape[0], -1, g)
+    return (grouped / (grouped.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float) -> torch.Tensor:
+    """s (K,) for exponent `ratio`, normalised so that max s * min s = 1; non-finite entries set to 1."""
+    if w_mean is None:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def search_scale(inputs: list[torch.Tensor], block: Callable[[torch.Tensor], torch.Tensor], linears: list[nn.Linear],
+                 configs: list[AWQConfig], names: list[str], search_tokens: int) -> tuple[torch.Tensor, float, float]:
+    """(best s (K,), its loss, the loss of s = 1): AWQ's grid search for one pair (module docstring, steps 1-2).
+
+    `inputs`: the linears' input batches (b, T, K); `block(x)`: the judged block's output on a batch, computed with
+    the linears as they are at the call."""
+    total = sum(x.shape[0] * x.shape[1] for x in inputs)
+    x_mean = sum(x.abs().sum(dim=(0, 1), dtype=torch.float32) for x in inputs) / total
+    config = configs[0]
+    w_mean = weight_magnitude(linears, config.group_size) if config.duo_scaling else None
+    searched, tokens = [], 0
+    for x in inputs:  # the first search_tokens tokens, whole batches
+        if tokens >= search_tokens:
+            break
+        searched.append(x)
+        tokens += x.shape[0] * x.shape[1]
+    reference = [block(x) for x in searched]
+    originals = [linear.weight.detach().clone() for linear in linears]
+    candidates = [torch.ones_like(x_mean)]  # no scaling first: the search never ends worse than it
+    candidates += [candidate_scales(x_mean, w_mean, step / config.n_grid) for step in range(config.n_grid)]
+    losses = []
+    try:
+        for s in candidates:
+            for linear, w, c, n in zip(linears, originals, configs, names):
+                scale = s.to(w.dtype)
+                linear.weight.copy_(fake_quantize(w * scale, c, n) / scale)
+            loss = sum(float((block(x).float() - y.float()).pow(2).sum()) for x, y in zip(searched, reference))
+            losses.append(loss / sum(y.numel() for y in reference))
+    finally:
+        for linear, w in zip(linears, originals):
+            linear.weight.copy_(w)
+    finite = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+    best = min(finite, key=losses.__getitem__, default=None)
+    if best is None:  # every candidate's loss was NaN or Inf
+        raise QuantkitError(f"{names[0]}: AWQ's scale search found no finite loss: the layer's activations overflow "
+                            f"(use --calib-dtype fp32)")
+    return candidates[best], losses[best], losses[0]
+
+
+def _blocks(ctx) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The judged block of each pair (layout.SCALING_PAIRS' third name) as a function of its input batch."""
+    layer = ctx.layer
+    return {"self_attn": ctx.attention, "mlp": ctx.mlp,
+            "self_attn.o_proj": layer.get_submodule("self_attn.o_proj"),
+            "mlp.down_proj": layer.get_submodule("mlp.down_proj")}
+
+
+def _group_of(name: str) -> tuple[str, ...]:
+    return next(group for group in SEQUENTIAL_GROUPS if name in group)
+
+
+def awq_layer_transform(ctx):
+    """AWQ's scaling of one decoder layer (the module docstring), every pair whose linears are all awq's here."""
+    blocks = _blocks(ctx)
+    for preceding, followers, judged in SCALING_PAIRS:
+        if not all(n in ctx.configs for n in followers):
+            continue  # a linear kept in full precision, or another method's: leave the pair unscaled
+        prev = ctx.layer.get_submodule(preceding)
+        linears = [ctx.layer.get_submodule(n) for n in followers]
+        if prev.weight.shape[0] != linears[0].in_features:
+            log.info("%s%s -> %s: not scaled (%d outputs, %d inputs: GQA)", ctx.prefix, preceding, followers[0],
+                     prev.weight.shape[0], linears[0].in_features)
+            continue
+        names = [ctx.prefix + n for n in followers]
+        configs = [ctx.configs[n] for n in followers]
+        s, loss, unscaled = search_scale(ctx.inputs(_group_of(followers[0])), blocks[judged], linears, configs, names,
+                                         configs[0].search_tokens)
+        fold_scales(prev, linears, s, name=ctx.prefix + preceding)
+        ctx.changed()
+        log.info("%s%s -> %s: AWQ output error %.4g (unscaled %.4g)", ctx.prefix, preceding, "/".join(followers),
+                 loss, unscaled)
+
+
+@register_backend("awq", AWQConfig, formats=("compressed-tensors", "gptq"), requires=("torchao",),
+                  layer_transform=awq_layer_transform,
+                  description="AWQ (Lin et al. 2023): activation-aware scales folded into the layer, then RTN")
+def quantize_awq(linear: nn.Linear, config: AWQConfig, name: str) -> nn.Module:
+    """Round to nearest (rtn's handler: bits, group_size, symmetric) on the weight the layer transform has scaled."""
+    return quantize_rtn(linear, config, name)

@@ -1,0 +1,148 @@
+"""AWQ (quantkit/backends/awq.py) on toy layers: the folded scales keep the float layer, the search's guarantees,
+and AWQ through the streamed pipeline, its exports and --resume."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import quantkit
+from quantkit.backends.awq import AWQConfig, awq_layer_transform, candidate_scales, search_scale
+from quantkit.errors import QuantkitError
+from quantkit.model.layout import SEQUENTIAL_GROUPS
+from quantkit.model.llama import LlamaDecoderLayer, rotary_embedding
+from quantkit.run.calibrator import quantize_calibrated
+from quantkit.run.stages import LayerStages
+from tests.conftest import KERNEL_SHAPES, random_model, tiny_config
+from tests.helpers import LAYERS, method_args, run
+from tests.run.conftest import src, tokens  # noqa: F401  (fixtures)
+
+ALL_LINEARS = tuple(n for group in SEQUENTIAL_GROUPS for n in group)
+
+
+def toy_layer(kv_heads: int, seed: int = 0):
+    config = tiny_config(**KERNEL_SHAPES, num_key_value_heads=kv_heads)
+    torch.manual_seed(seed)
+    layer = LlamaDecoderLayer(config, 0).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.05)
+    x = torch.randn(6, 16, config.hidden_size) * torch.linspace(0.1, 4, config.hidden_size)  # uneven channels
+    cos, sin = rotary_embedding(config, torch.arange(16)[None], x.dtype)
+    return layer, x, cos, sin
+
+
+def context(layer, x, cos, sin, config: AWQConfig):
+    """What the calibrator hands a layer transform (quantkit/run/calibrator.py's LayerContext)."""
+    stages = LayerStages(layer, x, 2, cos, sin, lambda i: pytest.fail(f"batch {i} not finite"))
+    return SimpleNamespace(layer=layer, prefix="model.layers.0.", configs={n: config for n in ALL_LINEARS},
+                           inputs=lambda group: list(stages.inputs(group)),
+                           attention=lambda a: layer.self_attn(a, cos, sin, None, None), mlp=layer.mlp,
+                           changed=stages.changed)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("duo_scaling", [True, False])
+def test_the_scaled_layer_computes_what_it_did(kv_heads, duo_scaling):
+    """All four pairs (three under GQA: v_proj -> o_proj does not pair) are rescaled; the float layer is unchanged
+    to fp32 rounding."""
+    layer, x, cos, sin = toy_layer(kv_heads)
+    with torch.no_grad():
+        before = layer(x, cos, sin)
+        weights = {n: layer.get_submodule(n).weight.clone() for n in ALL_LINEARS}
+        awq_layer_transform(context(layer, x, cos, sin, AWQConfig(bits=3, group_size=32, duo_scaling=duo_scaling)))
+        after = layer(x, cos, sin)
+    changed = {n for n in ALL_LINEARS if not torch.equal(weights[n], layer.get_submodule(n).weight)}
+    expected = set(ALL_LINEARS) - ({"self_attn.o_proj"} if kv_heads == 2 else set())
+    assert changed <= expected and {"mlp.down_proj", "mlp.gate_proj"} <= changed
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_activations_give_scale_one():
+    """Without duo scaling s = mean|x|^a: channels of equal magnitude give s = 1 at every a."""
+    linear = nn.Linear(64, 32, bias=False)
+    x = torch.ones(4, 8, 64) * torch.where(torch.rand(4, 8, 64) > 0.5, 1.0, -1.0)  # |x| = 1 everywhere
+    config = AWQConfig(bits=3, group_size=32, duo_scaling=False)
+    s, _, _ = search_scale([x], linear, [linear], [config], ["fc"], 10_000)
+    assert torch.equal(s, torch.ones(64))
+    assert torch.allclose(candidate_scales(torch.full((64,), 0.7), None, 0.35), torch.ones(64))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_searched_scale_is_never_worse_than_none(seed):
+    torch.manual_seed(seed)
+    linear = nn.Linear(128, 64, bias=False)
+    x = torch.randn(4, 16, 128) * torch.rand(128) * 5
+    for config in (AWQConfig(bits=3, group_size=32), AWQConfig(bits=4, group_size=-1, duo_scaling=False)):
+        weight = linear.weight.detach().clone()
+        s, loss, unscaled = search_scale([x], linear, [linear], [config], ["fc"], 10_000)
+        assert loss <= unscaled and torch.equal(linear.weight, weight)  # the search leaves the weight as it was
+
+
+def test_the_search_measures_only_search_tokens():
+    linear = nn.Linear(32, 16, bias=False)
+    seen = []
+
+    def block(x):
+        seen.append(x.shape[0])
+        return linear(x)
+    batches = [torch.randn(2, 8, 32) for _ in range(5)]  # 16 tokens a batch
+    search_scale(batches, block, [linear], [AWQConfig(bits=4, group_size=32, n_grid=3)], ["fc"], 40)
+    assert len(seen) == 3 + 3 * 4  # the reference on 3 batches (48 tokens >= 40), then 4 candidates on each
+
+
+@pytest.mark.parametrize("bad", [dict(n_grid=0), dict(search_tokens=0), dict(bits=5), dict(group_size=0)])
+def test_bad_configs_are_refused(bad):
+    with pytest.raises(QuantkitError, match="awq"):
+        AWQConfig(**bad)
+
+
+def test_awq_beats_rtn_on_a_toy_model_and_keeps_its_shapes():
+    from quantkit.backends import quantize
+    from quantkit.backends.rtn import RTNConfig
+
+    tokens = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
+    test = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
+    model = random_model(tiny_config(**KERNEL_SHAPES))
+    with torch.no_grad():
+        reference = torch.log_softmax(model(test), -1)
+
+    def kl(m):
+        with torch.no_grad():
+            lp = torch.log_softmax(m(test), -1)
+        return float((reference.exp() * (reference - lp)).sum(-1).mean())
+    awq, rtn = random_model(tiny_config(**KERNEL_SHAPES)), random_model(tiny_config(**KERNEL_SHAPES))
+    quantize_calibrated(awq, AWQConfig(bits=3, group_size=32), tokens, batch_size=4, progress=False)
+    quantize(rtn, RTNConfig(bits=3, group_size=32))
+    assert kl(awq) < kl(rtn)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_awq_quantize_export_and_reload(src, tokens, tmp_path, fmt):
+    """Streamed with one layer in memory (its --resume: tests/run/test_workdir.py, parametrized over methods)."""
+    done = run("quantize", src, *method_args("awq", tokens), "--format", fmt, "-o", tmp_path / "q")
+    assert done.exit_code == 0, done.output
+    assert run("verify", tmp_path / "q").exit_code == 0
+    model = quantkit.load(tmp_path / "q")
+    reference = quantkit.load(src)
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids)).abs().max() < 0.5  # quantized, not broken
+    assert sum(1 for m in model.modules() if getattr(m, "quant_record", None) is not None) == 7 * LAYERS
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "Error: method awq needs calibration data: pass --calib"),
+    (["--format", "bnb", "CALIB"], "bnb"),
+    (["--bits", "5", "CALIB"], "Error: awq: --bits 5 is not supported: use one of 2, 3, 4, 8"),
+], ids=["no calibration", "bnb format", "5 bits"])
+def test_awq_bad_input_is_one_line(src, tokens, tmp_path, extra, message):
+    extra = [a for e in extra for a in (["--calib", tokens, "--n-samples", "8", "--seq-len", "32"]
+                                        if e == "CALIB" else [e])]
+    result = run("quantize", src, "--method", "awq", "-o", tmp_path / "q", *extra)
+    errors = [line for line in result.lines if line.startswith("Error")]
+    assert result.exit_code != 0 and len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output and not (tmp_path / "q").exists()

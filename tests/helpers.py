@@ -175,9 +175,10 @@ def digests(directory: Path) -> dict[str, str]:
 METHODS = {"int4": ("--method", "int4", "--group-size", 32),
            "rtn-gptq-format": ("--method", "rtn", "--bits", 3, "--group-size", 32, "--format", "gptq"),
            "gptq": ("--method", "gptq", "--bits", 4, "--group-size", 32, "--n-samples", 8, "--seq-len", 32),
-           "awq": ("--method", "awq", "--bits", 4, "--group-size", 32, "--n-samples", 8, "--seq-len", 32)}
+           "awq": ("--method", "awq", "--bits", 4, "--group-size", 32, "--n-samples", 8, "--seq-len", 32),
+           "gptq-awq": ("--method", "gptq", "--awq", "--bits", 4, "--group-size", 32, "--n-samples", 8, "--seq-len", 32)}
 # flags of a resumable run, by name; the calibrated ones take --calib (method_args)
-CALIBRATED = ("gptq", "awq")
+CALIBRATED = ("gptq", "awq", "gptq-awq")
 
 
 def method_args(method: str, tokens: Path) -> tuple:

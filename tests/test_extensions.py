@@ -218,7 +218,7 @@ def scale_every_pair(ctx, log):
     with torch.no_grad():
         attention = [ctx.attention(a) for a in ctx.inputs(qkv)]
         mlp = [ctx.mlp(m) for m in ctx.inputs(gate_up)]
-        o_inputs = ctx.inputs(o)
+        o_inputs = list(ctx.inputs(o))
         g = torch.Generator().manual_seed(len(log))
         scales = {}
         for preceding, followers, _ in SCALING_PAIRS:

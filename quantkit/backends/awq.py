@@ -14,6 +14,11 @@ down_proj's; v_proj -> o_proj only where the shapes pair, not under GQA):
      chosen s is never worse than none on this objective;
   3. the best s folded into the pair (quantkit.quant.scaling.fold_scales): the float layer is unchanged to rounding.
 
+Then (`clip`) each linear but q_proj and k_proj (whose errors the attention's q k^T product mixes) gets AWQ's
+clipping search: per output row and quantization group, the range max|w| * (1 - i/20), i = 0..9, whose
+fake-quantized group gives the smallest squared error of that group's partial output x_g . w_g over `clip_tokens`
+evenly spaced calibration tokens; the weights are clamped to it (i = 0 is no clipping: never worse on that error).
+
 Each linear is then rounded to nearest on its scaled weight (torchao's qparams, as `rtn`). The search follows
 AutoAWQ's quantizer.py (`_search_best_scale`, `_compute_best_scale`) and llm-compressor's AWQModifier.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +51,16 @@ class AWQConfig(QuantConfig):
     duo_scaling: bool = True  # s from activation and weight magnitudes (AutoAWQ's and llm-compressor's default)
     n_grid: int = 20  # exponents searched: 0, 1/n_grid, ..., (n_grid - 1)/n_grid
     search_tokens: int = 65536  # calibration tokens the search's loss is measured on (AutoAWQ: 128 x 512)
+    clip: bool = True  # then search each group's clipping range (AutoAWQ's auto_clip; not q_proj, k_proj)
+    clip_tokens: int = 512  # tokens, evenly spaced, the clipping search measures on (AutoAWQ's n_sample_token)
 
     def __post_init__(self):
         validate_affine("awq", self.bits, self.group_size)
         if self.n_grid < 1:
             raise QuantkitError(f"awq: n_grid {self.n_grid} must be at least 1")
-        if self.search_tokens < 1:
-            raise QuantkitError(f"awq: search_tokens {self.search_tokens} must be positive")
+        if self.search_tokens < 1 or self.clip_tokens < 1:
+            raise QuantkitError(f"awq: search_tokens ({self.search_tokens}) and clip_tokens ({self.clip_tokens}) "
+                                f"must be positive")
 
 
 def fake_quantize(w: torch.Tensor, config: AWQConfig, name: str) -> torch.Tensor:
@@ -79,22 +87,23 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: f
 
 
 @torch.no_grad()
-def search_scale(inputs: list[torch.Tensor], block: Callable[[torch.Tensor], torch.Tensor], linears: list[nn.Linear],
+def search_scale(inputs: Iterable[torch.Tensor], block: Callable[[torch.Tensor], torch.Tensor], linears: list[nn.Linear],
                  configs: list[AWQConfig], names: list[str], search_tokens: int) -> tuple[torch.Tensor, float, float]:
     """(best s (K,), its loss, the loss of s = 1): AWQ's grid search for one pair (module docstring, steps 1-2).
 
-    `inputs`: the linears' input batches (b, T, K); `block(x)`: the judged block's output on a batch, computed with
-    the linears as they are at the call."""
-    total = sum(x.shape[0] * x.shape[1] for x in inputs)
-    x_mean = sum(x.abs().sum(dim=(0, 1), dtype=torch.float32) for x in inputs) / total
+    `inputs`: the linears' input batches (b, T, K), streamed once (only the first search_tokens tokens are kept);
+    `block(x)`: the judged block's output on a batch, computed with the linears as they are at the call."""
+    total, tokens, searched = 0, 0, []
+    x_sum = torch.zeros(linears[0].in_features, dtype=torch.float32)
+    for x in inputs:
+        x_sum = x_sum.to(x.device) + x.abs().sum(dim=(0, 1), dtype=torch.float32)
+        total += x.shape[0] * x.shape[1]
+        if tokens < search_tokens:  # the first search_tokens tokens, whole batches
+            searched.append(x)
+            tokens += x.shape[0] * x.shape[1]
+    x_mean = x_sum / total
     config = configs[0]
     w_mean = weight_magnitude(linears, config.group_size) if config.duo_scaling else None
-    searched, tokens = [], 0
-    for x in inputs:  # the first search_tokens tokens, whole batches
-        if tokens >= search_tokens:
-            break
-        searched.append(x)
-        tokens += x.shape[0] * x.shape[1]
     reference = [block(x) for x in searched]
     originals = [linear.weight.detach().clone() for linear in linears]
     candidates = [torch.ones_like(x_mean)]  # no scaling first: the search never ends worse than it
@@ -118,12 +127,59 @@ def search_scale(inputs: list[torch.Tensor], block: Callable[[torch.Tensor], tor
     return candidates[best], losses[best], losses[0]
 
 
+CLIP_GRID, CLIP_MAX_SHRINK, CLIP_ROWS = 20, 0.5, 256  # AutoAWQ's _compute_best_clip: 10 ranges, 256 rows at a time
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, config: AWQConfig, name: str) -> torch.Tensor:
+    """Each (row, group)'s best clipping bound (N, G, 1) for the weight w (N, K) on input tokens x (T, K): AWQ's
+    auto_clip (module docstring), computed CLIP_ROWS rows at a time."""
+    N, K = w.shape
+    g = resolve_group_size(config.group_size, K, name)
+    xg = x.reshape(1, x.shape[0], K // g, g).to(w.dtype)  # (1, T, G, g)
+    bounds = []
+    for rows in w.split(CLIP_ROWS):
+        wg = rows.reshape(rows.shape[0], 1, K // g, g)  # (n, 1, G, g)
+        original = wg.abs().amax(-1, keepdim=True)  # (n, 1, G, 1)
+        reference = (xg * wg).sum(-1)  # (n, T, G)
+        best, best_error = original.clone(), torch.full_like(original, math.inf)
+        for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+            bound = original * (1 - i / CLIP_GRID)
+            clipped = torch.clamp(wg, -bound, bound).reshape(rows.shape)
+            q = fake_quantize(clipped, config, name).reshape(wg.shape)
+            error = ((xg * q).sum(-1) - reference).pow(2).mean(1, keepdim=True).unsqueeze(-1)  # (n, 1, G, 1)
+            better = error < best_error
+            best_error, best = torch.where(better, error, best_error), torch.where(better, bound, best)
+        bounds.append(best.reshape(rows.shape[0], K // g, 1))
+    return torch.cat(bounds)
+
+
+def clip_weight(linear: nn.Linear, bound: torch.Tensor):
+    """Clamp each (row, group) of the linear's weight to [-bound, bound] (bound: (N, G, 1)), in place."""
+    w = linear.weight.data
+    grouped = w.reshape(w.shape[0], bound.shape[1], -1)
+    w.copy_(torch.clamp(grouped, -bound, bound).reshape(w.shape))
+
+
+def spaced_tokens(batches: Iterable[torch.Tensor], count: int, total: int) -> torch.Tensor:
+    """About `count` tokens (c, K), every (total // count)-th of the batches' `total` tokens, streamed."""
+    stride, offset, picked = max(1, total // count), 0, []
+    for b in batches:
+        flat = b.reshape(-1, b.shape[-1])
+        picked.append(flat[(-offset) % stride:: stride])
+        offset += flat.shape[0]
+    return torch.cat(picked)
+
+
 def _blocks(ctx) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The judged block of each pair (layout.SCALING_PAIRS' third name) as a function of its input batch."""
     layer = ctx.layer
     return {"self_attn": ctx.attention, "mlp": ctx.mlp,
             "self_attn.o_proj": layer.get_submodule("self_attn.o_proj"),
             "mlp.down_proj": layer.get_submodule("mlp.down_proj")}
+
+
+NOT_CLIPPED = ("self_attn.q_proj", "self_attn.k_proj")  # the attention's q k^T mixes their errors (AutoAWQ)
 
 
 def _group_of(name: str) -> tuple[str, ...]:
@@ -150,6 +206,14 @@ def awq_layer_transform(ctx):
         ctx.changed()
         log.info("%s%s -> %s: AWQ output error %.4g (unscaled %.4g)", ctx.prefix, preceding, "/".join(followers),
                  loss, unscaled)
+    for group in SEQUENTIAL_GROUPS:
+        clipped = [n for n in group if n in ctx.configs and ctx.configs[n].clip and n not in NOT_CLIPPED]
+        if clipped:
+            x = spaced_tokens(ctx.inputs(group), ctx.configs[clipped[0]].clip_tokens, ctx.tokens)
+            for n in clipped:
+                linear = ctx.layer.get_submodule(n)
+                clip_weight(linear, search_clip(linear.weight, x, ctx.configs[n], ctx.prefix + n))
+            ctx.changed()
 
 
 @register_backend("awq", AWQConfig, formats=("compressed-tensors", "gptq"), requires=("torchao",),

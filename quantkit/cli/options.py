@@ -78,6 +78,7 @@ METHOD_FLAGS = (
     click.option("--true-sequential/--no-true-sequential", default=None,
                  help="GPTQ: q/k/v, o, gate/up, down in turn [on]."),
     click.option("--mse", is_flag=True, default=None, help="GPTQ: search each group's clipping range."),
+    click.option("--awq", is_flag=True, default=None, help="GPTQ: AWQ's activation-aware scaling of each layer first."),
     click.option("-O", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
                  help="Any field of the method's config (see `quantkit backends --json`), e.g. -O block_size=64; "
                       "the value is read as the field's type (int, float, true/false, text). Repeatable; plugin "

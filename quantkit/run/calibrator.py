@@ -38,7 +38,7 @@ import math
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -215,10 +215,12 @@ class LayerContext:
     layer: nn.Module  # the decoder layer, full precision, computing in the calibration dtype
     prefix: str  # 'model.layers.3.'
     configs: dict[str, QuantConfig]  # the layer's target linears this backend quantizes -> their configs
-    inputs: Callable[[tuple[str, ...]], list[torch.Tensor]] = field(repr=False)  # a group's input batches
+    inputs: Callable[[tuple[str, ...]], Iterator[torch.Tensor]] = field(repr=False)  # a group's input batches,
+    #                                                    streamed on the layer's device (down_proj's are 2.7x hidden)
     attention: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # self_attn on q/k/v's input batch
     mlp: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # the MLP on gate/up's input batch
     changed: Callable[[], None] = field(repr=False)  # after rewriting the layer: `inputs` then computes anew
+    tokens: int = 0  # calibration tokens in all the batches (n_samples x seq_len)
 
 
 class LayerCalibrator:
@@ -315,9 +317,9 @@ class LayerCalibrator:
             stages = self.stages_of(layer, prefix)
             mine = {n: c for n, c in configs.items() if BACKENDS.for_config(c) is backend}
             backend.layer_transform(LayerContext(
-                layer, prefix, mine, inputs=lambda group, stages=stages: list(stages.inputs(group)),
+                layer, prefix, mine, inputs=stages.inputs,
                 attention=lambda a: layer.self_attn(a, self.cos, self.sin, None, None), mlp=layer.mlp,
-                changed=stages.changed))
+                changed=stages.changed, tokens=self.hidden.shape[0] * self.hidden.shape[1]))
 
     def _targets(self, layer: nn.Module, prefix: str, names: tuple[str, ...]) -> dict[str, QuantConfig]:
         """The group's full-precision linears that the recipe quantizes, with their configs."""

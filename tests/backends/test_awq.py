@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.backends.awq import AWQConfig, awq_layer_transform, candidate_scales, search_scale
+from quantkit.backends.awq import (AWQConfig, awq_layer_transform, candidate_scales, clip_weight, fake_quantize,
+                                   search_clip, search_scale, spaced_tokens)
 from quantkit.errors import QuantkitError
 from quantkit.model.layout import SEQUENTIAL_GROUPS
 from quantkit.model.llama import LlamaDecoderLayer, rotary_embedding
@@ -39,9 +40,8 @@ def context(layer, x, cos, sin, config: AWQConfig):
     """What the calibrator hands a layer transform (quantkit/run/calibrator.py's LayerContext)."""
     stages = LayerStages(layer, x, 2, cos, sin, lambda i: pytest.fail(f"batch {i} not finite"))
     return SimpleNamespace(layer=layer, prefix="model.layers.0.", configs={n: config for n in ALL_LINEARS},
-                           inputs=lambda group: list(stages.inputs(group)),
-                           attention=lambda a: layer.self_attn(a, cos, sin, None, None), mlp=layer.mlp,
-                           changed=stages.changed)
+                           inputs=stages.inputs, attention=lambda a: layer.self_attn(a, cos, sin, None, None),
+                           mlp=layer.mlp, changed=stages.changed, tokens=x.shape[0] * x.shape[1])
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
@@ -53,7 +53,8 @@ def test_the_scaled_layer_computes_what_it_did(kv_heads, duo_scaling):
     with torch.no_grad():
         before = layer(x, cos, sin)
         weights = {n: layer.get_submodule(n).weight.clone() for n in ALL_LINEARS}
-        awq_layer_transform(context(layer, x, cos, sin, AWQConfig(bits=3, group_size=32, duo_scaling=duo_scaling)))
+        config = AWQConfig(bits=3, group_size=32, duo_scaling=duo_scaling, clip=False)
+        awq_layer_transform(context(layer, x, cos, sin, config))
         after = layer(x, cos, sin)
     changed = {n for n in ALL_LINEARS if not torch.equal(weights[n], layer.get_submodule(n).weight)}
     expected = set(ALL_LINEARS) - ({"self_attn.o_proj"} if kv_heads == 2 else set())
@@ -94,7 +95,45 @@ def test_the_search_measures_only_search_tokens():
     assert len(seen) == 3 + 3 * 4  # the reference on 3 batches (48 tokens >= 40), then 4 candidates on each
 
 
-@pytest.mark.parametrize("bad", [dict(n_grid=0), dict(search_tokens=0), dict(bits=5), dict(group_size=0)])
+def test_clipping_is_never_worse_on_each_groups_output():
+    """auto_clip's objective: the squared error of each (row, group)'s partial output x_g . w_g, fake-quantized."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * 0.05
+    w[::7, 5] = 0.6  # outliers that stretch their groups' ranges
+    x = torch.randn(300, 128)
+    config = AWQConfig(bits=3, group_size=32)
+    bound = search_clip(w, x, config, "fc")
+    clipped = nn.Linear(128, 64, bias=False)
+    clipped.weight.data.copy_(w)
+    clip_weight(clipped, bound)
+
+    def group_errors(weight):
+        q = fake_quantize(weight, config, "fc")
+        xg, wg, qg = x.reshape(1, 300, 4, 32), w.reshape(64, 1, 4, 32), q.reshape(64, 1, 4, 32)
+        return ((xg * qg).sum(-1) - (xg * wg).sum(-1)).pow(2).mean(1)  # (rows, groups)
+    assert (group_errors(clipped.weight.data) <= group_errors(w) * (1 + 1e-5)).all()
+    assert (bound < w.abs().reshape(64, 4, 32).amax(-1, keepdim=True)).any()  # the outliers' groups are clipped
+
+
+def test_clipping_leaves_q_and_k_alone():
+    layers = {}
+    for clip in (False, True):
+        layer, x, cos, sin = toy_layer(4)
+        with torch.no_grad():
+            awq_layer_transform(context(layer, x, cos, sin, AWQConfig(bits=3, group_size=32, clip=clip)))
+        layers[clip] = layer
+    same = {n for n in ALL_LINEARS
+            if torch.equal(layers[False].get_submodule(n).weight, layers[True].get_submodule(n).weight)}
+    assert {"self_attn.q_proj", "self_attn.k_proj"} <= same and "mlp.down_proj" not in same
+
+
+def test_spaced_tokens_stream_every_stride_th_token():
+    batches = [torch.arange(b * 10, (b + 1) * 10, dtype=torch.float32).reshape(1, 10, 1) for b in range(5)]
+    assert spaced_tokens(iter(batches), 10, 50).flatten().tolist() == list(range(0, 50, 5))
+
+
+@pytest.mark.parametrize("bad", [dict(n_grid=0), dict(search_tokens=0), dict(clip_tokens=0), dict(bits=5),
+                                 dict(group_size=0)])
 def test_bad_configs_are_refused(bad):
     with pytest.raises(QuantkitError, match="awq"):
         AWQConfig(**bad)
@@ -132,6 +171,25 @@ def test_awq_quantize_export_and_reload(src, tokens, tmp_path, fmt):
     with torch.no_grad():
         assert (model(ids) - reference(ids)).abs().max() < 0.5  # quantized, not broken
     assert sum(1 for m in model.modules() if getattr(m, "quant_record", None) is not None) == 7 * LAYERS
+
+
+def test_gptq_after_awq_rescales_the_layer_then_solves_on_the_scaled_inputs(src, tokens, tmp_path):
+    """--method gptq --awq: the norms come out rescaled (AWQ's pairs), the recipe says so; plain GPTQ keeps them."""
+    from safetensors.torch import load_file
+
+    def norms(out):
+        tensors = {}
+        for f in sorted(out.glob("*.safetensors")):
+            tensors.update(load_file(f))
+        return {k: v for k, v in tensors.items() if k.endswith("layernorm.weight")}
+    source = norms(src)
+    for flags, scaled in ((["--awq"], True), ([], False)):
+        out = tmp_path / ("awq" if scaled else "plain")
+        done = run("quantize", src, *method_args("gptq", tokens), *flags, "-o", out)
+        assert done.exit_code == 0, done.output
+        changed = [k for k, v in norms(out).items() if not torch.equal(v, source[k])]
+        assert (len(changed) > LAYERS) if scaled else not changed  # s = 1 may win a pair of this random model
+        assert quantkit.load(out).quant_recipe["default"]["awq"] is scaled
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,16 +1,18 @@
 """`gptq`: native GPTQ, calibrated layer by layer (quantkit/run/calibrator.py); the solver beside it (solver.py).
 
-Its observer collects each linear's Hessian from the calibration passes; the handler runs the solver.
+Its observer collects each linear's Hessian from the calibration passes; the handler runs the solver. With
+`awq=True` (`--awq`) AWQ's scaling rewrites each layer first (awq_then_gptq).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from quantkit.backends.awq import AWQConfig, awq_layer_transform
 from quantkit.quant.affine import PER_CHANNEL, validate_affine
 from quantkit.backends.registry import QuantConfig, register_backend
 from quantkit.errors import QuantkitError
@@ -48,6 +50,7 @@ class GPTQConfig(QuantConfig):
     true_sequential: bool = True  # q/k/v, then o, then gate/up, then down, each on recomputed inputs
     block_size: int = 128  # lazy-batch width
     mse: bool = False  # search the clipping range per group (minimum |w - q|^2.4)
+    awq: bool = False  # AWQ's activation-aware scaling of each layer first (quantkit.backends.awq), then GPTQ
 
     def __post_init__(self):
         validate_affine("gptq", self.bits, self.group_size)
@@ -59,8 +62,17 @@ class GPTQConfig(QuantConfig):
             raise QuantkitError("gptq: --static-groups needs a --group-size (it has no effect per channel)")
 
 
+def awq_then_gptq(ctx):
+    """The layer transform of `awq=True` linears: AWQ's scaling (its search fake-quantizes round-to-nearest on GPTQ's
+    grid; no clipping search: GPTQ compensates its own rounding), before any group is collected, so GPTQ's Hessians
+    are those of the scaled inputs (llm-compressor's AWQModifier followed by its GPTQModifier, in one pass a layer)."""
+    chosen = {n: AWQConfig(c.bits, c.group_size, c.symmetric, clip=False) for n, c in ctx.configs.items() if c.awq}
+    if chosen:
+        awq_layer_transform(replace(ctx, configs=chosen))
+
+
 @register_backend("gptq", GPTQConfig, formats=("gptq", "compressed-tensors"), requires=("torchao",),
-                  observer=HessianObserver.for_linear,
+                  observer=HessianObserver.for_linear, layer_transform=awq_then_gptq,
                   description="GPTQ (Frantar et al. 2022), calibrated, layer by layer")
 def quantize_gptq(linear: nn.Linear, config: GPTQConfig, name: str, hessian: torch.Tensor | None = None) -> nn.Module:
     if hessian is None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from quantkit.model import LlamaConfig, LlamaForCausalLM, save_model
+from tests.helpers import LAYERS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "demo" / "model"
@@ -117,3 +118,18 @@ def install_plugin(root: Path, monkeypatch, module: str, source: str, entry_poin
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(entry_points)
     monkeypatch.syspath_prepend(str(root))
+
+
+# A source checkpoint as the hub has it and calibration tokens: the run tests' and every CLI pipeline test's.
+@pytest.fixture
+def src(tmp_path) -> Path:
+    save_model(random_model(tiny_config(num_hidden_layers=LAYERS)), tmp_path / "src", tokenizer_dir=DEMO_MODEL)
+    (tmp_path / "src" / "quantkit_manifest.json").unlink(missing_ok=True)  # a source as the hub has it: edits allowed
+    return tmp_path / "src"
+
+
+@pytest.fixture
+def tokens(tmp_path) -> Path:
+    path = tmp_path / "calib.pt"
+    torch.save(torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0)), path)
+    return path

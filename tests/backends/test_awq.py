@@ -19,7 +19,6 @@ from quantkit.run.calibrator import quantize_calibrated
 from quantkit.run.stages import LayerStages
 from tests.conftest import KERNEL_SHAPES, random_model, tiny_config
 from tests.helpers import LAYERS, method_args, run
-from tests.run.conftest import src, tokens  # noqa: F401  (fixtures)
 
 ALL_LINEARS = tuple(n for group in SEQUENTIAL_GROUPS for n in group)
 
@@ -143,7 +142,7 @@ def test_awq_beats_rtn_on_a_toy_model_and_keeps_its_shapes():
     from quantkit.backends import quantize
     from quantkit.backends.rtn import RTNConfig
 
-    tokens = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(0, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
     test = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
     model = random_model(tiny_config(**KERNEL_SHAPES))
     with torch.no_grad():
@@ -154,7 +153,7 @@ def test_awq_beats_rtn_on_a_toy_model_and_keeps_its_shapes():
             lp = torch.log_softmax(m(test), -1)
         return float((reference.exp() * (reference - lp)).sum(-1).mean())
     awq, rtn = random_model(tiny_config(**KERNEL_SHAPES)), random_model(tiny_config(**KERNEL_SHAPES))
-    quantize_calibrated(awq, AWQConfig(bits=3, group_size=32), tokens, batch_size=4, progress=False)
+    quantize_calibrated(awq, AWQConfig(bits=3, group_size=32), calib, batch_size=4, progress=False)
     quantize(rtn, RTNConfig(bits=3, group_size=32))
     assert kl(awq) < kl(rtn)
 

@@ -33,7 +33,7 @@ from quantkit.run.export import ExportOptions, planned_format
 from quantkit.formats import QuantFormat
 from quantkit.backends.gptq.solver import inverse_hessian_cholesky
 from quantkit.io.files import check_output_dir, human_bytes, nearest_existing
-from quantkit.run.calibrator import CalibrationOptions, calibration_dtype
+from quantkit.run.calibrator import CalibrationOptions, calibration_dtype, down_inputs_fit
 from quantkit.run.stages import PASSES
 from quantkit.model.build import check_device
 from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_index
@@ -158,6 +158,7 @@ def _gptq_terms(source: Source, calibration: CalibrationOptions, calib_dtype: to
                  + max((solver(n) for n in names if n in shapes), default=0) for names in SEQUENTIAL_GROUPS), default=0)
     batch = min(calibration.batch_size, calibration.n_samples) * calibration.seq_len
     return {"activations": activation_bytes(c, calibration, calib_dtype),
+            "down_inputs": activation_bytes(c, calibration, calib_dtype) * c.intermediate_size // c.hidden_size,
             "forward_batch": batch * (5 * c.hidden_size + 3 * c.intermediate_size) * calib_dtype.itemsize,
             "hessians_and_solver": group,
             "layer_calib": source.layer_numel() * calib_dtype.itemsize}
@@ -178,11 +179,15 @@ def memory_plan(source: Source, output: OutputSize, dtype: torch.dtype, baseline
         return Memory(_peak({**writing, "quantize": quantize}), 0, {**writing, "quantize": quantize}, {})
     g = _gptq_terms(source, calibration, calib_dtype)
     act, layer = g["activations"], g["layer_calib"]
-    gpu = {"collect": {"layer": layer, "activations x3": 3 * act, "forward": g["forward_batch"],
-                       "hessians": g["hessians_and_solver"]},
-           "quantize": {"layer": layer, "activations": act, "hessians_and_solver": g["hessians_and_solver"],
-                        "quantized": t["quantized_layer"]},
-           "advance": {"layer": layer, "activations x3": 3 * act, "forward": g["forward_batch"]}}
+    where = torch.device("cpu") if calibration.offload_activations else check_device(calibration.device)
+    fits = down_inputs_fit(g["down_inputs"], act, where, allocated=act + layer)  # as the run will judge it
+    down = g["down_inputs"] if fits else 0  # down_proj's inputs, kept for the advance where they fit
+    gpu = {"collect": {"layer": layer, "activations x3": 3 * act, "activations down_proj's inputs": down,
+                       "forward": g["forward_batch"], "hessians": g["hessians_and_solver"]},
+           "quantize": {"layer": layer, "activations x2": 2 * act, "activations down_proj's inputs": down,
+                        "hessians_and_solver": g["hessians_and_solver"], "quantized": t["quantized_layer"]},
+           "advance": {"layer": layer, "activations x3": 3 * act, "activations down_proj's inputs": down,
+                       "forward": g["forward_batch"]}}
     embed = {"embedding": t["embedding"] * 2, "activations": act + act * dtype.itemsize // calib_dtype.itemsize}
     if check_device(calibration.device).type == "cuda":
         ram = {name: {**terms, "activations (saved)": act} for name, terms in writing.items()}

@@ -40,6 +40,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+import psutil
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -136,6 +137,15 @@ def calibration_dtype(requested: str | torch.dtype | None, source: torch.dtype, 
                             f"change: use --calib-dtype {short_name(torch.float32)} or {short_name(export)}, "
                             f"or leave it out (auto)")
     return dtype
+
+
+def down_inputs_fit(nbytes: int, activations: int, where: torch.device, allocated: int = 0) -> bool:
+    """Whether down_proj's inputs (n, T, intermediate: 2.7x the activations; `nbytes`) are kept for the advance,
+    saving gate/up's second pass (quantkit/run/stages.py): when they and the two stages kept besides them (2 x
+    `activations` bytes) take at most half of the memory free on `where` (the activations' device), less what is
+    still to be `allocated` there (a plan: the activations and the layer). Either way the results are the same bytes."""
+    free = torch.cuda.mem_get_info(where)[0] if where.type == "cuda" else psutil.virtual_memory().available
+    return nbytes + 2 * activations <= (free - allocated) // 2
 
 
 def nonfinite_cause(dtype: torch.dtype) -> str:
@@ -307,7 +317,13 @@ class LayerCalibrator:
         """The layer's stages on the current inputs (quantkit/run/stages.py)."""
         def on_nonfinite(i: int):
             self._non_finite(layer, prefix, self.hidden.split(self.batch_size)[i])
-        return LayerStages(layer, self.hidden, self.batch_size, self.cos, self.sin, on_nonfinite, self.device)
+        return LayerStages(layer, self.hidden, self.batch_size, self.cos, self.sin, on_nonfinite, self.device,
+                           keep_down=self._down_inputs_fit(layer))
+
+    def _down_inputs_fit(self, layer: nn.Module) -> bool:
+        n, t, _ = self.hidden.shape
+        down = n * t * layer.mlp.down_proj.in_features * self.hidden.element_size()
+        return down_inputs_fit(down, self.hidden.numel() * self.hidden.element_size(), self.store)
 
     def layer_transform(self, layer: nn.Module, prefix: str):
         """Each backend with a layer transform rewrites the layer once, before any group is collected."""

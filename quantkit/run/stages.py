@@ -5,14 +5,16 @@ calibration set and again only when a quantized group changes it.
   q/k/v       input_layernorm(x)                                   no (one norm: cheap)
   o           y = attention of the q/k/v of input_layernorm(x)     yes, until q/k/v change
   gate/up     post_attention_layernorm(h), h = x + o_proj(y)       h, until q/k/v or o change
-  down        act(gate(m)) * up(m), m = post_attention_layernorm(h) no
-  advance     h + down(...): the next layer's inputs
+  down        act(gate(m)) * up(m), m = post_attention_layernorm(h) yes where memory allows (keep_down), until
+                                                                   gate/up change
+  advance     h + down(...): the next layer's inputs, from the kept down inputs (or gate/up once more)
 
 The activations and what is kept stay where x is (the layer's device, or CPU memory with --offload-activations: 70B's
 128 x 2048 x 8192 fp32 activations are 8.6 GB a copy, and three are kept); each batch moves to the layer's device when
 it is used, and what is kept moves back.
 
-A layer so costs one attention and about two MLPs of forward passes instead of five full ones (one per group and
+A layer so costs one attention and one MLP of forward passes (about two MLPs where down_proj's inputs, 2.7x the
+activations, are not kept) of forward passes instead of five full ones (one per group and
 the advance). The stages are the model's own (LlamaAttention.attend / .output, LlamaMLP.down_input): the same float
 operations on the same batches as LlamaDecoderLayer.forward, so every group sees bit for bit the inputs a full
 forward pass would give it (tests/run/test_stages.py).
@@ -26,10 +28,12 @@ import torch
 from torch import nn
 
 from quantkit.model.layout import SEQUENTIAL_GROUPS
+from quantkit.model.llama import linear_split_cols
 
 QKV, O, GATE_UP, DOWN = SEQUENTIAL_GROUPS
 # How often the staged forward runs each linear of a layer (q/k/v for o_proj's inputs, o_proj for the residual,
-# gate/up for down_proj's inputs and again in the advance, down_proj in the advance): what `quantkit plan` times.
+# gate/up for down_proj's inputs (and again in the advance where those are not kept), down_proj in the advance):
+# what `quantkit plan` times, for the worst case.
 PASSES = {name: 2 if name in GATE_UP else 1 for group in SEQUENTIAL_GROUPS for name in group}
 
 
@@ -40,12 +44,14 @@ class LayerStages:
     layer computes (None: x's device); x and the kept stages stay on x's device."""
 
     def __init__(self, layer: nn.Module, x: torch.Tensor, batch_size: int, cos: torch.Tensor, sin: torch.Tensor,
-                 on_nonfinite: Callable[[int], None], device: torch.device | None = None):
+                 on_nonfinite: Callable[[int], None], device: torch.device | None = None, keep_down: bool = False):
+        """`keep_down`: keep down_proj's inputs (n, T, intermediate) as they stream, for the advance."""
         self.layer, self.cos, self.sin, self.on_nonfinite = layer, cos, sin, on_nonfinite
-        self.store, self.device = x.device, device or x.device
+        self.store, self.device, self.keep_down = x.device, device or x.device, keep_down
         self.x = x.split(batch_size)
         self._y: list[torch.Tensor] | None = None  # o_proj's inputs
         self._h: list[torch.Tensor] | None = None  # the residual stream after self_attn
+        self._d: list[torch.Tensor] = []  # down_proj's inputs, when kept
 
     def inputs(self, group: tuple[str, ...]) -> Iterator[torch.Tensor]:
         """The group's input, batch by batch (the linears of a true-sequential group share it)."""
@@ -57,7 +63,8 @@ class LayerStages:
             return self._checked(self.layer.post_attention_layernorm(self._in(h)) for h in self._residual())
         if group == DOWN:
             mlp, norm = self.layer.mlp, self.layer.post_attention_layernorm
-            return self._checked(mlp.down_input(norm(self._in(h))) for h in self._residual())
+            self._d = []
+            return self._checked(self._kept_down(mlp.down_input(norm(self._in(h)))) for h in self._residual())
         raise ValueError(f"{group}: not a true-sequential group")
 
     def changed(self, group: tuple[str, ...] | None = None):
@@ -66,20 +73,31 @@ class LayerStages:
             self._y = None
         if group in (None, QKV, O):
             self._h = None
+        if group in (None, QKV, O, GATE_UP):
+            self._d = []
 
     def output(self) -> torch.Tensor:
         """The layer's outputs (n, T, hidden): h + mlp(post_attention_layernorm(h)), computed in h's batches."""
         h = self._residual()
-        self._h = None
-        finite = [torch.isfinite(self._advance(hb)).all() for hb in h]
+        d = self._d if len(self._d) == len(h) else [None] * len(h)  # all of down_proj's inputs kept, or none used
+        self._h, self._d = None, []
+        finite = [torch.isfinite(self._advance(hb, db)).all() for hb, db in zip(h, d)]
         self._check(finite)
         return torch.cat(h)
 
-    def _advance(self, h: torch.Tensor) -> torch.Tensor:
-        """h + mlp(post_attention_layernorm(h)), into h (kept where it is)."""
+    def _advance(self, h: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
+        """h + mlp(post_attention_layernorm(h)), into h (kept where it is); from down_proj's kept inputs d if given
+        (LlamaMLP.forward is down_proj(down_input(m)): the same values)."""
         hd = self._in(h)
-        hd.add_(self.layer.mlp(self.layer.post_attention_layernorm(hd)))
+        mlp = self.layer.mlp
+        hd.add_(mlp(self.layer.post_attention_layernorm(hd)) if d is None
+                else linear_split_cols(self._in(d), mlp.down_proj, mlp.pretraining_tp))
         return h if hd is h else h.copy_(hd)
+
+    def _kept_down(self, d: torch.Tensor) -> torch.Tensor:
+        if self.keep_down:
+            self._d.append(d.to(self.store))
+        return d
 
     def _in(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device)

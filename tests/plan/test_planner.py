@@ -157,6 +157,7 @@ def test_offloaded_activations_move_from_the_gpu_to_ram(monkeypatch, offload):
     """70B GPTQ on CUDA: 128 x 2048 fp16 activations are 4.3 GB a copy, three kept; offloaded they are in RAM and
     the GPU holds a batch of each."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # planning only: nothing runs on the device
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 << 30, 24 << 30))  # a free 24 GB GPU
     config = QuantConfig.from_dict({"method": "gptq", "group_size": 128})
 
     def plan(offload):

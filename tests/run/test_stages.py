@@ -41,16 +41,17 @@ def hooked_inputs(layer, x, cos, sin, names):
     return {n: torch.cat(ts) for n, ts in seen.items()}, out
 
 
-def stages_of(layer, x, cos, sin):
+def stages_of(layer, x, cos, sin, keep_down=False):
     def fail(i):
         raise AssertionError(f"batch {i} not finite")
-    return LayerStages(layer, x, BATCH, cos, sin, fail)
+    return LayerStages(layer, x, BATCH, cos, sin, fail, keep_down=keep_down)
 
 
+@pytest.mark.parametrize("keep_down", [False, True], ids=["down recomputed", "down kept"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_every_group_sees_what_a_full_pass_gives_it(kv_heads):
+def test_every_group_sees_what_a_full_pass_gives_it(kv_heads, keep_down):
     layer, x, cos, sin = toy_layer(num_key_value_heads=kv_heads)
-    stages = stages_of(layer, x, cos, sin)
+    stages = stages_of(layer, x, cos, sin, keep_down)
     with torch.no_grad():
         for group in SEQUENTIAL_GROUPS:
             expected, out = hooked_inputs(layer, x, cos, sin, group)
@@ -59,9 +60,10 @@ def test_every_group_sees_what_a_full_pass_gives_it(kv_heads):
         assert torch.equal(stages.output(), out)
 
 
-def test_a_changed_group_changes_what_follows_it():
+@pytest.mark.parametrize("keep_down", [False, True], ids=["down recomputed", "down kept"])
+def test_a_changed_group_changes_what_follows_it(keep_down):
     layer, x, cos, sin = toy_layer()
-    stages = stages_of(layer, x, cos, sin)
+    stages = stages_of(layer, x, cos, sin, keep_down)
     with torch.no_grad():
         for group in SEQUENTIAL_GROUPS:
             list(stages.inputs(group))
@@ -79,8 +81,13 @@ def test_a_changed_group_changes_what_follows_it():
         assert torch.equal(stages.output(), out)
 
 
-def test_the_attention_runs_once_a_layer(monkeypatch):
+@pytest.mark.parametrize("keep_down", [True, False], ids=["down kept", "down recomputed"])
+def test_the_attention_runs_once_a_layer(monkeypatch, keep_down):
+    """And the MLP's gate/up once, where down_proj's inputs fit in memory (twice where they do not)."""
     from quantkit.model.llama import LlamaAttention, LlamaMLP
+    from quantkit.run.calibrator import LayerCalibrator
+
+    monkeypatch.setattr(LayerCalibrator, "_down_inputs_fit", lambda self, layer: keep_down)
 
     calls = {"attend": 0, "down_input": 0}
     for cls, name in ((LlamaAttention, "attend"), (LlamaMLP, "down_input")):
@@ -94,7 +101,8 @@ def test_the_attention_runs_once_a_layer(monkeypatch):
     tokens = torch.randint(0, 4096, (6, 16), generator=torch.Generator().manual_seed(0))
     quantize_calibrated(model, GPTQConfig(4, 32), tokens, batch_size=2, progress=False)
     batches, layers = 3, model.config.num_hidden_layers
-    assert calls == {"attend": batches * layers, "down_input": 2 * batches * layers}  # down's inputs, the advance
+    downs = 1 if keep_down else 2  # down's inputs (and again for the advance)
+    assert calls == {"attend": batches * layers, "down_input": downs * batches * layers}
 
 
 def test_a_stage_that_overflows_is_caught_in_its_batch():

@@ -35,7 +35,7 @@ from torch import nn
 
 from quantkit.backends.registry import QuantConfig, register_backend
 from quantkit.errors import QuantkitError
-from quantkit.model.layout import SCALING_PAIRS, SEQUENTIAL_GROUPS
+from quantkit.model.layout import SCALING_PAIRS, SEQUENTIAL_GROUPS, group_of
 from quantkit.backends.rtn import quantize_rtn
 from quantkit.quant.affine import quantize_weight, resolve_group_size, validate_affine
 from quantkit.quant.scaling import fold_scales
@@ -188,10 +188,6 @@ def _blocks(ctx) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
 NOT_CLIPPED = ("self_attn.q_proj", "self_attn.k_proj")  # the attention's q k^T mixes their errors (AutoAWQ)
 
 
-def _group_of(name: str) -> tuple[str, ...]:
-    return next(group for group in SEQUENTIAL_GROUPS if name in group)
-
-
 def awq_layer_transform(ctx):
     """AWQ's scaling of one decoder layer (the module docstring), every pair whose linears are all awq's here."""
     blocks = _blocks(ctx)
@@ -206,7 +202,7 @@ def awq_layer_transform(ctx):
             continue
         names = [ctx.prefix + n for n in followers]
         configs = [ctx.configs[n] for n in followers]
-        s, loss, unscaled = search_scale(ctx.inputs(_group_of(followers[0])), blocks[judged], linears, configs, names,
+        s, loss, unscaled = search_scale(ctx.inputs(group_of(followers[0])), blocks[judged], linears, configs, names,
                                          configs[0].search_tokens)
         fold_scales(prev, linears, s, name=ctx.prefix + preceding)
         ctx.changed()

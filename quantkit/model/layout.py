@@ -27,6 +27,15 @@ SEQUENTIAL_GROUPS: tuple[tuple[str, ...], ...] = (("self_attn.q_proj", "self_att
                                                   ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"),
                                                   ("mlp.down_proj",))
 
+
+def group_of(name: str) -> tuple[str, ...]:
+    """The true-sequential group (of SEQUENTIAL_GROUPS) a decoder linear ('mlp.up_proj') is in: the linears that
+    read its input. ValueError for a name in none."""
+    for group in SEQUENTIAL_GROUPS:
+        if name in group:
+            return group
+    raise ValueError(f"{name}: not a decoder linear of SEQUENTIAL_GROUPS")
+
 # Activation-aware scaling (AWQ, Lin et al. 2023, arXiv:2306.00978; llm-compressor's Llama mappings): a module
 # whose output channels absorb 1/s, the linears after it whose input channels take s (the float layer unchanged),
 # and the block whose output judges a scaling. v_proj -> o_proj needs one o_proj input column per v_proj output

@@ -234,7 +234,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x):
-        return linear_split_cols(self.down_input(x), self.down_proj, self.pretraining_tp)
+        return self.down(self.down_input(x))
+
+    def down(self, d):
+        """down_proj of its input d (B, T, intermediate), sliced as pretraining_tp says: the MLP's output."""
+        return linear_split_cols(d, self.down_proj, self.pretraining_tp)
 
     def down_input(self, x):
         """act(gate_proj(x)) * up_proj(x): down_proj's input (B, T, intermediate)."""

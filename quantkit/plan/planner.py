@@ -33,7 +33,7 @@ from quantkit.run.export import ExportOptions, planned_format
 from quantkit.formats import QuantFormat
 from quantkit.backends.gptq.solver import inverse_hessian_cholesky
 from quantkit.io.files import check_output_dir, human_bytes, nearest_existing
-from quantkit.run.calibrator import CalibrationOptions, calibration_dtype, down_inputs_fit
+from quantkit.run.calibrator import CalibrationOptions, activations_device, calibration_dtype, down_inputs_fit
 from quantkit.run.stages import PASSES
 from quantkit.model.build import check_device
 from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_index
@@ -179,7 +179,7 @@ def memory_plan(source: Source, output: OutputSize, dtype: torch.dtype, baseline
         return Memory(_peak({**writing, "quantize": quantize}), 0, {**writing, "quantize": quantize}, {})
     g = _gptq_terms(source, calibration, calib_dtype)
     act, layer = g["activations"], g["layer_calib"]
-    where = torch.device("cpu") if calibration.offload_activations else check_device(calibration.device)
+    where = activations_device(calibration.device, calibration.offload_activations)
     fits = down_inputs_fit(g["down_inputs"], act, where, allocated=act + layer)  # as the run will judge it
     down = g["down_inputs"] if fits else 0  # down_proj's inputs, kept for the advance where they fit
     gpu = {"collect": {"layer": layer, "activations x3": 3 * act, "activations down_proj's inputs": down,

@@ -54,7 +54,7 @@ from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.build import check_device
 from quantkit.model.config import LlamaConfig
-from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_prefix, module_names
+from quantkit.model.layout import SEQUENTIAL_GROUPS, group_of, layer_prefix, module_names
 from quantkit.model.llama import rotary_embedding
 from quantkit.quant.record import LinearReport, linear_reports, record_of
 from quantkit.quant.surgery import quantized_modules
@@ -137,6 +137,12 @@ def calibration_dtype(requested: str | torch.dtype | None, source: torch.dtype, 
                             f"change: use --calib-dtype {short_name(torch.float32)} or {short_name(export)}, "
                             f"or leave it out (auto)")
     return dtype
+
+
+def activations_device(device: str | torch.device, offload: bool) -> torch.device:
+    """Where the calibration activations and the kept stages live: CPU memory with --offload-activations, else the
+    calibration device."""
+    return torch.device("cpu") if offload else check_device(device)
 
 
 def down_inputs_fit(nbytes: int, activations: int, where: torch.device, allocated: int = 0) -> bool:
@@ -245,7 +251,7 @@ class LayerCalibrator:
         """`dtype`: what the layers compute in (None: calibration_dtype's auto for the embedding's dtype);
         `offload`: the activations live in CPU memory, each batch computed on `device` (CalibrationOptions)."""
         self.recipe, self.batch_size, self.device, self.progress = recipe, batch_size, check_device(device), progress
-        self.store = torch.device("cpu") if offload else self.device  # where the activations live
+        self.store = activations_device(self.device, offload)
         self.dtype = dtype or calibration_dtype(None, embed_weight.dtype, self.device)
         # Looked up in the weight's dtype, then cast: exact, and no copy of the whole table in self.dtype.
         self.hidden = F.embedding(tokens.to(self.store), embed_weight.to(self.store)).to(self.dtype)  # (n, T, hidden)
@@ -382,7 +388,7 @@ class LayerCalibrator:
             make = BACKENDS.for_config(config).observer
             if make is None:
                 continue
-            key = (make, next((i for i, group in enumerate(SEQUENTIAL_GROUPS) if n in group), n))
+            key = (make, group_of(n))
             if key in shared:
                 observers[n] = shared[key]
                 continue

@@ -14,8 +14,7 @@ The activations and what is kept stay where x is (the layer's device, or CPU mem
 it is used, and what is kept moves back.
 
 A layer so costs one attention and one MLP of forward passes (about two MLPs where down_proj's inputs, 2.7x the
-activations, are not kept) of forward passes instead of five full ones (one per group and
-the advance). The stages are the model's own (LlamaAttention.attend / .output, LlamaMLP.down_input): the same float
+activations, are not kept) instead of five full ones (one per group and the advance). The stages are the model's own (LlamaAttention.attend / .output, LlamaMLP.down_input): the same float
 operations on the same batches as LlamaDecoderLayer.forward, so every group sees bit for bit the inputs a full
 forward pass would give it (tests/run/test_stages.py).
 """
@@ -28,7 +27,6 @@ import torch
 from torch import nn
 
 from quantkit.model.layout import SEQUENTIAL_GROUPS
-from quantkit.model.llama import linear_split_cols
 
 QKV, O, GATE_UP, DOWN = SEQUENTIAL_GROUPS
 # How often the staged forward runs each linear of a layer (q/k/v for o_proj's inputs, o_proj for the residual,
@@ -87,11 +85,10 @@ class LayerStages:
 
     def _advance(self, h: torch.Tensor, d: torch.Tensor | None) -> torch.Tensor:
         """h + mlp(post_attention_layernorm(h)), into h (kept where it is); from down_proj's kept inputs d if given
-        (LlamaMLP.forward is down_proj(down_input(m)): the same values)."""
+        (LlamaMLP.forward is down(down_input(m)): the same values)."""
         hd = self._in(h)
         mlp = self.layer.mlp
-        hd.add_(mlp(self.layer.post_attention_layernorm(hd)) if d is None
-                else linear_split_cols(self._in(d), mlp.down_proj, mlp.pretraining_tp))
+        hd.add_(mlp(self.layer.post_attention_layernorm(hd)) if d is None else mlp.down(self._in(d)))
         return h if hd is h else h.copy_(hd)
 
     def _kept_down(self, d: torch.Tensor) -> torch.Tensor:

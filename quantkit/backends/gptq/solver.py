@@ -57,9 +57,10 @@ class HessianAccumulator:
         return self
 
 
-def quantize_columns(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Unsigned integer grid values of w (N, c) for per-row qparams (N, 1): torchao's rounding formula."""
-    return torch.clamp(torch.round(w * (1.0 / scale)) + zero, 0, maxq)
+def quantize_columns(w: torch.Tensor, inverse: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Unsigned integer grid values of w (N, c) for per-row qparams (N, 1), given 1 / scale: torchao's rounding
+    formula, round(w * (1 / scale)) + zero, clamped (the reciprocal is the caller's, once a group)."""
+    return torch.clamp(torch.round(w * inverse) + zero, 0, maxq)
 
 
 def mse_qparams(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 100, max_shrink: float = 0.8,
@@ -74,7 +75,7 @@ def mse_qparams(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 100, ma
     for i in range(int(max_shrink * grid)):
         p = 1 - i / grid
         s, z = choose_qparams(torch.minimum(torch.maximum(w, p * lo), p * hi), bits, w.shape[1], symmetric)
-        err = ((quantize_columns(w, s, z, 2**bits - 1) - z) * s - w).abs_().pow_(norm).sum(1, keepdim=True)
+        err = ((quantize_columns(w, 1.0 / s, z, 2**bits - 1) - z) * s - w).abs_().pow_(norm).sum(1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
         scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
@@ -157,8 +158,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     W[:, dead] = 0
 
     # Static groups: qparams of every group from the unquantized weight, in the original column order.
-    static = [(s, z, 1.0 / s) for s, z in (group_qparams(W[:, c:c + g], bits, symmetric, mse)
-                                           for c in range(0, K, g))] if static_groups else None
+    static = [group_qparams(W[:, c:c + g], bits, symmetric, mse) for c in range(0, K, g)] if static_groups else None
+    static_inverse = [1.0 / s for s, _ in static] if static else None
 
     perm = torch.argsort(torch.diag(H0).masked_fill(dead, 1), descending=True) if act_order else None
     Hinv, dampening = inverse_hessian_cholesky(H0, damp, name, perm=perm, dead=dead if dead.any() else None)
@@ -179,7 +180,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         for i in range(i2 - i1):
             j = i1 + i  # column in permuted order
             if static is not None:
-                scale, zero, inverse = static[order[j] // g]
+                scale, zero = static[order[j] // g]
+                inverse = static_inverse[order[j] // g]
             elif j % g == 0:
                 # qparams of the group from the *current* weights: this block's updated columns, and
                 # the later columns with this block's pending lazy update applied.
@@ -189,7 +191,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
                 inverse = 1.0 / scale  # torchao's w * (1 / scale), once a group instead of once a column
                 groups.append((scale, zero))
             w = W1[:, i:i + 1]  # (N, 1)
-            q = torch.clamp(torch.round(w * inverse) + zero, 0, maxq)  # quantize_columns, bit for bit
+            q = quantize_columns(w, inverse, zero, maxq)
             Q1[:, i:i + 1] = q
             torch.div(w - (q - zero) * scale, Hinv1[i, i], out=Err1[:, i:i + 1])  # (w - dequant(q)) / Hinv_ii
             W1[:, i:] -= Err1[:, i:i + 1] @ Hinv1[i:i + 1, i:]  # spread the error over the block's later columns
@@ -198,8 +200,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of everything after the block
 
     del Hinv, W
-    qparams = [(s, z) for s, z, *_ in static] if static else groups
-    weight = _affine_weight(Q[:, torch.argsort(perm)] if act_order else Q, qparams, perm, bits, g, symmetric,
+    weight = _affine_weight(Q[:, torch.argsort(perm)] if act_order else Q, static or groups, perm, bits, g, symmetric,
                             scattered=act_order and not static_groups)
     loss = losses.sum().item()
     dW = weight.dequantize(torch.float32) - W0

@@ -5,7 +5,11 @@ Each method quantizes the model with `quantkit quantize` (a fresh process; calib
 `quantkit compare` scores every output against the base over test.txt (non-overlapping 256-token windows, fp32): mean
 KL per token, top-1 agreement, perplexity. Seconds: the quantize command's own wall time (`seconds` of --json).
 
-    python bench/bench_awq_quality.py ../shared/models/tiny-llama2-mha [--bits 4,3]
+    python bench/bench_awq_quality.py ../shared/models/tiny-llama2-mha [--bits 4,3] [--calib CALIB.pt --llmc]
+
+--calib CALIB.pt: the calibration tokens (n, seq) saved by ../shared/bench/ref_gptq.py --save-calib, for every method;
+--llmc adds llm-compressor's AWQ (its AWQModifier, then round to nearest: bench/peers/llmc_awq.py, run with the
+llm-compressor venv of ../shared/bench/peers-venv.sh under $PEERS, default /tmp/peers) on those same tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+PEERS = Path(os.environ.get("PEERS", "/tmp/peers"))
+LLMC_AWQ = Path(__file__).parent / "peers" / "llmc_awq.py"
 
 METHODS = {"RTN": ["--method", "rtn"],
            "GPTQ": ["--method", "gptq"],
@@ -31,15 +39,28 @@ def quantkit(*args: str) -> dict:
     return json.loads(out[out.index("{"):])
 
 
+def llmc_awq(args, bits: str, out: Path) -> float:
+    """llm-compressor's AWQ at `bits` on the --calib tokens into out; its wall time (the process, load included)."""
+    start = time.perf_counter()
+    subprocess.run([str(PEERS / "llmc/bin/python"), str(LLMC_AWQ), args.model, args.calib, str(out), "--bits", bits,
+                    "--group-size", args.group_size], check=True, capture_output=True, text=True)
+    return time.perf_counter() - start
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--bits", default="4,3")
     p.add_argument("--group-size", default="128")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--calib", help="calibration tokens (n, seq) as a .pt file (default: 128 x 256 from train.txt)")
+    p.add_argument("--llmc", action="store_true", help="add llm-compressor's AWQ on the --calib tokens")
     args = p.parse_args()
+    if args.llmc and not args.calib:
+        p.error("--llmc needs --calib CALIB.pt: llm-compressor gets the same tokens as quantkit")
     model = Path(args.model)
-    calib = ["--calib", str(model / "train.txt"), "--n-samples", "128", "--seq-len", "256", "--seed", "0"]
+    calib = (["--calib", args.calib, "--seq-len", "256"] if args.calib else
+             ["--calib", str(model / "train.txt"), "--n-samples", "128", "--seq-len", "256", "--seed", "0"])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         outputs = {}
@@ -51,6 +72,9 @@ def main():
                                    "--json")
                 outputs[out.name] = (name, bits, summary["seconds"])
                 print(name, bits, round(summary["seconds"], 1), "s", flush=True)
+            if args.llmc:
+                out = Path(tmp) / f"llmc-awq-w{bits}"
+                outputs[out.name] = ("llm-compressor AWQ", bits, llmc_awq(args, bits, out))
         report = quantkit("compare", str(model), *(str(Path(tmp) / n) for n in outputs), "--dataset",
                           str(model / "test.txt"), "--seq-len", "256", "--dtype", "fp32", "--batch-size", "8",
                           "--no-speed", "--json")

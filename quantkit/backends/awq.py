@@ -9,9 +9,11 @@ down_proj's; v_proj -> o_proj only where the shapes pair, not under GQA):
      also w_mean, the mean over output rows of |W| / max|W| in its quantization group (the linears stacked);
   2. a grid search of the exponent a in 0, 1/n_grid, ..., (n_grid-1)/n_grid: s = x_mean^a (duo: x_mean^a /
      (w_mean^(1-a) + 1e-4)), clamped at 1e-4 and normalised by sqrt(max s * min s); the pair's linears
-     fake-quantized as Q(W diag(s)) diag(s)^-1; the block's mean squared output error against the float block on
-     the first `search_tokens` tokens of the calibration windows; s = 1 (no scaling) is a candidate too, so the
-     chosen s is never worse than none on this objective;
+     fake-quantized as Q(W diag(s)) diag(s)^-1; the judged block's mean squared output error against the float
+     block on about `search_tokens` tokens spread over the calibration set (every k-th token; for the attention,
+     every k-th whole window) (for o_proj and down_proj, blocks that are one linear, from those tokens' mean x x^T
+     where that is cheaper: linear_error); s = 1 (no scaling) is a candidate too, so the chosen s is never worse
+     than none on this objective;
   3. the best s folded into the pair (quantkit.quant.scaling.fold_scales): the float layer is unchanged to rounding.
 
 Then (`clip`) each linear but q_proj and k_proj (whose errors the attention's q k^T product mixes) gets AWQ's
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -50,7 +53,7 @@ class AWQConfig(QuantConfig):
     symmetric: bool = False
     duo_scaling: bool = True  # s from activation and weight magnitudes (AutoAWQ's and llm-compressor's default)
     n_grid: int = 20  # exponents searched: 0, 1/n_grid, ..., (n_grid - 1)/n_grid
-    search_tokens: int = 65536  # calibration tokens the search's loss is measured on (AutoAWQ: 128 x 512)
+    search_tokens: int = 4096  # tokens, spread over the set, the search judges on (bench/RESULTS.md: KL flat from 2048)
     clip: bool = True  # then search each group's clipping range (AutoAWQ's auto_clip; not q_proj, k_proj)
     clip_tokens: int = 512  # tokens, evenly spaced, the clipping search measures on (AutoAWQ's n_sample_token)
 
@@ -86,25 +89,89 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: f
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
+SEARCH_CHUNK = 4096  # tokens a block evaluation of the search computes at once
+
+
+@dataclass
+class PairInputs:
+    """What AWQ needs of one true-sequential group's inputs, from one streamed pass (input_statistics)."""
+
+    x_mean: torch.Tensor  # (K,): each input channel's mean |x| over all tokens
+    searched: list[torch.Tensor]  # about search_tokens tokens over the whole set, in chunks: what the search judges
+    spaced: torch.Tensor  # (about clip_tokens, K): every (total // clip_tokens)-th token (the clipping search's)
+
+
+def every(t: torch.Tensor, offset: int, stride: int) -> torch.Tensor:
+    """The rows of t (a copy) whose index counted from `offset` is a multiple of stride."""
+    return t[(-offset) % stride:: stride].clone()
+
+
 @torch.no_grad()
-def search_scale(inputs: Iterable[torch.Tensor], block: Callable[[torch.Tensor], torch.Tensor], linears: list[nn.Linear],
-                 configs: list[AWQConfig], names: list[str], search_tokens: int) -> tuple[torch.Tensor, float, float]:
+def input_statistics(inputs: Iterable[torch.Tensor], search_tokens: int, windows: bool = False, clip_tokens: int = 1,
+                     total: int = 1) -> PairInputs:
+    """PairInputs from a group's input batches (b, T, K), streamed once; `total`: the tokens in all of them.
+
+    The searched tokens are spread over the whole calibration set, not its first windows: with `windows` (a block
+    whose outputs depend on a window's earlier tokens: the attention) every k-th whole window, about search_tokens
+    tokens (at least one window); else every (total // search_tokens)-th token, in chunks of SEARCH_CHUNK tokens."""
+    count, x_sum, picked, spaced, T = 0, 0, [], [], 1
+    for x in inputs:
+        T, K = x.shape[1], x.shape[-1]
+        flat = x.reshape(-1, K)
+        x_sum = x_sum + flat.abs().sum(0, dtype=torch.float32)
+        spaced.append(every(flat, count, max(1, total // clip_tokens)))
+        if search_tokens > 0 and windows:
+            picked.append(every(x, count // T, max(1, (total // T) // max(1, search_tokens // T))))
+        elif search_tokens > 0:
+            picked.append(every(flat, count, max(1, total // search_tokens)))
+        count += flat.shape[0]
+    searched = list(torch.cat(picked).split(max(1, SEARCH_CHUNK // T) if windows else SEARCH_CHUNK)) if picked else []
+    return PairInputs(x_sum / count, searched, torch.cat(spaced))
+
+
+@torch.no_grad()
+def block_error(block: Callable[[torch.Tensor], torch.Tensor], searched: list[torch.Tensor]) -> Callable[[], float]:
+    """The mean squared error of `block`'s outputs on the searched batches, as its linears are at the call, against
+    its outputs now (AutoAWQ's and llm-compressor's loss)."""
+    reference = [block(x) for x in searched]
+    count = sum(y.numel() for y in reference)
+
+    @torch.no_grad()
+    def error() -> float:
+        return sum(float((block(x).float() - y.float()).pow(2).sum()) for x, y in zip(searched, reference)) / count
+    return error
+
+
+@torch.no_grad()
+def linear_error(linear: nn.Linear, searched: list[torch.Tensor]) -> Callable[[], float]:
+    """block_error's loss for a block that is the one linear, from the inputs' second moment: ||(W' - W) x||^2
+    averaged over the tokens and the N outputs is tr(D H D^T) / N, D = W' - W (N, K), H the mean x x^T (K, K) in
+    fp32: T K^2 once and N K^2 a candidate instead of T N K (cheaper where K is small next to T: `second_moment_pays`)."""
+    flats = [x.reshape(-1, x.shape[-1]).float() for x in searched]
+    H = sum(f.T @ f for f in flats) / sum(f.shape[0] for f in flats)
+    original = linear.weight.detach().float().clone()
+
+    def error() -> float:
+        d = linear.weight.detach().float() - original
+        return float(((d @ H) * d).sum()) / d.shape[0]
+    return error
+
+
+def second_moment_pays(linear: nn.Linear, tokens: int, candidates: int) -> bool:
+    """Whether linear_error costs fewer multiply-adds than block_error for the linear over `tokens` tokens."""
+    n, k = linear.out_features, linear.in_features
+    return tokens * k * k + candidates * n * k * k < candidates * tokens * n * k
+
+
+@torch.no_grad()
+def search_scale(x_mean: torch.Tensor, linears: list[nn.Linear], configs: list[AWQConfig], names: list[str],
+                 error: Callable[[], float]) -> tuple[torch.Tensor, float, float]:
     """(best s (K,), its loss, the loss of s = 1): AWQ's grid search for one pair (module docstring, steps 1-2).
 
-    `inputs`: the linears' input batches (b, T, K), streamed once (only the first search_tokens tokens are kept);
-    `block(x)`: the judged block's output on a batch, computed with the linears as they are at the call."""
-    total, tokens, searched = 0, 0, []
-    x_sum = torch.zeros(linears[0].in_features, dtype=torch.float32)
-    for x in inputs:
-        x_sum = x_sum.to(x.device) + x.abs().sum(dim=(0, 1), dtype=torch.float32)
-        total += x.shape[0] * x.shape[1]
-        if tokens < search_tokens:  # the first search_tokens tokens, whole batches
-            searched.append(x)
-            tokens += x.shape[0] * x.shape[1]
-    x_mean = x_sum / total
+    x_mean: the inputs' mean |x| per channel (input_statistics); `error()`: the judged block's output error with the
+    linears as they are at the call (block_error, linear_error). The linears are left as they were."""
     config = configs[0]
     w_mean = weight_magnitude(linears, config.group_size) if config.duo_scaling else None
-    reference = [block(x) for x in searched]
     originals = [linear.weight.detach().clone() for linear in linears]
     candidates = [torch.ones_like(x_mean)]  # no scaling first: the search never ends worse than it
     candidates += [candidate_scales(x_mean, w_mean, step / config.n_grid) for step in range(config.n_grid)]
@@ -114,8 +181,7 @@ def search_scale(inputs: Iterable[torch.Tensor], block: Callable[[torch.Tensor],
             for linear, w, c, n in zip(linears, originals, configs, names):
                 scale = s.to(w.dtype)
                 linear.weight.copy_(fake_quantize(w * scale, c, n) / scale)
-            loss = sum(float((block(x).float() - y.float()).pow(2).sum()) for x, y in zip(searched, reference))
-            losses.append(loss / sum(y.numel() for y in reference))
+            losses.append(error())
     finally:
         for linear, w in zip(linears, originals):
             linear.weight.copy_(w)
@@ -167,55 +233,70 @@ def clip_weight(linear: nn.Linear, bound: torch.Tensor):
     w.copy_(torch.clamp(grouped, -bound, bound).reshape(w.shape))
 
 
-def spaced_tokens(batches: Iterable[torch.Tensor], count: int, total: int) -> torch.Tensor:
-    """About `count` tokens (c, K), every (total // count)-th of the batches' `total` tokens, streamed."""
-    stride, offset, picked = max(1, total // count), 0, []
-    for b in batches:
-        flat = b.reshape(-1, b.shape[-1])
-        picked.append(flat[(-offset) % stride:: stride])
-        offset += flat.shape[0]
-    return torch.cat(picked)
-
-
-def _blocks(ctx) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The judged block of each pair (layout.SCALING_PAIRS' third name) as a function of its input batch."""
-    layer = ctx.layer
-    return {"self_attn": ctx.attention, "mlp": ctx.mlp,
-            "self_attn.o_proj": layer.get_submodule("self_attn.o_proj"),
-            "mlp.down_proj": layer.get_submodule("mlp.down_proj")}
-
-
 NOT_CLIPPED = ("self_attn.q_proj", "self_attn.k_proj")  # the attention's q k^T mixes their errors (AutoAWQ)
+PAIR_OF_GROUP = {group_of(followers[0]): (preceding, followers, judged)
+                 for preceding, followers, judged in SCALING_PAIRS}  # the four groups are the pairs' followers
+
+
+def scaled_pair(ctx, group: tuple[str, ...]) -> tuple[str, tuple[str, ...], str] | None:
+    """The scaling pair whose followers are the group, where they are all awq's here and the shapes pair."""
+    preceding, followers, judged = PAIR_OF_GROUP[group]
+    if not all(n in ctx.configs for n in followers):
+        return None  # a linear kept in full precision, or another method's: leave the pair unscaled
+    outputs, inputs = ctx.layer.get_submodule(preceding).weight.shape[0], ctx.layer.get_submodule(followers[0]).in_features
+    if outputs != inputs:
+        log.info("%s%s -> %s: not scaled (%d outputs, %d inputs: GQA)", ctx.prefix, preceding, followers[0], outputs,
+                 inputs)
+        return None
+    return preceding, followers, judged
+
+
+def scale_pair(ctx, pair: tuple[str, tuple[str, ...], str], stats: PairInputs) -> torch.Tensor:
+    """Search the pair's s (search_scale, judged by linear_error where the block is the pair's one linear, else by
+    block_error) and fold it into the layer; s."""
+    preceding, followers, judged = pair
+    start = time.perf_counter()
+    linears = [ctx.layer.get_submodule(n) for n in followers]
+    names, configs = [ctx.prefix + n for n in followers], [ctx.configs[n] for n in followers]
+    if followers == (judged,):  # the judged block is the pair's one linear (o_proj, down_proj)
+        tokens = sum(x.shape[:-1].numel() for x in stats.searched)
+        pays = second_moment_pays(linears[0], tokens, configs[0].n_grid + 1)
+        error = (linear_error if pays else block_error)(linears[0], stats.searched)
+    else:
+        error = block_error({"self_attn": ctx.attention, "mlp": ctx.mlp}[judged], stats.searched)
+    s, loss, unscaled = search_scale(stats.x_mean, linears, configs, names, error)
+    fold_scales(ctx.layer.get_submodule(preceding), linears, s, name=ctx.prefix + preceding)
+    log.info("%s%s -> %s: AWQ output error %.4g (unscaled %.4g), searched in %.2f s", ctx.prefix, preceding,
+             "/".join(followers), loss, unscaled, time.perf_counter() - start)
+    return s
 
 
 def awq_layer_transform(ctx):
-    """AWQ's scaling of one decoder layer (the module docstring), every pair whose linears are all awq's here."""
-    blocks = _blocks(ctx)
-    for preceding, followers, judged in SCALING_PAIRS:
-        if not all(n in ctx.configs for n in followers):
-            continue  # a linear kept in full precision, or another method's: leave the pair unscaled
-        prev = ctx.layer.get_submodule(preceding)
-        linears = [ctx.layer.get_submodule(n) for n in followers]
-        if prev.weight.shape[0] != linears[0].in_features:
-            log.info("%s%s -> %s: not scaled (%d outputs, %d inputs: GQA)", ctx.prefix, preceding, followers[0],
-                     prev.weight.shape[0], linears[0].in_features)
-            continue
-        names = [ctx.prefix + n for n in followers]
-        configs = [ctx.configs[n] for n in followers]
-        s, loss, unscaled = search_scale(ctx.inputs(group_of(followers[0])), blocks[judged], linears, configs, names,
-                                         configs[0].search_tokens)
-        fold_scales(prev, linears, s, name=ctx.prefix + preceding)
-        ctx.changed()
-        log.info("%s%s -> %s: AWQ output error %.4g (unscaled %.4g)", ctx.prefix, preceding, "/".join(followers),
-                 loss, unscaled)
+    """AWQ's scaling of one decoder layer, then its clipping search (the module docstring), in one streamed pass over
+    each group's inputs: every pair whose linears are all awq's here is scaled, every awq linear but q/k clipped.
+
+    The clipping search runs after every pair is scaled (AutoAWQ's order) on tokens kept from that pass, divided by
+    the group's s as the fold divides its inputs (AutoAWQ's apply_scale does the same to its cached inputs)."""
+    clip_inputs = {}
     for group in SEQUENTIAL_GROUPS:
+        pair = scaled_pair(ctx, group)
         clipped = [n for n in group if n in ctx.configs and ctx.configs[n].clip and n not in NOT_CLIPPED]
-        if clipped:
-            x = spaced_tokens(ctx.inputs(group), ctx.configs[clipped[0]].clip_tokens, ctx.tokens)
-            for n in clipped:
-                linear = ctx.layer.get_submodule(n)
-                clip_weight(linear, search_clip(linear.weight, x, ctx.configs[n], ctx.prefix + n))
-            ctx.changed()
+        if pair is None and not clipped:
+            continue
+        config = ctx.configs[(pair[1] if pair else clipped)[0]]
+        stats = input_statistics(ctx.inputs(group), config.search_tokens if pair else 0,
+                                 windows=pair is not None and pair[2] == "self_attn", clip_tokens=config.clip_tokens,
+                                 total=ctx.tokens)
+        if pair is not None:
+            s = scale_pair(ctx, pair, stats)
+            ctx.rescaled(group, s)
+            stats.spaced = stats.spaced / s.to(stats.spaced)
+        clip_inputs[group] = (clipped, stats.spaced)
+    for clipped, x in clip_inputs.values():
+        for n in clipped:
+            linear = ctx.layer.get_submodule(n)
+            clip_weight(linear, search_clip(linear.weight, x, ctx.configs[n], ctx.prefix + n))
+    ctx.changed()
 
 
 @register_backend("awq", AWQConfig, formats=("compressed-tensors", "gptq"), requires=("torchao",),

@@ -236,6 +236,8 @@ class LayerContext:
     attention: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # self_attn on q/k/v's input batch
     mlp: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)  # the MLP on gate/up's input batch
     changed: Callable[[], None] = field(repr=False)  # after rewriting the layer: `inputs` then computes anew
+    rescaled: Callable[[tuple[str, ...], torch.Tensor], None] = field(repr=False)  # after folding s into a group's
+    #                         inputs (an exact rescaling): what `inputs` keeps of them follows, divided by s
     tokens: int = 0  # calibration tokens in all the batches (n_samples x seq_len)
 
 
@@ -341,7 +343,7 @@ class LayerCalibrator:
             backend.layer_transform(LayerContext(
                 layer, prefix, mine, inputs=stages.inputs,
                 attention=lambda a: layer.self_attn(a, self.cos, self.sin, None, None), mlp=layer.mlp,
-                changed=stages.changed, tokens=self.hidden.shape[0] * self.hidden.shape[1]))
+                changed=stages.changed, rescaled=stages.rescaled, tokens=self.hidden.shape[0] * self.hidden.shape[1]))
 
     def _targets(self, layer: nn.Module, prefix: str, names: tuple[str, ...]) -> dict[str, QuantConfig]:
         """The group's full-precision linears that the recipe quantizes, with their configs."""

@@ -74,6 +74,17 @@ class LayerStages:
         if group in (None, QKV, O, GATE_UP):
             self._d = []
 
+    def rescaled(self, group: tuple[str, ...], s: torch.Tensor):
+        """The group's inputs were divided by s (K,) by an exact rescaling of the layer (quantkit.quant.scaling: its
+        linears' inputs / s, their weights * s): the kept stage that holds them follows without a recompute, equal
+        to one to float rounding; nothing else changes (the norms' outputs are computed when read)."""
+        if group == O and self._y is not None:
+            for y in self._y:
+                y.div_(s.to(y))
+        elif group == DOWN:
+            for d in self._d:
+                d.div_(s.to(d))
+
     def output(self) -> torch.Tensor:
         """The layer's outputs (n, T, hidden): h + mlp(post_attention_layernorm(h)), computed in h's batches."""
         h = self._residual()

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit.backends.awq import (AWQConfig, awq_layer_transform, candidate_scales, clip_weight, fake_quantize,
-                                   search_clip, search_scale, spaced_tokens)
+from quantkit.backends.awq import (AWQConfig, awq_layer_transform, block_error, candidate_scales, clip_weight,
+                                   fake_quantize, input_statistics, linear_error, search_clip, search_scale,
+                                   second_moment_pays)
 from quantkit.errors import QuantkitError
 from quantkit.model.layout import SEQUENTIAL_GROUPS
 from quantkit.model.llama import LlamaDecoderLayer, rotary_embedding
@@ -40,7 +41,8 @@ def context(layer, x, cos, sin, config: AWQConfig):
     stages = LayerStages(layer, x, 2, cos, sin, lambda i: pytest.fail(f"batch {i} not finite"))
     return SimpleNamespace(layer=layer, prefix="model.layers.0.", configs={n: config for n in ALL_LINEARS},
                            inputs=stages.inputs, attention=lambda a: layer.self_attn(a, cos, sin, None, None),
-                           mlp=layer.mlp, changed=stages.changed, tokens=x.shape[0] * x.shape[1])
+                           mlp=layer.mlp, changed=stages.changed, rescaled=stages.rescaled,
+                           tokens=x.shape[0] * x.shape[1])
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
@@ -61,37 +63,76 @@ def test_the_scaled_layer_computes_what_it_did(kv_heads, duo_scaling):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
-def test_uniform_activations_give_scale_one():
+def searched(linear, batches, config, exact: bool, search_tokens: int = 10_000):
+    """search_scale on one linear judged by its own output: through block_error, or linear_error (exact=True)."""
+    stats = input_statistics(batches, search_tokens)
+    error = (linear_error if exact else block_error)(linear, stats.searched)
+    return search_scale(stats.x_mean, [linear], [config], ["fc"], error)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["block", "linear"])
+def test_uniform_activations_give_scale_one(exact):
     """Without duo scaling s = mean|x|^a: channels of equal magnitude give s = 1 at every a."""
     linear = nn.Linear(64, 32, bias=False)
     x = torch.ones(4, 8, 64) * torch.where(torch.rand(4, 8, 64) > 0.5, 1.0, -1.0)  # |x| = 1 everywhere
-    config = AWQConfig(bits=3, group_size=32, duo_scaling=False)
-    s, _, _ = search_scale([x], linear, [linear], [config], ["fc"], 10_000)
+    s, _, _ = searched(linear, [x], AWQConfig(bits=3, group_size=32, duo_scaling=False), exact)
     assert torch.equal(s, torch.ones(64))
     assert torch.allclose(candidate_scales(torch.full((64,), 0.7), None, 0.35), torch.ones(64))
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["block", "linear"])
 @pytest.mark.parametrize("seed", range(4))
-def test_the_searched_scale_is_never_worse_than_none(seed):
+def test_the_searched_scale_is_never_worse_than_none(seed, exact):
     torch.manual_seed(seed)
     linear = nn.Linear(128, 64, bias=False)
     x = torch.randn(4, 16, 128) * torch.rand(128) * 5
     for config in (AWQConfig(bits=3, group_size=32), AWQConfig(bits=4, group_size=-1, duo_scaling=False)):
         weight = linear.weight.detach().clone()
-        s, loss, unscaled = search_scale([x], linear, [linear], [config], ["fc"], 10_000)
+        s, loss, unscaled = searched(linear, [x], config, exact)
         assert loss <= unscaled and torch.equal(linear.weight, weight)  # the search leaves the weight as it was
 
 
-def test_the_search_measures_only_search_tokens():
+def test_a_linears_error_from_its_inputs_second_moment_is_its_output_error():
+    """linear_error's tr(D H D^T) / N is block_error's mean squared output error, computed from H alone."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=False)
+    batches = [torch.randn(3, 10, 96) * torch.rand(96) * 3 for _ in range(4)]
+    error, reference = linear_error(linear, batches), block_error(linear, batches)
+    with torch.no_grad():
+        linear.weight.copy_(fake_quantize(linear.weight, AWQConfig(bits=3, group_size=32), "fc"))
+    assert error() == pytest.approx(reference(), rel=1e-4) and error() > 0
+
+
+def test_the_second_moment_is_used_where_it_is_cheaper():
+    meta = lambda k, n: nn.Linear(k, n, bias=False, device="meta")  # noqa: E731
+    assert second_moment_pays(meta(768, 256), 4096, 21)  # a small model's down_proj: K^2 is cheap
+    assert not second_moment_pays(meta(11008, 4096), 4096, 21)  # Llama-2-7B's: a pass over 4096 tokens is cheaper
+    assert not second_moment_pays(meta(768, 256), 64, 21)  # a few tokens
+
+
+def test_the_search_judges_search_tokens_spread_over_the_set():
+    """Every k-th token for a block of tokens, every k-th whole window for the attention; x_mean from all tokens."""
+    batches = [torch.arange(b * 32, (b + 1) * 32, dtype=torch.float32).reshape(2, 16, 1) for b in range(5)]  # 160
+    tokens = input_statistics(iter(batches), 40, total=160)
+    assert torch.cat(tokens.searched).flatten().tolist() == list(range(0, 160, 4))  # 40 tokens, every 4th
+    assert tokens.x_mean.item() == torch.arange(160.0).mean().item()
+    windows = input_statistics(iter(batches), 40, windows=True, total=160)
+    assert [w[0, 0].item() for w in torch.cat(windows.searched)] == [0.0, 80.0]  # 10 windows of 16: every 5th
+    assert windows.searched[0].shape[1:] == (16, 1)
+
+
+def test_a_block_search_runs_the_block_once_a_chunk_and_candidate():
     linear = nn.Linear(32, 16, bias=False)
     seen = []
 
     def block(x):
         seen.append(x.shape[0])
         return linear(x)
-    batches = [torch.randn(2, 8, 32) for _ in range(5)]  # 16 tokens a batch
-    search_scale(batches, block, [linear], [AWQConfig(bits=4, group_size=32, n_grid=3)], ["fc"], 40)
-    assert len(seen) == 3 + 3 * 4  # the reference on 3 batches (48 tokens >= 40), then 4 candidates on each
+    batches = [torch.randn(2, 8, 32) for _ in range(5)]  # 80 tokens
+    stats = input_statistics(iter(batches), 40, total=80)
+    search_scale(stats.x_mean, [linear], [AWQConfig(bits=4, group_size=32, n_grid=3)], ["fc"],
+                 block_error(block, stats.searched))
+    assert seen == [40] * (1 + 4)  # the reference, then s = 1 and 3 exponents, on one chunk of 40 tokens
 
 
 def test_clipping_is_never_worse_on_each_groups_output():
@@ -126,9 +167,10 @@ def test_clipping_leaves_q_and_k_alone():
     assert {"self_attn.q_proj", "self_attn.k_proj"} <= same and "mlp.down_proj" not in same
 
 
-def test_spaced_tokens_stream_every_stride_th_token():
+def test_the_clipping_tokens_are_every_stride_th_token_of_the_stream():
     batches = [torch.arange(b * 10, (b + 1) * 10, dtype=torch.float32).reshape(1, 10, 1) for b in range(5)]
-    assert spaced_tokens(iter(batches), 10, 50).flatten().tolist() == list(range(0, 50, 5))
+    stats = input_statistics(iter(batches), 0, clip_tokens=10, total=50)
+    assert stats.spaced.flatten().tolist() == list(range(0, 50, 5)) and stats.searched == []
 
 
 @pytest.mark.parametrize("bad", [dict(n_grid=0), dict(search_tokens=0), dict(clip_tokens=0), dict(bits=5),

@@ -81,6 +81,39 @@ def test_a_changed_group_changes_what_follows_it(keep_down):
         assert torch.equal(stages.output(), out)
 
 
+@pytest.mark.parametrize("keep_down", [False, True], ids=["down recomputed", "down kept"])
+def test_a_rescaled_group_keeps_its_stages_to_rounding(keep_down, monkeypatch):
+    """Each group read, then an exact rescaling folded into its inputs (quantkit.quant.scaling, as AWQ does): what the
+    stages keep follows (divided by s), so every later read and the output equal a fresh pass over the rescaled layer
+    to fp32 rounding, with the attention run once."""
+    from quantkit.model.layout import SCALING_PAIRS
+    from quantkit.quant.scaling import fold_scales
+    layer, x, cos, sin = toy_layer(num_key_value_heads=4)  # MHA: v_proj -> o_proj pairs
+    stages = stages_of(layer, x, cos, sin, keep_down)
+    attends, attend = [], layer.self_attn.attend
+    monkeypatch.setattr(layer.self_attn, "attend", lambda *a: attends.append(1) or attend(*a))
+
+    def staged(read):  # the value, and the attentions it ran (the fresh passes' are not counted)
+        before = len(attends)
+        value = read()
+        return value, len(attends) - before
+    torch.manual_seed(1)
+    runs = 0
+    with torch.no_grad():
+        for (preceding, followers, _), group in zip(SCALING_PAIRS, SEQUENTIAL_GROUPS):
+            (got, n) = staged(lambda: torch.cat(list(stages.inputs(group))))
+            runs += n
+            expected, _ = hooked_inputs(layer, x, cos, sin, group)
+            torch.testing.assert_close(got, expected[group[0]])
+            s = torch.rand(layer.get_submodule(followers[0]).in_features) + 0.5
+            fold_scales(layer.get_submodule(preceding), [layer.get_submodule(n) for n in followers], s)
+            stages.rescaled(group, s)
+        (got, n) = staged(stages.output)
+        _, out = hooked_inputs(layer, x, cos, sin, ())
+        torch.testing.assert_close(got, out)
+    assert runs + n == 3  # one attention a batch
+
+
 @pytest.mark.parametrize("keep_down", [True, False], ids=["down kept", "down recomputed"])
 def test_the_attention_runs_once_a_layer(monkeypatch, keep_down):
     """And the MLP's gate/up once, where down_proj's inputs fit in memory (twice where they do not)."""

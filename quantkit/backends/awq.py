@@ -11,7 +11,7 @@ down_proj's; v_proj -> o_proj only where the shapes pair, not under GQA):
      (w_mean^(1-a) + 1e-4)), clamped at 1e-4 and normalised by sqrt(max s * min s); the pair's linears
      fake-quantized as Q(W diag(s)) diag(s)^-1; the judged block's mean squared output error against the float
      block on about `search_tokens` tokens spread over the calibration set (every k-th token; for the attention,
-     every k-th whole window) (for o_proj and down_proj, blocks that are one linear, from those tokens' mean x x^T
+     the first 512 tokens of every k-th window) (for o_proj and down_proj, blocks that are one linear, from those tokens' mean x x^T
      where that is cheaper: linear_error); s = 1 (no scaling) is a candidate too, so the chosen s is never worse
      than none on this objective;
   3. the best s folded into the pair (quantkit.quant.scaling.fold_scales): the float layer is unchanged to rounding.
@@ -53,7 +53,7 @@ class AWQConfig(QuantConfig):
     symmetric: bool = False
     duo_scaling: bool = True  # s from activation and weight magnitudes (AutoAWQ's and llm-compressor's default)
     n_grid: int = 20  # exponents searched: 0, 1/n_grid, ..., (n_grid - 1)/n_grid
-    search_tokens: int = 4096  # tokens, spread over the set, the search judges on (bench/RESULTS.md: KL flat from 2048)
+    search_tokens: int = 2048  # tokens, spread over the set, the search judges on (bench/RESULTS.md: KL flat from 2048)
     clip: bool = True  # then search each group's clipping range (AutoAWQ's auto_clip; not q_proj, k_proj)
     clip_tokens: int = 512  # tokens, evenly spaced, the clipping search measures on (AutoAWQ's n_sample_token)
 
@@ -90,6 +90,7 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: f
 
 
 SEARCH_CHUNK = 4096  # tokens a block evaluation of the search computes at once
+SEARCH_WINDOW = 512  # the attention is judged on window prefixes this long (AutoAWQ's max_calib_seq_len)
 
 
 @dataclass
@@ -112,20 +113,22 @@ def input_statistics(inputs: Iterable[torch.Tensor], search_tokens: int, windows
     """PairInputs from a group's input batches (b, T, K), streamed once; `total`: the tokens in all of them.
 
     The searched tokens are spread over the whole calibration set, not its first windows: with `windows` (a block
-    whose outputs depend on a window's earlier tokens: the attention) every k-th whole window, about search_tokens
-    tokens (at least one window); else every (total // search_tokens)-th token, in chunks of SEARCH_CHUNK tokens."""
-    count, x_sum, picked, spaced, T = 0, 0, [], [], 1
+    whose outputs depend on a window's earlier tokens: the attention) the first SEARCH_WINDOW tokens of every k-th
+    window (causal: their outputs are the whole window's), about search_tokens tokens (at least one prefix); else
+    every (total // search_tokens)-th token; in chunks of about SEARCH_CHUNK tokens."""
+    count, x_sum, picked, spaced, L = 0, 0, [], [], 1
     for x in inputs:
         T, K = x.shape[1], x.shape[-1]
+        L = min(T, SEARCH_WINDOW)
         flat = x.reshape(-1, K)
         x_sum = x_sum + flat.abs().sum(0, dtype=torch.float32)
         spaced.append(every(flat, count, max(1, total // clip_tokens)))
         if search_tokens > 0 and windows:
-            picked.append(every(x, count // T, max(1, (total // T) // max(1, search_tokens // T))))
+            picked.append(every(x[:, :L], count // T, max(1, (total // T) // max(1, search_tokens // L))))
         elif search_tokens > 0:
             picked.append(every(flat, count, max(1, total // search_tokens)))
         count += flat.shape[0]
-    searched = list(torch.cat(picked).split(max(1, SEARCH_CHUNK // T) if windows else SEARCH_CHUNK)) if picked else []
+    searched = list(torch.cat(picked).split(max(1, SEARCH_CHUNK // L) if windows else SEARCH_CHUNK)) if picked else []
     return PairInputs(x_sum / count, searched, torch.cat(spaced))
 
 

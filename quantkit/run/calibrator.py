@@ -265,6 +265,11 @@ class LayerCalibrator:
         self.true_sequential = all(getattr(c, "true_sequential", True) for c in recipe.configs())
         self.times = PhaseTimes(self.device)  # forward, statistics, transform, quantize: added up over the layers
 
+    def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (1, 1, length, D) of the first `length` positions (a window's prefix: causal attention's outputs
+        there are the whole window's)."""
+        return self.cos[:, :, :length], self.sin[:, :, :length]
+
     @torch.no_grad()
     def _run(self, layer: nn.Module, prefix: str) -> torch.Tensor:
         """The layer's outputs (n, T, hidden) on the current inputs; a QuantkitError naming it where not finite."""
@@ -342,7 +347,7 @@ class LayerCalibrator:
             mine = {n: c for n, c in configs.items() if BACKENDS.for_config(c) is backend}
             backend.layer_transform(LayerContext(
                 layer, prefix, mine, inputs=stages.inputs,
-                attention=lambda a: layer.self_attn(a, self.cos, self.sin, None, None), mlp=layer.mlp,
+                attention=lambda a: layer.self_attn(a, *self.rotary(a.shape[1]), None, None), mlp=layer.mlp,
                 changed=stages.changed, rescaled=stages.rescaled, tokens=self.hidden.shape[0] * self.hidden.shape[1]))
 
     def _targets(self, layer: nn.Module, prefix: str, names: tuple[str, ...]) -> dict[str, QuantConfig]:

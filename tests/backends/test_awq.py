@@ -121,6 +121,20 @@ def test_the_search_judges_search_tokens_spread_over_the_set():
     assert windows.searched[0].shape[1:] == (16, 1)
 
 
+def test_the_attention_is_judged_on_window_prefixes(monkeypatch):
+    """Windows longer than SEARCH_WINDOW give their prefixes, whose causal attention outputs are the window's own."""
+    import quantkit.backends.awq as awq
+    monkeypatch.setattr(awq, "SEARCH_WINDOW", 8)
+    batches = [torch.arange(b * 32, (b + 1) * 32, dtype=torch.float32).reshape(2, 16, 1) for b in range(5)]
+    stats = input_statistics(iter(batches), 16, windows=True, total=160)
+    assert [w[:, 0].tolist() for w in torch.cat(stats.searched)] == [list(range(0, 8)), list(range(80, 88))]
+    layer, x, cos, sin = toy_layer(4)
+    with torch.no_grad():
+        whole = layer.self_attn(x, cos, sin, None, None)
+        prefix = layer.self_attn(x[:, :8], cos[:, :, :8], sin[:, :, :8], None, None)
+    torch.testing.assert_close(prefix, whole[:, :8])
+
+
 def test_a_block_search_runs_the_block_once_a_chunk_and_candidate():
     linear = nn.Linear(32, 16, bias=False)
     seen = []

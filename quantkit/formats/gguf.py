@@ -1,0 +1,95 @@
+"""GGUF (llama.cpp's file format) blocks for quantkit's affine weights, with no second rounding.
+
+llama.cpp's legacy block types cut each row into blocks of 32 weights (ggml's QK4_0 = QK4_1 = QK8_0 = 32), each with an
+fp16 scale d (and, for Q4_1, an fp16 minimum m); their block geometry is gguf's GGML_QUANT_SIZES:
+
+  Q4_0 (18 bytes): d, then 16 bytes of nibbles: byte j holds weight j (low nibble) and weight j + 16 (high); w = d (q - 8)
+  Q4_1 (20 bytes): d, m, then the nibbles as Q4_0;                                            w = d q + m
+  Q8_0 (34 bytes): d, then 32 int8;                                                             w = d q
+
+quantkit's weights are w = s (q - z) with q unsigned (quantkit.quant.affine), so, per (row, group of 32):
+  4-bit symmetric (z = 8)  -> Q4_0 with the same q and d = s;
+  4-bit asymmetric         -> Q4_1 with the same q, d = s and m = -s z (m's fp16 rounding is the one change);
+  8-bit symmetric (z = 128) -> Q8_0 with q - 128 and d = s.
+d is s rounded to fp16 (exact where s is fp16 already: quantkit's fp16 exports). Any other scheme is refused with one
+line naming what GGUF holds (`gguf_type`). Rows are the output channels: llama.cpp's converter permutes q_proj's and
+k_proj's rows for its rotary embedding (`permute_rows`, as convert_hf_to_gguf.py's LlamaModel.permute), which moves
+whole rows of blocks and changes no value. Decoding is gguf's own (gguf.quants.dequantize; tests check every type).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.affine import AffineWeight, trivial_g_idx
+
+BLOCK = 32  # weights per block of every type quantkit writes (ggml's QK4_0, QK4_1, QK8_0)
+HELD = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}  # (bits, symmetric) at group 32 -> ggml type
+WHAT_GGUF_HOLDS = ("GGUF holds group size 32 at 4 bits symmetric (Q4_0) or asymmetric (Q4_1), or at 8 bits "
+                   "symmetric (Q8_0)")
+
+
+def import_gguf():
+    """The gguf package (llama.cpp's own Python writer, reader and quantizer), or a QuantkitError saying how to get it."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise QuantkitError(f"--format gguf needs the gguf package (llama.cpp's writer): pip install gguf ({e})") from e
+    return gguf
+
+
+def gguf_type(bits: int, group_size: int, symmetric: bool, act_order: bool = False, name: str = "weight"):
+    """The GGMLQuantizationType that holds this scheme exactly; a QuantkitError naming what would work otherwise."""
+    kind = HELD.get((bits, symmetric))
+    if kind is None or group_size != BLOCK or act_order:
+        got = (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} group size "
+               f"{'per channel' if group_size == -1 else group_size}{' with act-order groups' if act_order else ''}")
+        sym = "--sym" if bits == 8 or symmetric else "--sym or --asym"
+        raise QuantkitError(f"{name}: {got} cannot go into GGUF without a second rounding: {WHAT_GGUF_HOLDS}; quantize "
+                            f"with --bits {4 if bits != 8 else 8} --group-size 32 {sym}"
+                            f"{' and without --act-order (or with --static-groups)' if act_order else ''}, "
+                            f"e.g. quantkit quantize MODEL --method gptq --bits 4 --group-size 32 --sym --format gguf "
+                            f"-o OUT.gguf")
+    return getattr(import_gguf().GGMLQuantizationType, kind)
+
+
+def fp16_bytes(x: torch.Tensor) -> np.ndarray:
+    """x (N, G) rounded to fp16, as its 2 bytes each (N, G, 2) little-endian uint8."""
+    return x.to(torch.float16).contiguous().view(torch.uint8).reshape(*x.shape, 2).numpy()
+
+
+def nibbles(q: torch.Tensor) -> np.ndarray:
+    """q (N, G, 32) in [0, 16) as ggml packs a 4-bit block: byte j = q[j] | q[j + 16] << 4 (N, G, 16) uint8."""
+    q = q.to(torch.uint8)
+    return (q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << 4)).numpy()
+
+
+def gguf_blocks(w: AffineWeight, name: str = "weight") -> tuple[np.ndarray, object]:
+    """(blocks (N, K / 32 * type size) uint8, its GGMLQuantizationType): w's integers and scales in ggml's blocks.
+
+    QuantkitError (gguf_type's line) for a scheme GGUF cannot hold exactly, or where K is not a multiple of 32."""
+    n, k = w.shape
+    act_order = not trivial_g_idx(w.g_idx, w.group_size)
+    qtype = gguf_type(w.bits, w.group_size, w.symmetric, act_order, name)
+    if k % BLOCK:
+        raise QuantkitError(f"{name}: {k} input columns are not a whole number of GGUF blocks of {BLOCK}")
+    q = w.q.reshape(n, k // BLOCK, BLOCK)
+    d = fp16_bytes(w.scale.float())
+    if w.bits == 8:
+        parts = [d, (q.to(torch.int16) - 128).to(torch.int8).numpy().view(np.uint8)]
+    elif w.symmetric:
+        parts = [d, nibbles(q)]
+    else:
+        parts = [d, fp16_bytes(-w.scale.float() * w.zero.float()), nibbles(q)]
+    blocks = np.concatenate(parts, axis=-1).reshape(n, -1)
+    return np.ascontiguousarray(blocks), qtype
+
+
+def permute_rows(rows: np.ndarray | torch.Tensor, n_head: int, n_head_kv: int | None = None):
+    """q_proj's (n_head) or k_proj's (n_head_kv) rows in llama.cpp's order for its rotary embedding:
+    convert_hf_to_gguf.py's LlamaModel.permute, which undoes transformers' half-split permutation per head."""
+    heads = n_head_kv if n_head_kv is not None and n_head_kv != n_head else n_head
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)

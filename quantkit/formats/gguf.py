@@ -15,14 +15,22 @@ d is s rounded to fp16 (exact where s is fp16 already: quantkit's fp16 exports).
 line naming what GGUF holds (`gguf_type`). Rows are the output channels: llama.cpp's converter permutes q_proj's and
 k_proj's rows for its rotary embedding (`permute_rows`, as convert_hf_to_gguf.py's LlamaModel.permute), which moves
 whole rows of blocks and changes no value. Decoding is gguf's own (gguf.quants.dequantize; tests check every type).
+
+The metadata and vocabulary are what llama.cpp's convert_hf_to_gguf.py writes for a Llama 2 checkpoint (`add_llama`,
+`add_vocabulary`), through gguf's own writer and vocabulary readers.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.model.config import LlamaConfig
 from quantkit.quant.affine import AffineWeight, trivial_g_idx
 
 BLOCK = 32  # weights per block of every type quantkit writes (ggml's QK4_0, QK4_1, QK8_0)
@@ -93,3 +101,66 @@ def permute_rows(rows: np.ndarray | torch.Tensor, n_head: int, n_head_kv: int | 
     heads = n_head_kv if n_head_kv is not None and n_head_kv != n_head else n_head
     shape = rows.shape
     return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+RECIPE_KEY = "quantkit.recipe"  # quantkit's recipe (JSON) in the file's metadata
+
+
+def add_llama(writer, config: LlamaConfig, file_type: int, recipe: dict[str, Any] | None = None):
+    """The `llama.*` architecture keys and general keys convert_hf_to_gguf.py's LlamaModel writes, on a GGUFWriter."""
+    gguf = import_gguf()
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if config.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_factor)
+    elif config.rope_type != "default":
+        raise QuantkitError(f"rope_type {config.rope_type!r} has no GGUF encoding that llama.cpp applies to Llama "
+                            f"(it reads none or linear): export this model to another --format")
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if recipe is not None:
+        writer.add_string(RECIPE_KEY, json.dumps(recipe, sort_keys=True))
+
+
+def add_vocabulary(writer, tokenizer_dir: Path, vocab_size: int):
+    """tokenizer.model's pieces, scores and token types (gguf.vocab.SentencePieceVocab, added_tokens.json's tokens
+    after them), padded to the model's vocab_size as the converter pads ("[PAD{i}]", score -10000, unused); the
+    special token ids and add_bos/add_eos from the tokenizer's config files (gguf.SpecialVocab).
+
+    QuantkitError where the directory has no sentencepiece tokenizer.model, or more tokens than the embedding rows."""
+    gguf = import_gguf()
+    model = Path(tokenizer_dir) / "tokenizer.model"
+    if not model.is_file():
+        raise QuantkitError(f"{tokenizer_dir}: no tokenizer.model: GGUF's Llama vocabulary is sentencepiece's pieces "
+                            f"and scores (pass the model directory that has the Llama 2 tokenizer.model)")
+    try:
+        vocab = gguf.vocab.SentencePieceVocab(Path(tokenizer_dir))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise QuantkitError(f"{model}: not a sentencepiece model llama.cpp can read ({e})") from e
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    if len(tokens) > vocab_size:
+        raise QuantkitError(f"{model}: {len(tokens)} tokens for a model of {vocab_size} embedding rows: the tokenizer "
+                            f"is not this model's")
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-10000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(Path(tokenizer_dir), n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)

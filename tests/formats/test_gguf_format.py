@@ -3,6 +3,8 @@ gguf's own dequantizer (llama.cpp's Python package) and compared with quantkit's
 
 from __future__ import annotations
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -88,3 +90,76 @@ def test_q_and_k_rows_are_permuted_as_llama_cpps_converter_does(n_head, n_head_k
     assert got.tolist() == expected
     blocks = np.arange(rows * 18, dtype=np.uint8).reshape(rows, 18)  # whole rows of blocks move
     assert np.array_equal(permute_rows(blocks, n_head, n_head_kv), blocks[got])
+
+
+def written(tmp_path, config, tokenizer_dir, recipe=None):
+    """A GGUF with quantkit's metadata and vocabulary (and one F16 tensor), read back with gguf's reader."""
+    from quantkit.formats.gguf import add_llama, add_vocabulary
+    path = tmp_path / "model.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    add_llama(writer, config, gguf.LlamaFileType.MOSTLY_Q4_0, recipe)
+    add_vocabulary(writer, tokenizer_dir, config.vocab_size)
+    writer.add_tensor("output_norm.weight", np.ones(config.hidden_size, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return gguf.GGUFReader(path)
+
+
+def field(reader, key):
+    f = reader.fields[key]
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        return [f.parts[i].tolist()[0] if f.types[-1] != gguf.GGUFValueType.STRING else bytes(f.parts[i])
+                for i in f.data]
+    value = f.parts[f.data[0]]
+    return bytes(value).decode() if f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
+
+
+def test_metadata_and_vocabulary_are_the_converters(tmp_path):
+    import sentencepiece
+    from tests.conftest import DEMO_MODEL, tiny_config
+    config = tiny_config(num_key_value_heads=2, vocab_size=4100, rope_theta=500000.0)  # 4 padded rows
+    reader = written(tmp_path, config, DEMO_MODEL, recipe={"method": "gptq", "bits": 4})
+    expected = {"general.architecture": "llama", "llama.context_length": 64, "llama.embedding_length": 64,
+                "llama.block_count": 2, "llama.feed_forward_length": 128, "llama.attention.head_count": 4,
+                "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 16,
+                "llama.rope.freq_base": 500000.0, "general.file_type": 2, "tokenizer.ggml.model": "llama",
+                "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+                "tokenizer.ggml.add_bos_token": True,
+                "tokenizer.ggml.add_eos_token": False}
+    assert {k: field(reader, k) for k in expected} == expected
+    assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
+    assert json.loads(field(reader, "quantkit.recipe")) == {"method": "gptq", "bits": 4}
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(DEMO_MODEL / "tokenizer.model"))
+    tokens, scores = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert len(tokens) == len(scores) == len(types) == 4100
+    assert [t.decode() for t in tokens[:4096]] == [sp.id_to_piece(i) for i in range(4096)]
+    assert scores[:4096] == pytest.approx([sp.get_score(i) for i in range(4096)])
+    assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
+    assert tokens[4096:] == [f"[PAD{i}]".encode() for i in range(4096, 4100)]
+    assert set(types[4096:]) == {gguf.TokenType.UNUSED}
+
+
+def test_a_tokenizer_without_sentencepiece_pieces_is_refused(tmp_path):
+    from quantkit.formats.gguf import add_vocabulary
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(QuantkitError, match="no tokenizer.model") as e:
+        add_vocabulary(gguf.GGUFWriter(tmp_path / "x.gguf", "llama"), tmp_path, 4096)
+    assert "\n" not in str(e.value)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    from quantkit.formats.gguf import add_vocabulary
+    from tests.conftest import DEMO_MODEL
+    with pytest.raises(QuantkitError, match="4096 tokens for a model of 4000 embedding rows"):
+        add_vocabulary(gguf.GGUFWriter(tmp_path / "x.gguf", "llama"), DEMO_MODEL, 4000)
+
+
+def test_rope_scaling_other_than_linear_is_refused():
+    from quantkit.formats.gguf import add_llama
+    from tests.conftest import tiny_config
+    config = tiny_config(rope_type="dynamic", rope_factor=2.0)
+    with pytest.raises(QuantkitError, match="rope_type 'dynamic'"):
+        add_llama(gguf.GGUFWriter("unused.gguf", "llama"), config, 2)

@@ -23,15 +23,20 @@ The metadata and vocabulary are what llama.cpp's convert_hf_to_gguf.py writes fo
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.io.files import atomic_file
 from quantkit.model.config import LlamaConfig
 from quantkit.quant.affine import AffineWeight, trivial_g_idx
+from quantkit.quant.linear import AffineLinear
 
 BLOCK = 32  # weights per block of every type quantkit writes (ggml's QK4_0, QK4_1, QK8_0)
 HELD = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}  # (bits, symmetric) at group 32 -> ggml type
@@ -164,3 +169,76 @@ def add_vocabulary(writer, tokenizer_dir: Path, vocab_size: int):
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     gguf.SpecialVocab(Path(tokenizer_dir), n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+FLOAT_TYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
+              "F32": "ALL_F32", "BF16": "MOSTLY_BF16"}
+
+
+def float_tensor(t: torch.Tensor, name: str) -> tuple[np.ndarray, Any]:
+    """(array, GGMLQuantizationType) of an unquantized tensor, in its own dtype (bf16 as its raw 16-bit words)."""
+    gguf = import_gguf()
+    kind = FLOAT_TYPES.get(t.dtype)
+    if kind is None:
+        raise QuantkitError(f"{name}: a {t.dtype} tensor has no GGUF type: GGUF holds F16, BF16 and F32")
+    t = t.detach().cpu().contiguous()
+    array = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return array, getattr(gguf.GGMLQuantizationType, kind)
+
+
+def gguf_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray, Any]]:
+    """(GGUF name, array, GGMLQuantizationType) of every tensor of a quantkit Llama, in module order: AffineLinear
+    weights as blocks (gguf_blocks), the rest in their dtype; q_proj's and k_proj's rows permuted (permute_rows)."""
+    gguf = import_gguf()
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, AffineLinear)}
+    for name, module in model.named_modules():
+        if name in quantized:
+            array, qtype = gguf_blocks(module.affine_weight(), name)
+            tensors = [(name + ".weight", array, qtype)]
+        elif any(name.startswith(q + ".") for q in quantized):
+            continue
+        else:
+            tensors = [(f"{name}.{key}", *float_tensor(t, f"{name}.{key}"))
+                       for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+                       if key in ("weight", "bias")]
+        for full, array, qtype in tensors:
+            if full == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            gguf_name = names.get_name(full, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise QuantkitError(f"{full}: no llama.cpp tensor name for it (GGUF holds Llama's own tensors only)")
+            if full.endswith("self_attn.q_proj.weight"):
+                array = permute_rows(array, config.num_attention_heads)
+            elif full.endswith("self_attn.k_proj.weight"):
+                array = permute_rows(array, config.num_attention_heads, config.num_key_value_heads)
+            yield gguf_name, np.ascontiguousarray(array), qtype
+
+
+def write_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+               recipe: dict[str, Any] | None = None) -> Path:
+    """Write a quantkit Llama (quantized in memory, AffineLinear weights in a scheme gguf_type holds) to one .gguf
+    file, atomically: the llama.* metadata (add_llama), the vocabulary of `tokenizer_dir` (add_vocabulary), and every
+    tensor (gguf_tensors), through gguf's GGUFWriter. QuantkitError (one line) for a path that is a directory, a
+    scheme GGUF cannot hold or a tokenizer it cannot carry; nothing is left at `path` then."""
+    gguf = import_gguf()
+    path = Path(path)
+    if path.is_dir():
+        raise QuantkitError(f"{path}: is a directory: GGUF is one file; give a file name such as {path / 'model.gguf'}")
+    tensors = list(gguf_tensors(model))
+    kinds = [qtype.name for _, _, qtype in tensors if qtype.name in HELD.values()]
+    main = max(set(kinds), key=kinds.count) if kinds else next(q.name for n, _, q in tensors if n == "token_embd.weight")
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, "llama", use_temp_file=True)
+        add_llama(writer, model.config, getattr(gguf.LlamaFileType, FILE_TYPES[main]), recipe)
+        if tokenizer_dir is not None:
+            add_vocabulary(writer, Path(tokenizer_dir), model.config.vocab_size)
+        for name, array, qtype in tensors:
+            writer.add_tensor(name, array, raw_dtype=qtype)
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path

@@ -163,3 +163,74 @@ def test_rope_scaling_other_than_linear_is_refused():
     config = tiny_config(rope_type="dynamic", rope_factor=2.0)
     with pytest.raises(QuantkitError, match="rope_type 'dynamic'"):
         add_llama(gguf.GGUFWriter("unused.gguf", "llama"), config, 2)
+
+
+def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_rows (per head: back to transformers' half-split order)."""
+    return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+@pytest.mark.parametrize("bits,symmetric,kind", [(4, True, "Q4_0"), (4, False, "Q4_1"), (8, True, "Q8_0")])
+def test_a_quantized_model_reads_back_from_its_gguf(tmp_path, bits, symmetric, kind):
+    """Every tensor of write_gguf's file, decoded by gguf's reader and dequantizer, is quantkit's: the quantized
+    linears' (q - z) s exactly (Q4_1: up to its fp16 minimum), the rest bit for bit; q/k rows in llama.cpp's order."""
+    import quantkit
+    from quantkit.backends.rtn import RTNConfig
+    from quantkit.formats.gguf import write_gguf
+    from quantkit.quant.linear import AffineLinear
+    from tests.conftest import DEMO_MODEL, random_model, tiny_config
+    config = tiny_config(num_key_value_heads=2)
+    model = quantkit.quantize(random_model(config).half(), RTNConfig(bits=bits, group_size=32, symmetric=symmetric))
+    path = write_gguf(model, tmp_path / "m.gguf", DEMO_MODEL, recipe={"method": "rtn"})
+    reader = gguf.GGUFReader(path)
+    assert field(reader, "general.file_type") == getattr(gguf.LlamaFileType, f"MOSTLY_{kind}")
+    stored = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    modules = dict(model.named_modules())
+    expected_names = set()
+    for name, p in model.named_parameters():
+        module_name = name.rsplit(".", 1)[0]
+        if isinstance(modules.get(module_name), AffineLinear) or "." not in name:
+            continue
+        expected_names.add(names.get_name(name, try_suffixes=(".weight",)))
+        t = stored[names.get_name(name, try_suffixes=(".weight",))]
+        assert t.tensor_type == gguf.GGMLQuantizationType.F16
+        assert np.array_equal(np.asarray(t.data).reshape(p.shape), p.detach().numpy())
+    for name, m in modules.items():
+        if not isinstance(m, AffineLinear):
+            continue
+        t = stored[names.get_name(name + ".weight", try_suffixes=(".weight",))]
+        expected_names.add(t.name)
+        assert t.tensor_type == getattr(gguf.GGMLQuantizationType, kind)
+        got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(m.out_features, m.in_features)
+        if name.endswith("q_proj"):
+            got = unpermute(got, config.num_attention_heads)
+        elif name.endswith("k_proj"):
+            got = unpermute(got, config.num_key_value_heads)
+        w = m.affine_weight()
+        exact = ((w.q.float() - w.zero.float().repeat_interleave(32, 1)) * w.scale.float().repeat_interleave(32, 1))
+        tolerance = 0 if symmetric else float((w.scale.float() * w.zero.float()).abs().max()) * 2.0 ** -11
+        assert (torch.from_numpy(got.astype(np.float32)) - exact).abs().max() <= tolerance + 1e-7, name
+    assert set(stored) == expected_names  # nothing else, nothing missing
+
+
+def test_a_directory_is_not_a_gguf_path(tmp_path):
+    import quantkit
+    from quantkit.backends.rtn import RTNConfig
+    from quantkit.formats.gguf import write_gguf
+    from tests.conftest import random_model, tiny_config
+    model = quantkit.quantize(random_model(tiny_config()).half(), RTNConfig(bits=4, group_size=32, symmetric=True))
+    with pytest.raises(QuantkitError, match="is a directory: GGUF is one file"):
+        write_gguf(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scheme_gguf_cannot_hold_leaves_no_file(tmp_path):
+    import quantkit
+    from quantkit.backends.rtn import RTNConfig
+    from quantkit.formats.gguf import write_gguf
+    from tests.conftest import random_model, tiny_config
+    model = quantkit.quantize(random_model(tiny_config()).half(), RTNConfig(bits=4, group_size=64, symmetric=True))
+    with pytest.raises(QuantkitError, match="--group-size 32"):
+        write_gguf(model, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []

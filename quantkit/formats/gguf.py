@@ -35,6 +35,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.io.files import atomic_file
 from quantkit.model.config import LlamaConfig
+from quantkit.model.llama import LlamaForCausalLM
 from quantkit.quant.affine import AffineWeight, trivial_g_idx
 from quantkit.quant.linear import AffineLinear
 
@@ -242,3 +243,66 @@ def write_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | o
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def gguf_value(reader, key: str, default: Any = None) -> Any:
+    """A scalar or string metadata value of a GGUFReader (default where the key is absent)."""
+    gguf = import_gguf()
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    value = f.parts[f.data[0]]
+    return bytes(value).decode() if f.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
+
+
+def config_of_gguf(reader, path: Path) -> LlamaConfig:
+    """The LlamaConfig a GGUF's llama.* keys describe (add_llama's inverse); QuantkitError for another architecture."""
+    arch = gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise QuantkitError(f"{path}: a GGUF of architecture {arch!r}: quantkit reads Llama GGUFs only")
+    key = lambda k, default=None: gguf_value(reader, f"llama.{k}", default)  # noqa: E731
+    heads = key("attention.head_count")
+    rope = {"rope_type": "linear", "rope_factor": key("rope.scaling.factor")} if key("rope.scaling.type") else {}
+    embeddings = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return LlamaConfig(vocab_size=int(embeddings.shape[1]), hidden_size=key("embedding_length"),
+                       intermediate_size=key("feed_forward_length"), num_hidden_layers=key("block_count"),
+                       num_attention_heads=heads, num_key_value_heads=key("attention.head_count_kv", heads),
+                       head_dim=key("rope.dimension_count"), max_position_embeddings=key("context_length"),
+                       rms_norm_eps=key("attention.layer_norm_rms_epsilon"), rope_theta=key("rope.freq_base", 1e4),
+                       tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors), **rope)
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """(config, {transformers' tensor name: fp32 tensor}) of a Llama GGUF: every tensor decoded by gguf's own
+    dequantizer (any ggml type it decodes, llama.cpp's quantizer's included), q_proj's and k_proj's rows back in
+    transformers' order. QuantkitError (one line) for a file that is not a Llama GGUF."""
+    gguf = import_gguf()
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise QuantkitError(f"{path}: not a GGUF file gguf can read ({e})") from e
+    config = config_of_gguf(reader, path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    with torch.device("meta"):
+        hf_names = list(LlamaForCausalLM(config).state_dict())
+    ours = {names.get_name(n, try_suffixes=(".weight", ".bias")): n for n in hf_names}
+    tensors = {}
+    for t in reader.tensors:
+        name = ours.get(t.name)
+        if name is None:
+            raise QuantkitError(f"{path}: tensor {t.name} is not a Llama tensor quantkit knows")
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the innermost dimension first
+        array = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
+        if name.endswith("self_attn.q_proj.weight"):
+            array = unpermute_rows(array, config.num_attention_heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            array = unpermute_rows(array, config.num_key_value_heads)
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+    return config, tensors
+
+
+def unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
+    """permute_rows' inverse: llama.cpp's row order of q_proj (heads) or k_proj (kv heads) back to transformers'."""
+    shape = rows.shape
+    return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf import gguf_blocks, gguf_type, permute_rows
+from quantkit.formats.gguf import gguf_blocks, gguf_type, permute_rows, read_gguf, unpermute_rows, write_gguf
 from quantkit.quant.affine import quantize_weight
 
 
@@ -20,6 +20,11 @@ def weight(n: int, k: int, bits: int, symmetric: bool, dtype=torch.float16, seed
     w = (torch.randn(n, k) * 0.05).to(dtype)
     w[0, 3] = 0.9  # an outlier: a block whose range it stretches
     return quantize_weight(w, bits, 32, symmetric)
+
+
+def exact(w) -> torch.Tensor:
+    """(q - z) s (N, K) in fp32, with no rounding of the product (quantkit's fp16 dequantize rounds it)."""
+    return (w.q.float() - w.zero.float().repeat_interleave(32, 1)) * w.scale.float().repeat_interleave(32, 1)
 
 
 def decoded(blocks: np.ndarray, qtype, n: int, k: int) -> torch.Tensor:
@@ -35,8 +40,7 @@ def test_symmetric_blocks_decode_to_quantkits_weights_exactly(bits, symmetric, k
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     assert blocks.dtype == np.uint8 and blocks.shape == (shape[0], shape[1] // block * size)
     got = decoded(blocks, qtype, *shape)
-    exact = (w.q.float() - w.zero.float().repeat_interleave(32, dim=1)) * w.scale.float().repeat_interleave(32, dim=1)
-    assert torch.equal(got, exact)  # (q - z) s in fp32: exact for fp16 s
+    assert torch.equal(got, exact(w))  # (q - z) s in fp32: exact for fp16 s
     assert torch.equal(got.half(), w.dequantize(torch.float16))  # what quantkit's fp16 model computes with
 
 
@@ -165,18 +169,12 @@ def test_rope_scaling_other_than_linear_is_refused():
         add_llama(gguf.GGUFWriter("unused.gguf", "llama"), config, 2)
 
 
-def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse of permute_rows (per head: back to transformers' half-split order)."""
-    return rows.reshape(n_head, rows.shape[0] // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
 @pytest.mark.parametrize("bits,symmetric,kind", [(4, True, "Q4_0"), (4, False, "Q4_1"), (8, True, "Q8_0")])
 def test_a_quantized_model_reads_back_from_its_gguf(tmp_path, bits, symmetric, kind):
     """Every tensor of write_gguf's file, decoded by gguf's reader and dequantizer, is quantkit's: the quantized
     linears' (q - z) s exactly (Q4_1: up to its fp16 minimum), the rest bit for bit; q/k rows in llama.cpp's order."""
     import quantkit
     from quantkit.backends.rtn import RTNConfig
-    from quantkit.formats.gguf import write_gguf
     from quantkit.quant.linear import AffineLinear
     from tests.conftest import DEMO_MODEL, random_model, tiny_config
     config = tiny_config(num_key_value_heads=2)
@@ -204,20 +202,18 @@ def test_a_quantized_model_reads_back_from_its_gguf(tmp_path, bits, symmetric, k
         assert t.tensor_type == getattr(gguf.GGMLQuantizationType, kind)
         got = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(m.out_features, m.in_features)
         if name.endswith("q_proj"):
-            got = unpermute(got, config.num_attention_heads)
+            got = unpermute_rows(got, config.num_attention_heads)
         elif name.endswith("k_proj"):
-            got = unpermute(got, config.num_key_value_heads)
+            got = unpermute_rows(got, config.num_key_value_heads)
         w = m.affine_weight()
-        exact = ((w.q.float() - w.zero.float().repeat_interleave(32, 1)) * w.scale.float().repeat_interleave(32, 1))
         tolerance = 0 if symmetric else float((w.scale.float() * w.zero.float()).abs().max()) * 2.0 ** -11
-        assert (torch.from_numpy(got.astype(np.float32)) - exact).abs().max() <= tolerance + 1e-7, name
+        assert (torch.from_numpy(got.astype(np.float32)) - exact(w)).abs().max() <= tolerance + 1e-7, name
     assert set(stored) == expected_names  # nothing else, nothing missing
 
 
 def test_a_directory_is_not_a_gguf_path(tmp_path):
     import quantkit
     from quantkit.backends.rtn import RTNConfig
-    from quantkit.formats.gguf import write_gguf
     from tests.conftest import random_model, tiny_config
     model = quantkit.quantize(random_model(tiny_config()).half(), RTNConfig(bits=4, group_size=32, symmetric=True))
     with pytest.raises(QuantkitError, match="is a directory: GGUF is one file"):
@@ -228,9 +224,54 @@ def test_a_directory_is_not_a_gguf_path(tmp_path):
 def test_a_scheme_gguf_cannot_hold_leaves_no_file(tmp_path):
     import quantkit
     from quantkit.backends.rtn import RTNConfig
-    from quantkit.formats.gguf import write_gguf
     from tests.conftest import random_model, tiny_config
     model = quantkit.quantize(random_model(tiny_config()).half(), RTNConfig(bits=4, group_size=64, symmetric=True))
     with pytest.raises(QuantkitError, match="--group-size 32"):
         write_gguf(model, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("n_head,n_head_kv", [(4, None), (4, 2)])
+def test_unpermute_undoes_permute(n_head, n_head_kv):
+    rows = np.arange(64 * 3).reshape(64, 3)
+    assert np.array_equal(unpermute_rows(permute_rows(rows, n_head, n_head_kv), n_head_kv or n_head), rows)
+
+
+def test_read_gguf_gives_back_the_config_and_the_weights(tmp_path):
+    """write_gguf then read_gguf: the config's fields, every float tensor bit for bit, the Q4_0 linears' (q - 8) s."""
+    import quantkit
+    from quantkit.backends.rtn import RTNConfig
+    from quantkit.quant.linear import AffineLinear
+    from tests.conftest import DEMO_MODEL, random_model, tiny_config
+    config = tiny_config(num_key_value_heads=2, rope_theta=20000.0)
+    model = quantkit.quantize(random_model(config).half(), RTNConfig(bits=4, group_size=32, symmetric=True))
+    got_config, tensors = read_gguf(write_gguf(model, tmp_path / "m.gguf", DEMO_MODEL))
+    for field_name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta",
+                       "tie_word_embeddings"):
+        assert getattr(got_config, field_name) == getattr(config, field_name), field_name
+    assert got_config.rms_norm_eps == pytest.approx(config.rms_norm_eps)
+    expected = {}
+    for name, m in model.named_modules():
+        if isinstance(m, AffineLinear):
+            expected[name + ".weight"] = exact(m.affine_weight())
+    for name, p in model.named_parameters():
+        expected.setdefault(name, p.detach().float())
+    assert set(tensors) == set(expected)
+    for name, t in tensors.items():
+        assert torch.equal(t, expected[name]), name
+
+
+def test_read_gguf_refuses_what_is_not_a_llama_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(QuantkitError, match="not a GGUF file"):
+        read_gguf(bad)
+    writer = gguf.GGUFWriter(tmp_path / "g.gguf", "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(QuantkitError, match="architecture 'gpt2'"):
+        read_gguf(tmp_path / "g.gguf")

@@ -306,3 +306,45 @@ def unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     """permute_rows' inverse: llama.cpp's row order of q_proj (heads) or k_proj (kv heads) back to transformers'."""
     shape = rows.shape
     return rows.reshape(heads, shape[0] // heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def verify_gguf(path: Path) -> tuple[int, list[str]]:
+    """(tensors checked, problems one line each naming the file and tensor) of a .gguf: readable by gguf, a Llama
+    GGUF, every tensor the config calls for present with its shape (and no other), each of a type gguf decodes, whole
+    blocks a row, and finite once decoded (quantkit verify FILE.gguf)."""
+    gguf = import_gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+        config = config_of_gguf(reader, path)
+    except (ValueError, OSError, KeyError, StopIteration, QuantkitError) as e:
+        return 0, [f"{path}: not a Llama GGUF quantkit can read ({e}): write it again (the file may be truncated)"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    with torch.device("meta"):
+        shapes = {names.get_name(n, try_suffixes=(".weight", ".bias")): tuple(t.shape)
+                  for n, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("output.weight", None)
+    stored = {t.name: t for t in reader.tensors}
+    problems = [f"{path}: tensor {n} is missing" for n in shapes if n not in stored]
+    problems += [f"{path}: tensor {n} is not a Llama tensor quantkit knows" for n in stored if n not in shapes]
+    for name, t in stored.items():
+        if name in shapes:
+            problems += _tensor_problems(path, t, shapes[name])
+    return len(stored), problems
+
+
+def _tensor_problems(path: Path, t, shape: tuple[int, ...]) -> list[str]:
+    gguf = import_gguf()
+    got = tuple(int(d) for d in reversed(t.shape))
+    if got != shape:
+        return [f"{path}: tensor {t.name} has shape {list(got)}, the config calls for {list(shape)}"]
+    block, _ = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    if shape[-1] % block:
+        return [f"{path}: tensor {t.name}: rows of {shape[-1]} are not whole {t.tensor_type.name} blocks of {block}"]
+    try:
+        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    except NotImplementedError:
+        return [f"{path}: tensor {t.name} is of type {t.tensor_type.name}, which gguf cannot decode"]
+    if not np.isfinite(values).all():
+        return [f"{path}: tensor {t.name} has values that are not finite once decoded (NaN or Inf scales)"]
+    return []

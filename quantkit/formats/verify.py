@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.reader import QuantizedCheckpoint, open_checkpoint
@@ -51,7 +52,12 @@ class VerifyReport:
 
 
 def verify_dir(path: str | os.PathLike) -> VerifyReport:
-    """Check a model directory (dense or quantized) against its manifest, its config.json and its format."""
+    """Check a model directory (dense or quantized) against its manifest, its config.json and its format; or a .gguf
+    file against its own header (quantkit.formats.gguf.verify_gguf: GGUF has no checksums)."""
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        from quantkit.formats.gguf import verify_gguf  # gguf is imported only for GGUF files
+        tensors, problems = verify_gguf(Path(path))
+        return VerifyReport(str(path), manifest=False, tensors=tensors, problems=problems)
     directory = resolve_model_dir(path)
     report = VerifyReport(str(directory), manifest=(directory / MANIFEST_FILE).is_file())
     _check_files(directory, report)

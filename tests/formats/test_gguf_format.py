@@ -275,3 +275,58 @@ def test_read_gguf_refuses_what_is_not_a_llama_gguf(tmp_path):
     writer.close()
     with pytest.raises(QuantkitError, match="architecture 'gpt2'"):
         read_gguf(tmp_path / "g.gguf")
+
+
+@pytest.fixture
+def gguf_file(tmp_path):
+    import quantkit
+    from quantkit.backends.rtn import RTNConfig
+    from tests.conftest import DEMO_MODEL, random_model, tiny_config
+    model = quantkit.quantize(random_model(tiny_config()).half(), RTNConfig(bits=4, group_size=32, symmetric=True))
+    return write_gguf(model, tmp_path / "m.gguf", DEMO_MODEL)
+
+
+def test_verify_passes_a_good_gguf_and_names_what_is_wrong(gguf_file, tmp_path):
+    from quantkit.formats.verify import verify_dir
+    report = verify_dir(gguf_file)
+    assert report.ok and report.tensors == 2 * 9 + 3, report.problems  # 9 a layer, embedding, norm, lm_head
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(gguf_file.read_bytes()[:-1000])
+    assert verify_dir(truncated).problems[0].startswith(f"{truncated}: not a Llama GGUF quantkit can read")
+    blocks = bytearray(gguf_file.read_bytes())
+    reader = gguf.GGUFReader(gguf_file)
+    q = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    blocks[q.data_offset:q.data_offset + 2] = np.array([np.nan], dtype=np.float16).tobytes()  # a block's d
+    nan = tmp_path / "nan.gguf"
+    nan.write_bytes(bytes(blocks))
+    assert verify_dir(nan).problems == [f"{nan}: tensor blk.1.ffn_down.weight has values that are not finite once "
+                                        f"decoded (NaN or Inf scales)"]
+
+
+def test_verify_names_a_missing_tensor(tmp_path):
+    from quantkit.formats.gguf import add_llama
+    from quantkit.formats.verify import verify_dir
+    from tests.conftest import tiny_config
+    config = tiny_config(num_hidden_layers=1)
+    writer = gguf.GGUFWriter(tmp_path / "p.gguf", "llama")
+    add_llama(writer, config, 1)
+    writer.add_tensor("token_embd.weight", np.zeros((config.vocab_size, config.hidden_size), dtype=np.float16))
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((config.hidden_size, 7), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    problems = verify_dir(tmp_path / "p.gguf").problems
+    assert f"{tmp_path / 'p.gguf'}: tensor output_norm.weight is missing" in problems
+    assert f"{tmp_path / 'p.gguf'}: tensor blk.0.attn_q.weight has shape [64, 7], the config calls for [64, 64]" \
+        in problems
+
+
+def test_the_verify_command_takes_a_gguf(gguf_file, tmp_path):
+    from tests.helpers import run
+    result = run("verify", gguf_file)
+    assert result.exit_code == 0 and result.output.strip().endswith("21 tensors verified"), result.output
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF but not really")
+    result = run("verify", bad)
+    assert result.exit_code == 1 and "not a Llama GGUF quantkit can read" in result.output

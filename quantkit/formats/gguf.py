@@ -272,21 +272,40 @@ def config_of_gguf(reader, path: Path) -> LlamaConfig:
                        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors), **rope)
 
 
+def _open_llama(path: Path):
+    """(config, GGUFReader) of a Llama GGUF; QuantkitError (one line) otherwise."""
+    gguf = import_gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise QuantkitError(f"{path}: not a GGUF file gguf can read ({e})") from e
+    return config_of_gguf(reader, path), reader
+
+
+def _hf_names(config: LlamaConfig) -> dict[str, str]:
+    """llama.cpp's tensor name -> transformers' for a model of this config (gguf's TensorNameMap)."""
+    gguf = import_gguf()
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    with torch.device("meta"):
+        hf_names = list(LlamaForCausalLM(config).state_dict())
+    return {names.get_name(n, try_suffixes=(".weight", ".bias")): n for n in hf_names}
+
+
+def _permuted_heads(name: str, config: LlamaConfig) -> int:
+    """The heads whose rows llama.cpp permutes in this tensor (q_proj: heads, k_proj: kv heads), or 0."""
+    if name.endswith("self_attn.q_proj.weight"):
+        return config.num_attention_heads
+    return config.num_key_value_heads if name.endswith("self_attn.k_proj.weight") else 0
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     """(config, {transformers' tensor name: fp32 tensor}) of a Llama GGUF: every tensor decoded by gguf's own
     dequantizer (any ggml type it decodes, llama.cpp's quantizer's included), q_proj's and k_proj's rows back in
     transformers' order. QuantkitError (one line) for a file that is not a Llama GGUF."""
     gguf = import_gguf()
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise QuantkitError(f"{path}: not a GGUF file gguf can read ({e})") from e
-    config = config_of_gguf(reader, path)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    with torch.device("meta"):
-        hf_names = list(LlamaForCausalLM(config).state_dict())
-    ours = {names.get_name(n, try_suffixes=(".weight", ".bias")): n for n in hf_names}
+    config, reader = _open_llama(path)
+    ours = _hf_names(config)
     tensors = {}
     for t in reader.tensors:
         name = ours.get(t.name)
@@ -294,10 +313,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Ten
             raise QuantkitError(f"{path}: tensor {t.name} is not a Llama tensor quantkit knows")
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the innermost dimension first
         array = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
-        if name.endswith("self_attn.q_proj.weight"):
-            array = unpermute_rows(array, config.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            array = unpermute_rows(array, config.num_key_value_heads)
+        heads = _permuted_heads(name, config)
+        if heads:
+            array = unpermute_rows(array, heads)
         tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
     return config, tensors
 
@@ -348,3 +366,66 @@ def _tensor_problems(path: Path, t, shape: tuple[int, ...]) -> list[str]:
     if not np.isfinite(values).all():
         return [f"{path}: tensor {t.name} has values that are not finite once decoded (NaN or Inf scales)"]
     return []
+
+
+def affine_of_blocks(raw: np.ndarray, qtype, rows: int, cols: int) -> AffineWeight | None:
+    """The AffineWeight that Q4_0 or Q8_0 blocks (rows, cols / 32 * type size) hold exactly (gguf_blocks' inverse:
+    the same q, scale = d in fp16, z = 8 or 128); None for any other type (Q4_1's fp16 minimum is no integer z)."""
+    kind = getattr(qtype, "name", "")
+    if kind not in ("Q4_0", "Q8_0"):
+        return None
+    blocks = np.ascontiguousarray(raw).reshape(rows, cols // BLOCK, -1)
+    scale = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0])  # (rows, G)
+    if kind == "Q4_0":
+        packed = torch.from_numpy(blocks[..., 2:].copy())
+        q, bits = torch.cat([packed & 0x0F, packed >> 4], dim=-1), 4
+    else:
+        q, bits = (torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).to(torch.int16) + 128).to(torch.uint8), 8
+    zero = torch.full(scale.shape, 2 ** (bits - 1), dtype=torch.int32)
+    return AffineWeight(q=q.reshape(rows, cols).to(torch.uint8), scale=scale, zero=zero, bits=bits, group_size=BLOCK,
+                        symmetric=True)
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> LlamaForCausalLM:
+    """A Llama GGUF as a native model: Q4_0 and Q8_0 decoder linears as AffineLinear modules holding the file's
+    integers and scales exactly (recorded as `rtn` of that scheme, or the config of the file's quantkit.recipe),
+    every other tensor decoded by gguf's dequantizer into `dtype`; q_proj's and k_proj's rows back in transformers'
+    order. QuantkitError (one line) for a file that is not a Llama GGUF."""
+    from quantkit.backends.recipe import Recipe
+    from quantkit.backends.rtn import RTNConfig
+    from quantkit.model.checkpoint import set_tensor
+    from quantkit.quant.record import QuantRecord
+    from quantkit.quant.surgery import set_module
+
+    gguf = import_gguf()
+    path = Path(path)
+    config, reader = _open_llama(path)
+    recipe_json = gguf_value(reader, RECIPE_KEY)
+    recipe = Recipe.from_dict(json.loads(recipe_json), source=str(path)) if recipe_json else None
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    ours = _hf_names(config)
+    for t in reader.tensors:
+        name = ours.get(t.name)
+        if name is None:
+            raise QuantkitError(f"{path}: tensor {t.name} is not a Llama tensor quantkit knows")
+        rows, cols = (int(d) for d in reversed(t.shape)) if len(t.shape) == 2 else (int(t.shape[0]), 1)
+        w = affine_of_blocks(np.asarray(t.data), t.tensor_type, rows, cols) if len(t.shape) == 2 else None
+        heads = _permuted_heads(name, config)
+        if w is not None and name.rsplit(".", 1)[0] != "lm_head" and name != "model.embed_tokens.weight":
+            if heads:
+                w.q, w.scale, w.zero = (torch.from_numpy(unpermute_rows(x.numpy(), heads))
+                                        for x in (w.q, w.scale, w.zero))
+            module = AffineLinear(w, dtype=dtype)
+            chosen = recipe.config_for(name[:-len(".weight")]) if recipe is not None else None
+            module.quant_record = QuantRecord(chosen or RTNConfig(bits=w.bits, group_size=BLOCK, symmetric=True))
+            set_module(model, name[:-len(".weight")], module)
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape))
+        array = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        if heads:
+            array = unpermute_rows(array, heads)
+        set_tensor(model, name, torch.from_numpy(np.ascontiguousarray(array.astype(np.float32))).to(dtype))
+    model.quant_recipe = recipe.to_dict() if recipe is not None else None
+    model.tie_weights()
+    return model.eval().requires_grad_(False)

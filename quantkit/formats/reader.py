@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -86,6 +87,9 @@ def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device =
     (NaN or non-positive scales, a broken group map), are refused with the file named.
     """
     device = check_device(device)
+    if Path(path).suffix == ".gguf" and Path(path).is_file():  # one file, llama.cpp's (quantkit.formats.gguf)
+        from quantkit.formats.gguf import load_gguf
+        return load_gguf(path, parse_dtype(dtype) or torch.float16).to(device)
     ckpt = open_checkpoint(path)
     check_intact(ckpt.dir)
     dtype = parse_dtype(dtype) or ckpt.default_dtype()

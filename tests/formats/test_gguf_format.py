@@ -330,3 +330,40 @@ def test_the_verify_command_takes_a_gguf(gguf_file, tmp_path):
     bad.write_bytes(b"GGUF but not really")
     result = run("verify", bad)
     assert result.exit_code == 1 and "not a Llama GGUF quantkit can read" in result.output
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantkit_loads_its_gguf_with_the_same_quantized_linears(tmp_path, bits):
+    """Q4_0 / Q8_0 come back as AffineLinear modules with the file's integers and scales: the same logits."""
+    import quantkit
+    from quantkit.backends.rtn import RTNConfig
+    from quantkit.quant.linear import AffineLinear
+    from tests.conftest import DEMO_MODEL, random_model, tiny_config
+    config = RTNConfig(bits=bits, group_size=32, symmetric=True)
+    model = quantkit.quantize(random_model(tiny_config(num_key_value_heads=2)).half(), config)
+    path = write_gguf(model, tmp_path / "m.gguf", DEMO_MODEL, recipe={"default": config.to_dict()})
+    loaded = quantkit.load(path)
+    ours = {n: m for n, m in model.named_modules() if isinstance(m, AffineLinear)}
+    theirs = {n: m for n, m in loaded.named_modules() if isinstance(m, AffineLinear)}
+    assert set(theirs) == set(ours) and len(ours) == 14
+    for name, m in ours.items():
+        a, b = m.affine_weight(), theirs[name].affine_weight()
+        assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero), name
+        assert theirs[name].quant_record.config == config
+    ids = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_a_q4_1_gguf_loads_as_its_decoded_weights(tmp_path):
+    import quantkit
+    from quantkit.backends.rtn import RTNConfig
+    from quantkit.quant.linear import AffineLinear
+    from tests.conftest import random_model, tiny_config
+    model = quantkit.quantize(random_model(tiny_config()).half(), RTNConfig(bits=4, group_size=32, symmetric=False))
+    path = write_gguf(model, tmp_path / "m.gguf")
+    loaded = quantkit.load(path, dtype="fp32")
+    _, tensors = read_gguf(path)
+    assert not any(isinstance(m, AffineLinear) for m in loaded.modules())
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, tensors[name]), name

@@ -35,6 +35,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.io.files import atomic_file
 from quantkit.model.config import LlamaConfig
+from quantkit.model.layout import is_decoder_linear
 from quantkit.model.llama import LlamaForCausalLM
 from quantkit.quant.affine import AffineWeight, trivial_g_idx
 from quantkit.quant.linear import AffineLinear
@@ -101,10 +102,9 @@ def gguf_blocks(w: AffineWeight, name: str = "weight") -> tuple[np.ndarray, obje
     return np.ascontiguousarray(blocks), qtype
 
 
-def permute_rows(rows: np.ndarray | torch.Tensor, n_head: int, n_head_kv: int | None = None):
-    """q_proj's (n_head) or k_proj's (n_head_kv) rows in llama.cpp's order for its rotary embedding:
+def permute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
+    """q_proj's (heads) or k_proj's (kv heads: _permuted_heads) rows in llama.cpp's order for its rotary embedding:
     convert_hf_to_gguf.py's LlamaModel.permute, which undoes transformers' half-split permutation per head."""
-    heads = n_head_kv if n_head_kv is not None and n_head_kv != n_head else n_head
     shape = rows.shape
     return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
@@ -199,8 +199,6 @@ def gguf_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray, Any]]:
         if name in quantized:
             array, qtype = gguf_blocks(module.affine_weight(), name)
             tensors = [(name + ".weight", array, qtype)]
-        elif any(name.startswith(q + ".") for q in quantized):
-            continue
         else:
             tensors = [(f"{name}.{key}", *float_tensor(t, f"{name}.{key}"))
                        for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
@@ -211,10 +209,9 @@ def gguf_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray, Any]]:
             gguf_name = names.get_name(full, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise QuantkitError(f"{full}: no llama.cpp tensor name for it (GGUF holds Llama's own tensors only)")
-            if full.endswith("self_attn.q_proj.weight"):
-                array = permute_rows(array, config.num_attention_heads)
-            elif full.endswith("self_attn.k_proj.weight"):
-                array = permute_rows(array, config.num_attention_heads, config.num_key_value_heads)
+            heads = _permuted_heads(full, config)
+            if heads:
+                array = permute_rows(array, heads)
             yield gguf_name, np.ascontiguousarray(array), qtype
 
 
@@ -282,13 +279,35 @@ def _open_llama(path: Path):
     return config_of_gguf(reader, path), reader
 
 
-def _hf_names(config: LlamaConfig) -> dict[str, str]:
-    """llama.cpp's tensor name -> transformers' for a model of this config (gguf's TensorNameMap)."""
+def _llama_tensors(config: LlamaConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """llama.cpp's tensor name -> (transformers' name, shape) of every tensor of a model of this config (gguf's
+    TensorNameMap; output.weight only where the embedding is not tied)."""
     gguf = import_gguf()
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     with torch.device("meta"):
-        hf_names = list(LlamaForCausalLM(config).state_dict())
-    return {names.get_name(n, try_suffixes=(".weight", ".bias")): n for n in hf_names}
+        tensors = {names.get_name(n, try_suffixes=(".weight", ".bias")): (n, tuple(t.shape))
+                   for n, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        tensors.pop("output.weight", None)
+    return tensors
+
+
+def _stored(path: Path, reader, config: LlamaConfig) -> Iterator[tuple[str, Any]]:
+    """(transformers' name, ReaderTensor) of every tensor in the file; QuantkitError for one Llama has not."""
+    ours = _llama_tensors(config)
+    for t in reader.tensors:
+        if t.name not in ours:
+            raise QuantkitError(f"{path}: tensor {t.name} is not a Llama tensor quantkit knows")
+        yield ours[t.name][0], t
+
+
+def _decoded(t, name: str, config: LlamaConfig) -> np.ndarray:
+    """A stored tensor decoded by gguf's dequantizer (fp32, transformers' shape and q/k row order)."""
+    gguf = import_gguf()
+    shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the innermost dimension first
+    array = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
+    heads = _permuted_heads(name, config)
+    return np.ascontiguousarray(unpermute_rows(array, heads) if heads else array)
 
 
 def _permuted_heads(name: str, config: LlamaConfig) -> int:
@@ -302,22 +321,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Ten
     """(config, {transformers' tensor name: fp32 tensor}) of a Llama GGUF: every tensor decoded by gguf's own
     dequantizer (any ggml type it decodes, llama.cpp's quantizer's included), q_proj's and k_proj's rows back in
     transformers' order. QuantkitError (one line) for a file that is not a Llama GGUF."""
-    gguf = import_gguf()
     path = Path(path)
     config, reader = _open_llama(path)
-    ours = _hf_names(config)
-    tensors = {}
-    for t in reader.tensors:
-        name = ours.get(t.name)
-        if name is None:
-            raise QuantkitError(f"{path}: tensor {t.name} is not a Llama tensor quantkit knows")
-        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the innermost dimension first
-        array = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
-        heads = _permuted_heads(name, config)
-        if heads:
-            array = unpermute_rows(array, heads)
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
-    return config, tensors
+    return config, {name: torch.from_numpy(_decoded(t, name, config)) for name, t in _stored(path, reader, config)}
 
 
 def unpermute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -336,12 +342,7 @@ def verify_gguf(path: Path) -> tuple[int, list[str]]:
         config = config_of_gguf(reader, path)
     except (ValueError, OSError, KeyError, StopIteration, QuantkitError) as e:
         return 0, [f"{path}: not a Llama GGUF quantkit can read ({e}): write it again (the file may be truncated)"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    with torch.device("meta"):
-        shapes = {names.get_name(n, try_suffixes=(".weight", ".bias")): tuple(t.shape)
-                  for n, t in LlamaForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("output.weight", None)
+    shapes = {n: shape for n, (_, shape) in _llama_tensors(config).items()}
     stored = {t.name: t for t in reader.tensors}
     problems = [f"{path}: tensor {n} is missing" for n in shapes if n not in stored]
     problems += [f"{path}: tensor {n} is not a Llama tensor quantkit knows" for n in stored if n not in shapes]
@@ -397,35 +398,27 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Ll
     from quantkit.quant.record import QuantRecord
     from quantkit.quant.surgery import set_module
 
-    gguf = import_gguf()
     path = Path(path)
     config, reader = _open_llama(path)
     recipe_json = gguf_value(reader, RECIPE_KEY)
     recipe = Recipe.from_dict(json.loads(recipe_json), source=str(path)) if recipe_json else None
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    ours = _hf_names(config)
-    for t in reader.tensors:
-        name = ours.get(t.name)
-        if name is None:
-            raise QuantkitError(f"{path}: tensor {t.name} is not a Llama tensor quantkit knows")
-        rows, cols = (int(d) for d in reversed(t.shape)) if len(t.shape) == 2 else (int(t.shape[0]), 1)
-        w = affine_of_blocks(np.asarray(t.data), t.tensor_type, rows, cols) if len(t.shape) == 2 else None
-        heads = _permuted_heads(name, config)
-        if w is not None and name.rsplit(".", 1)[0] != "lm_head" and name != "model.embed_tokens.weight":
-            if heads:
-                w.q, w.scale, w.zero = (torch.from_numpy(unpermute_rows(x.numpy(), heads))
-                                        for x in (w.q, w.scale, w.zero))
-            module = AffineLinear(w, dtype=dtype)
-            chosen = recipe.config_for(name[:-len(".weight")]) if recipe is not None else None
-            module.quant_record = QuantRecord(chosen or RTNConfig(bits=w.bits, group_size=BLOCK, symmetric=True))
-            set_module(model, name[:-len(".weight")], module)
+    for name, t in _stored(path, reader, config):
+        module_name = name.removesuffix(".weight")
+        w = None
+        if is_decoder_linear(module_name) and name.endswith(".weight"):
+            w = affine_of_blocks(np.asarray(t.data), t.tensor_type, *(int(d) for d in reversed(t.shape)))
+        if w is None:
+            set_tensor(model, name, torch.from_numpy(_decoded(t, name, config)).to(dtype))
             continue
-        shape = tuple(int(d) for d in reversed(t.shape))
-        array = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        heads = _permuted_heads(name, config)
         if heads:
-            array = unpermute_rows(array, heads)
-        set_tensor(model, name, torch.from_numpy(np.ascontiguousarray(array.astype(np.float32))).to(dtype))
+            w.q, w.scale, w.zero = (torch.from_numpy(unpermute_rows(x.numpy(), heads)) for x in (w.q, w.scale, w.zero))
+        module = AffineLinear(w, dtype=dtype)
+        chosen = recipe.config_for(module_name) if recipe is not None else None
+        module.quant_record = QuantRecord(chosen or RTNConfig(bits=w.bits, group_size=BLOCK, symmetric=True))
+        set_module(model, module_name, module)
     model.quant_recipe = recipe.to_dict() if recipe is not None else None
     model.tie_weights()
     return model.eval().requires_grad_(False)

@@ -89,11 +89,11 @@ def test_q_and_k_rows_are_permuted_as_llama_cpps_converter_does(n_head, n_head_k
     """Per head of D rows: 0, D/2, 1, D/2 + 1, ... (interleaving transformers' rotary halves)."""
     heads = n_head_kv or n_head
     D = rows // heads
-    got = permute_rows(np.arange(rows), n_head, n_head_kv)
+    got = permute_rows(np.arange(rows), heads)
     expected = [h * D + j // 2 + (D // 2) * (j % 2) for h in range(heads) for j in range(D)]
     assert got.tolist() == expected
     blocks = np.arange(rows * 18, dtype=np.uint8).reshape(rows, 18)  # whole rows of blocks move
-    assert np.array_equal(permute_rows(blocks, n_head, n_head_kv), blocks[got])
+    assert np.array_equal(permute_rows(blocks, heads), blocks[got])
 
 
 def written(tmp_path, config, tokenizer_dir, recipe=None):
@@ -234,7 +234,7 @@ def test_a_scheme_gguf_cannot_hold_leaves_no_file(tmp_path):
 @pytest.mark.parametrize("n_head,n_head_kv", [(4, None), (4, 2)])
 def test_unpermute_undoes_permute(n_head, n_head_kv):
     rows = np.arange(64 * 3).reshape(64, 3)
-    assert np.array_equal(unpermute_rows(permute_rows(rows, n_head, n_head_kv), n_head_kv or n_head), rows)
+    assert np.array_equal(unpermute_rows(permute_rows(rows, n_head_kv or n_head), n_head_kv or n_head), rows)
 
 
 def test_read_gguf_gives_back_the_config_and_the_weights(tmp_path):

@@ -7,6 +7,8 @@ and through every runtime that serves OUT's format:
     compressed-tensors  transformers (dequantized at load where asymmetric: llm-compressor#1618)
     bnb                 transformers (bitsandbytes' modules)
     gptq                GPTQModel (`GPTQModel.load`), and transformers through optimum + gptqmodel
+    gguf                llama.cpp (llama-cpp-python), which also tokenizes the first window's text: it must give
+                        the base tokenizer's ids (a .gguf carries its own vocabulary)
 
 Each external runtime runs in a subprocess (`runtime_worker.py`, standalone: GPTQModel lives in its own
 virtualenv, never a dependency of quantkit; its interpreter comes from QUANTKIT_GPTQMODEL_PYTHON), in the dtype
@@ -44,16 +46,22 @@ from quantkit.errors import QuantkitError
 from quantkit.eval.data import EvalData
 from quantkit.eval.evaluate import check_same_tokenizer
 from quantkit.eval.finite import check_numbers
-from quantkit.formats.reader import open_checkpoint
+from quantkit.formats.gguf import is_gguf
+from quantkit.formats.reader import model_config, open_checkpoint
 from quantkit.quant.linear import AffineLinear, arithmetic, int4_kernels
 
 WORKER = Path(__file__).with_name("runtime_worker.py")
-RUNTIMES = {"compressed-tensors": ("transformers",), "bnb": ("transformers",), "gptq": ("gptqmodel", "transformers")}
+RUNTIMES = {"compressed-tensors": ("transformers",), "bnb": ("transformers",), "gptq": ("gptqmodel", "transformers"),
+            "gguf": ("llama.cpp",)}
 SERVED_DTYPE = {("gptq", "gptqmodel"): "bfloat16", ("gptq", "transformers"): "bfloat16"}  # default: float32
-PYTHON_ENV = {"gptq": "QUANTKIT_GPTQMODEL_PYTHON"}  # the interpreter of a format's runtimes, when not this one
+PYTHON_ENV = {"gptq": "QUANTKIT_GPTQMODEL_PYTHON",  # the interpreter of a format's runtimes, when not this one
+              "gguf": "QUANTKIT_LLAMACPP_PYTHON"}
+RUNTIME_PACKAGE = {"gptq": "gptqmodel", "gguf": "llama_cpp"}  # found beside quantkit when the variable is not set
 INSTALL = {"transformers": "pip install transformers accelerate compressed-tensors bitsandbytes",
            "gptqmodel": "install GPTQModel in its own virtualenv (README, 'Checking the runtimes') and set "
-                        "QUANTKIT_GPTQMODEL_PYTHON to its python"}
+                        "QUANTKIT_GPTQMODEL_PYTHON to its python",
+           "llama.cpp": "pip install the llama-cpp-python wheel that .ci/llamacpp-wheel.sh builds (README, 'Checking "
+                        "the runtimes'), or set QUANTKIT_LLAMACPP_PYTHON to a python that has it"}
 
 
 @dataclass
@@ -70,8 +78,9 @@ def run_check(out, base, data: EvalData, options: CheckOptions | None = None) ->
     options = options or CheckOptions()
     fmt = quantized_format(out)
     runtime_python(fmt)  # a runtime interpreter that does not exist is refused before the work
-    check_same_tokenizer(load_tokenizer(out), load_tokenizer(base), str(out), str(base))
-    vocab, base_vocab = open_checkpoint(out).config.vocab_size, open_checkpoint(base).config.vocab_size
+    if fmt != "gguf":  # a GGUF's vocabulary is checked by llama.cpp's tokenization of the text (external)
+        check_same_tokenizer(load_tokenizer(out), load_tokenizer(base), str(out), str(base))
+    vocab, base_vocab = model_config(out).vocab_size, open_checkpoint(base).config.vocab_size
     if vocab != base_vocab:
         raise QuantkitError(f"{out} has a vocabulary of {vocab}, the base {base} {base_vocab}: check a model against "
                             f"the one it was quantized from")
@@ -89,7 +98,11 @@ def run_check(out, base, data: EvalData, options: CheckOptions | None = None) ->
                          "dtype": "bfloat16", "logits": logits_of(model, ids, "quantkit's int4 kernel",
                                                                     options.progress)})
     del model
-    external_rows = [external(runtime, fmt, out, ids, options) for runtime in RUNTIMES.get(fmt, ())]
+    text = load_tokenizer(base).decode(ids[0].tolist()) if fmt == "gguf" else None
+    external_rows = [external(runtime, fmt, out, ids, options, text) for runtime in RUNTIMES.get(fmt, ())]
+    for row in external_rows:
+        if text is not None and row["status"] == "ok":
+            tokenizer_problem(row, load_tokenizer(base).encode(text, bos=True))
     dtypes = sorted({row["dtype"] for row in rows[1:] + external_rows} - {"float32"})
     rows += [floor_row(out, ids, dtype, options.progress) for dtype in dtypes] + external_rows
     floors = {row["dtype"]: row for row in rows if row.get("floor")}
@@ -129,7 +142,21 @@ def failed(report: dict) -> bool:
     return any(row["passed"] is False for row in report["rows"])
 
 
+def tokenizer_problem(row: dict, expected: list[int]) -> None:
+    """A runtime that tokenizes the first window's text otherwise than the base's tokenizer: refused, with the first
+    difference (a GGUF whose vocabulary is not its base's, or a runtime that reads it otherwise)."""
+    got = row["applied"].pop("tokens")
+    if got == expected:
+        row["applied"]["tokenizer"] = f"same {len(got)} ids as the base's tokenizer"
+        return
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    row.update(status="refused", message=f"tokenizes the first window's text otherwise than the base's tokenizer: "
+                                         f"{len(got)} ids against {len(expected)}, first difference at id {at}")
+
+
 def quantized_format(out) -> str:
+    if is_gguf(out):
+        return "gguf"
     ckpt = open_checkpoint(out)
     if not ckpt.quantization_config:
         raise QuantkitError(f"{out}: not a quantized directory (its config.json has no quantization_config): check "
@@ -164,19 +191,23 @@ def compare(reference: torch.Tensor, logits: torch.Tensor) -> dict:
             "max_dlogit": (reference - logits).abs().max().item()}
 
 
-def external(runtime: str, fmt: str, out, ids: torch.Tensor, options: CheckOptions) -> dict:
-    """One external runtime's row: its logits (popped by run_check) and what it applied, or why it did not run."""
+def external(runtime: str, fmt: str, out, ids: torch.Tensor, options: CheckOptions, text: str | None = None) -> dict:
+    """One external runtime's row: its logits (popped by run_check) and what it applied, or why it did not run.
+    text: for llama.cpp, what it tokenizes (applied["tokens"])."""
     name = runtime if runtime != "transformers" or fmt != "gptq" else "transformers + gptqmodel"
     dtype = SHORT_NAMES[options.runtime_dtype] if options.runtime_dtype else SERVED_DTYPE.get((fmt, runtime), "float32")
     row = {"runtime": name, "dtype": dtype}
     python = runtime_python(fmt)
     if python is None:
-        return {**row, "status": "not installed", "message": f"{PYTHON_ENV[fmt]} is not set: {INSTALL['gptqmodel']}"}
+        return {**row, "status": "not installed", "message": f"{PYTHON_ENV[fmt]} is not set: {INSTALL[runtime]}"}
     with tempfile.TemporaryDirectory(prefix="quantkit-check-") as tmp:
         tokens, logits = Path(tmp) / "tokens.safetensors", Path(tmp) / "logits.safetensors"
         save_file({"ids": ids.contiguous()}, tokens)
-        result = run_worker(python, [runtime, os.path.abspath(out), os.fspath(tokens), os.fspath(logits), dtype],
-                            name, options, cwd=tmp)  # GPTQModel writes logs/ into its working directory
+        args = [runtime, os.path.abspath(out), os.fspath(tokens), os.fspath(logits), dtype]
+        if text is not None:
+            (Path(tmp) / "text.txt").write_text(text, encoding="utf-8")
+            args.append(os.fspath(Path(tmp) / "text.txt"))
+        result = run_worker(python, args, name, options, cwd=tmp)  # GPTQModel writes logs/ into its working directory
         if "missing" in result:
             return {**row, "status": "not installed",
                     "message": f"{result['missing']} is not installed for {python}: {INSTALL[runtime]}"}
@@ -187,17 +218,18 @@ def external(runtime: str, fmt: str, out, ids: torch.Tensor, options: CheckOptio
 
 def runtime_python(fmt: str) -> str | None:
     """The interpreter holding the format's runtimes: the one its environment variable names, else this one where
-    the runtime is importable here (GPTQModel installed beside quantkit), else None (not installed)."""
+    the runtime is importable here (GPTQModel or llama-cpp-python installed beside quantkit), else None (not
+    installed)."""
     variable = PYTHON_ENV.get(fmt)
     if variable is None:
         return sys.executable
     python = os.environ.get(variable)
     if python and not os.access(python, os.X_OK):
         raise QuantkitError(f"{variable}={python}: no such interpreter: point it at the python of the virtualenv "
-                            f"that holds GPTQModel, or unset it")
+                            f"that holds {RUNTIME_PACKAGE[fmt]}, or unset it")
     if python:
         return python
-    return sys.executable if importlib.util.find_spec("gptqmodel") is not None else None
+    return sys.executable if importlib.util.find_spec(RUNTIME_PACKAGE[fmt]) is not None else None
 
 
 def run_worker(python: str, args: list[str], name: str, options: CheckOptions, cwd: str) -> dict:
@@ -247,7 +279,8 @@ def _applied(row: dict) -> str:
         return ""
     kernels = ", ".join(f"{n} {cls}" for cls, n in a["kernels"].items())
     return (f"{a['version']}: {a['quantized']} of {a['linears']} decoder linears quantized ({kernels}); "
-            f"act-order g_idx in {a['act_order_modules']}; lm_head {a['lm_head']}")
+            f"act-order g_idx in {a['act_order_modules']}; lm_head {a['lm_head']}"
+            f"{'; ' + a['tokenizer'] if 'tokenizer' in a else ''}")
 
 
 def _num(x) -> str:

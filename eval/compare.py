@@ -21,7 +21,8 @@ from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll
 from quantkit.eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
 from quantkit.io.files import check_writable
-from quantkit.formats.reader import open_checkpoint
+from quantkit.formats.gguf import is_gguf
+from quantkit.formats.reader import model_config, open_checkpoint
 from quantkit.quant.linear import arithmetic
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,30 @@ class EvalOptions:
     sensitivity: dict = field(default_factory=dict)  # unit, config, calibration: see eval.sensitivity
 
 
-def _load(path, tokenizer, options: EvalOptions, base_name: str):
-    """The model at `path` after checking that it shares the base's `tokenizer`."""
-    check_same_tokenizer(load_tokenizer(path), tokenizer, str(path), base_name)
-    return load_model(path, dtype=options.compute_dtype, device=options.device)
+def _load(path, tokenizer, options: EvalOptions, base_name: str, data: EvalData):
+    """The model at `path` after checking that it shares the base's `tokenizer`: a directory as quantkit's model,
+    a .gguf run by llama.cpp (eval.llamacpp), which must tokenize the first window's text as the base does."""
+    if not is_gguf(path):
+        check_same_tokenizer(load_tokenizer(path), tokenizer, str(path), base_name)
+        return load_model(path, dtype=options.compute_dtype, device=options.device)
+    from quantkit.eval.llamacpp import LlamaCppModel
+
+    if options.compute_dtype is not None:
+        log.info("%s: llama.cpp computes in its own precision; --dtype applies to quantkit's models only", path)
+    model = LlamaCppModel(path, n_ctx=data.seq_len)
+    first = data.windows[0]
+    model.check_tokenizer(tokenizer, tokenizer.decode(data.ids[first.start:first.end].tolist()), base_name)
+    return model
+
+
+def tokenizer_of(path, base):
+    """The tokenizer of a model directory; for a .gguf (which carries no tokenizer.model) its base's."""
+    if not is_gguf(path):
+        return load_tokenizer(path)
+    if base is None:
+        raise QuantkitError(f"{path}: a .gguf carries no tokenizer.model: give --base (the directory it was made "
+                            f"from), whose tokenizer llama.cpp's is checked against")
+    return load_tokenizer(base)
 
 
 def _speed(model, tokenizer, options: EvalOptions) -> float | None:
@@ -60,7 +81,8 @@ def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vo
         return saved, saved.model_info or None
     if base is None:
         return None, None
-    check_same_tokenizer(tokenizer, load_tokenizer(base), str(model_path), str(base))
+    if not is_gguf(model_path):  # a .gguf is checked against this tokenizer by llama.cpp's (_load)
+        check_same_tokenizer(tokenizer, load_tokenizer(base), str(model_path), str(base))
     model = load_model(base, dtype=options.compute_dtype, device=options.device)
     return model, {**model_info(base), "arithmetic": arithmetic(model), "tokens_per_s": _speed(model, tokenizer, options)}
 
@@ -74,6 +96,8 @@ def _base_entry(info: dict | None, perplexity: PerplexityResult | None) -> dict 
 
 def _check_tps(path, options: EvalOptions) -> None:
     """A --tp that does not divide the shapes fails before any evaluation."""
+    if options.tps and is_gguf(path):
+        raise QuantkitError(f"{path}: --tp compares quantkit's pretraining_tp arithmetic: it runs no .gguf")
     if options.tps:
         choose_tps(open_checkpoint(path).config, options.tps)
 
@@ -93,11 +117,14 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     _check_tps(model_path, options)
     if save_logits is not None:
         check_writable(save_logits)  # before the base and the model run
-    tokenizer = load_tokenizer(model_path)
+    if options.sensitivity and is_gguf(model_path):
+        raise QuantkitError(f"{model_path}: --sensitivity quantizes quantkit's model of a directory, not a .gguf")
+    tokenizer = tokenizer_of(model_path, base)
     info = model_info(model_path)
     reference, reference_info = _base_reference(base, base_logits, data, tokenizer, model_path,
-                                                open_checkpoint(model_path).config.vocab_size, options)
-    model = load_model(model_path, dtype=options.compute_dtype, device=options.device)
+                                                model_config(model_path).vocab_size, options)
+    model = _load(model_path, tokenizer, options, str(base), data) if is_gguf(model_path) else \
+        load_model(model_path, dtype=options.compute_dtype, device=options.device)
     if isinstance(reference, LlamaForCausalLM):
         check_same_vocabulary(model, reference, str(model_path), str(base))
     speed = _speed(model, tokenizer, options)
@@ -144,7 +171,7 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
         base_info.update(arithmetic=arithmetic(reference), tokens_per_s=_speed(reference, tokenizer, options))
     entries, base_perplexity = [], None
     for path in model_paths:
-        model = _load(path, tokenizer, options, str(base_path))
+        model = _load(path, tokenizer, options, str(base_path), data)
         if isinstance(reference, BaseLogits):
             reference.check_matches(data, model.config.vocab_size, tokenizer)
         else:

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -26,6 +27,7 @@ from quantkit.eval.runner import batch_logprobs
 from quantkit.errors import QuantkitError
 from quantkit.quant.affine import PER_CHANNEL
 from quantkit.dtypes import ST_ITEMSIZE, short_name
+from quantkit.formats.gguf import gguf_config, gguf_recipe, gguf_tensor_types, is_gguf
 from quantkit.formats.reader import QuantizedCheckpoint, open_checkpoint
 from quantkit.model.layout import checkpoint_shapes, layer_index, linear_of
 from quantkit.model.generate import SamplingConfig, generate
@@ -95,11 +97,27 @@ def base_name(base) -> str:
 
 def model_info(path: str | os.PathLike) -> dict:
     """name, path, method, bits_per_weight (decoder linears, scales included), size_bytes (weight files)."""
+    if is_gguf(path):
+        return gguf_info(path)
     ckpt = open_checkpoint(path)
     files = sorted(set(ckpt.weight_map.values()))
     return {"name": ckpt.dir.name, "path": str(path), "method": method_label(ckpt),
             "bits_per_weight": linear_bits_per_weight(ckpt, files),
             "size_bytes": sum((ckpt.dir / f).stat().st_size for f in files)}
+
+
+def gguf_info(path) -> dict:
+    """model_info of a .gguf: the method of its quantkit.recipe (else the ggml types of its decoder linears, e.g.
+    'Q4_K + Q6_K' for llama.cpp's Q4_K_M), bits per weight of its decoder linears' blocks, the file's size."""
+    recipe, types = gguf_recipe(path), gguf_tensor_types(path)
+    linears = {name: t for name, t in types.items() if linear_of(name) is not None}
+    kinds = sorted({t[0] for t in linears.values()}, key=[t[0] for t in linears.values()].count, reverse=True)
+    method = " + ".join(config_label(c) for c in recipe.configs()) if recipe is not None else " + ".join(kinds)
+    n_weights = sum(torch.Size(shape).numel() for name, shape in checkpoint_shapes(gguf_config(path)).items()
+                    if linear_of(name) is not None)
+    return {"name": Path(path).name, "path": str(path), "method": f"{method} (GGUF {'/'.join(kinds)})",
+            "bits_per_weight": bits_per_weight(sum(t[1] for t in linears.values()), n_weights),
+            "size_bytes": Path(path).stat().st_size}
 
 
 def method_label(ckpt: QuantizedCheckpoint) -> str:
@@ -144,7 +162,9 @@ def linear_bits_per_weight(ckpt: QuantizedCheckpoint, files: list[str]) -> float
 
 
 def layer_errors(path: str | os.PathLike) -> list[dict]:
-    """Per-linear errors recorded by `quantkit quantize` in the output directory (empty if none)."""
+    """Per-linear errors recorded by `quantkit quantize` in the output directory (empty if none, and for a .gguf)."""
+    if is_gguf(path):
+        return []
     rows = open_checkpoint(path).errors().values()
     return [dict(row, layer=layer_index(row["name"])) for row in rows if row.get("relative_error") is not None]
 
@@ -153,6 +173,10 @@ def layer_errors(path: str | os.PathLike) -> list[dict]:
 def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32, prompt: str = "The") -> float:
     """Greedy batch-1 decode speed with the KV cache, after a short warm-up (kernels build on first use)."""
     ids = [tokenizer.encode(prompt)]
+    if callable(getattr(model, "decode_tokens_per_s", None)):  # another runtime's model (eval.llamacpp)
+        speed = model.decode_tokens_per_s(ids[0], new_tokens)
+        check_numbers({"tokens_per_s": speed}, model_label(model), "decode")
+        return speed
     with int4_kernels(model):  # the kernel people decode with, also where measurements compute exactly (fp32)
         generate(model, ids, SamplingConfig(max_new_tokens=4))
         start = time.perf_counter()

@@ -16,7 +16,9 @@ from quantkit.eval.finite import check_logits, model_label
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's inputs go: its parameters' device; the CPU for a model with none (llama.cpp's)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @torch.no_grad()

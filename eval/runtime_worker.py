@@ -1,13 +1,15 @@
 """One runtime's logits for `quantkit check`: a standalone script, run as `python -I runtime_worker.py ...` by the
 interpreter that holds the runtime (GPTQModel lives in its own virtualenv), so it imports nothing of quantkit.
 
-    python -I runtime_worker.py RUNTIME MODEL_DIR TOKENS OUT DTYPE
+    python -I runtime_worker.py RUNTIME MODEL_DIR|MODEL.gguf TOKENS OUT DTYPE [TEXT]
 
 RUNTIME: `transformers` (transformers' own loader: compressed-tensors, bitsandbytes and, through optimum and
-gptqmodel, GPTQ) or `gptqmodel` (`GPTQModel.load`). TOKENS: a safetensors file with `ids` int64 (W, T); OUT: where
-the fp32 logits (W, T, vocab) go, as safetensors `logits`. The last line of stdout is one JSON object: what the
-runtime applied (its version, the class of each decoder linear, how many keep an act-order g_idx, the lm_head's
-class, the dtype), or `{"missing": PACKAGE}` (exit 4) or `{"error": MESSAGE}` (exit 3) with the runtime's own words.
+gptqmodel, GPTQ), `gptqmodel` (`GPTQModel.load`) or `llama.cpp` (llama-cpp-python on a .gguf, in its own
+precision; with TEXT, a UTF-8 file, the result's `tokens` are llama.cpp's tokenization of it, BOS first).
+TOKENS: a safetensors file with `ids` int64 (W, T); OUT: where the fp32 logits (W, T, vocab) go, as safetensors
+`logits`. The last line of stdout is one JSON object: what the runtime applied (its version, the class of each
+decoder linear (llama.cpp: its ggml type), how many keep an act-order g_idx, the lm_head's class, the dtype), or
+`{"missing": PACKAGE}` (exit 4) or `{"error": MESSAGE}` (exit 3) with the runtime's own words.
 """
 
 import json
@@ -70,12 +72,54 @@ def applied(model, version: str, dtype) -> dict:
             "lm_head": type(model.get_output_embeddings()).__name__}
 
 
-def main(runtime: str, path: str, tokens: str, out: str, dtype_name: str):
+GGUF_LINEAR = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+
+
+def run_llama_cpp(path: str, ids, text: str | None):
+    """llama.cpp's fp32 logits (W, T, vocab) of each window (a fresh context each), and what it applied: its
+    version, the ggml type of each decoder linear (gguf's reader), llama.cpp's tokenization of `text` (with BOS)."""
+    import os
+
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    t = ids.shape[1]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=t, n_batch=t, n_ubatch=t, logits_all=True, verbose=False,
+                          n_threads=os.cpu_count() or 1)
+    logits = []
+    for row in ids.tolist():
+        llm.reset()
+        llm.eval(row)
+        logits.append(np.array(llm.scores[:t], dtype=np.float32))
+    types = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors}
+    classes = Counter(kind for name, kind in types.items() if GGUF_LINEAR.match(name))
+    result = {"version": f"llama-cpp-python {llama_cpp.__version__}", "dtype": "float32", "kernels": dict(classes),
+              "linears": sum(classes.values()),
+              "quantized": sum(n for kind, n in classes.items() if kind not in ("F32", "F16", "BF16")),
+              "act_order_modules": 0, "lm_head": types.get("output.weight", types.get("token_embd.weight"))}
+    if text is not None:
+        result["tokens"] = llm.tokenize(text.encode(), add_bos=True, special=False)
+    llm.close()  # now, not in __del__ at exit (where llama-cpp-python 0.3's cleanup raises)
+    return np.stack(logits), result
+
+
+def main(runtime: str, path: str, tokens: str, out: str, dtype_name: str, text_file: str | None = None):
     try:
         import torch
         from safetensors.torch import load_file, save_file
     except ImportError as e:
         emit({"missing": e.name or "torch"}, 4)
+    if runtime == "llama.cpp":
+        text = open(text_file, encoding="utf-8").read() if text_file else None
+        try:
+            logits, result = run_llama_cpp(path, load_file(tokens)["ids"], text)
+        except ImportError as e:
+            emit({"missing": e.name or "llama_cpp"}, 4)
+        except Exception as e:  # llama.cpp refused the file (ValueError: "Failed to load model from file")
+            emit({"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}, 3)
+        save_file({"logits": torch.from_numpy(logits)}, out)
+        emit(result)
     dtype = getattr(torch, dtype_name)
     loader = {"transformers": load_transformers, "gptqmodel": load_gptqmodel}[runtime]
     try:
@@ -95,6 +139,6 @@ def main(runtime: str, path: str, tokens: str, out: str, dtype_name: str):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 6:
-        sys.exit("usage: python -I runtime_worker.py RUNTIME MODEL_DIR TOKENS OUT DTYPE")
+    if len(sys.argv) not in (6, 7):
+        sys.exit("usage: python -I runtime_worker.py RUNTIME MODEL_DIR|MODEL.gguf TOKENS OUT DTYPE [TEXT]")
     main(*sys.argv[1:])

@@ -73,7 +73,7 @@ def test_plugin_backend_returning_affine_linear_exports_to_the_affine_formats(re
 def test_plugin_backend_is_refused_by_the_bnb_format_before_any_work(registry, kernel_model_dir, tmp_path):
     registry.register("absmax-toy", AbsmaxConfig)(absmax_handler)
     with pytest.raises(quantkit.QuantkitError, match=r"--format bnb: cannot hold method absmax-toy: .*"
-                                                     r"use --format compressed-tensors, gptq$"):
+                                                     r"use --format compressed-tensors, gptq, gguf$"):
         quantize_checkpoint(kernel_model_dir, AbsmaxConfig(), tmp_path / "q", ExportOptions(format="bnb"), progress=False)
     assert not (tmp_path / "q").exists()
 
@@ -109,7 +109,7 @@ class OneFileFormat(CompressedTensorsFormat):
 
     name = "one-file"
 
-    def open_sink(self, directory, max_shard_size, metadata):
+    def open_sink(self, directory, max_shard_size, metadata, config):
         self.sink = Collect(directory)
         return self.sink
 

@@ -43,7 +43,7 @@ def eval_command(model, base, base_logits, save_logits, top_k, sensitivity, meth
         raise click.UsageError("--sensitivity and --method go together")
     if sensitivity is None and method_choice.given():
         raise click.UsageError("method options (--bits, --group-size, -O, ...) apply to --sensitivity only")
-    eval_windows = load_eval_data(model, data, output)
+    eval_windows = load_eval_data(model, data, output, base)
     if sensitivity:
         options.sensitivity = sensitivity_options(model, sensitivity, method_choice, calibration, data.seq_len,
                                                   options.device)

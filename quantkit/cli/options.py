@@ -13,7 +13,6 @@ import click
 from quantkit.calibrate.sources import SEQ_LEN
 from quantkit.dtypes import CHOICES
 from quantkit.errors import QuantkitError
-from quantkit.model.tokenizer import load_tokenizer
 from quantkit.run.calibrator import CalibrationOptions
 from quantkit.run.export import ExportOptions
 
@@ -288,16 +287,18 @@ def parse_tps(tps: tuple[str, ...]) -> list[int] | None:
         raise click.BadParameter(f"{', '.join(tps)}: give integers or 'auto'", param_hint="--tp") from None
 
 
-def load_eval_data(model, data: DatasetChoice, output: ReportChoice):
-    """The evaluation windows, once the report paths are known to be writable (fail before the work)."""
+def load_eval_data(model, data: DatasetChoice, output: ReportChoice, base=None):
+    """The evaluation windows, once the report paths are known to be writable (fail before the work); for a .gguf
+    (no tokenizer.model) tokenized by its base's tokenizer."""
     from quantkit.eval import eval_data
     from quantkit.eval.report import check_report_path
-    from quantkit.formats.reader import open_checkpoint
+    from quantkit.eval.compare import tokenizer_of
+    from quantkit.formats.reader import model_config
 
     for path in output.reports:
         check_report_path(path)
-    vocab_size = open_checkpoint(model).config.vocab_size  # ids the tokenizer gives beyond it are refused
-    return eval_data(load_tokenizer(model), data.dataset, seq_len=data.seq_len, stride=data.stride,
+    vocab_size = model_config(model).vocab_size  # ids the tokenizer gives beyond it are refused
+    return eval_data(tokenizer_of(model, base), data.dataset, seq_len=data.seq_len, stride=data.stride,
                      text_field=data.text_field, vocab_size=vocab_size)
 
 

@@ -14,7 +14,8 @@ from quantkit.run.export import ExportOptions
 
 @click.command()
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output directory (one file, OUT.gguf, for --format gguf).")
 @RECIPE_FLAG
 @method_options()
 @option_group("calibration", *LAYER_CALIBRATION_FLAGS, build=calibration_options)

@@ -1,5 +1,5 @@
 """Layer 3, on-disk quantized formats and their registry: compressed-tensors (pack-quantized), GPTQ (v1 and v2),
-bitsandbytes, and third-party formats; `base` (what a format is), `reader` (a quantized directory as a model:
+bitsandbytes, GGUF (one file, llama.cpp's), and third-party formats; `base` (what a format is), `reader` (a quantized directory as a model:
 `quantkit.load`), `verify`. Imports layers 0-2 and the backends beside it at rank 3; never a run, eval or the CLI.
 
 A third-party package adds a format through the entry-point group `quantkit.formats`: the entry point's
@@ -25,6 +25,7 @@ BUILT_IN = {  # name -> "module:class"
     "compressed-tensors": "quantkit.formats.compressed_tensors:CompressedTensorsFormat",
     "gptq": "quantkit.formats.autogptq:GPTQFormat",
     "bnb": "quantkit.formats.bnb:BnbFormat",
+    "gguf": "quantkit.formats.gguf:GGUFFormat",
 }
 
 

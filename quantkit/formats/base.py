@@ -12,6 +12,7 @@ the last dot-separated tensor suffix the format owns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,8 @@ from torch import nn
 from quantkit.quant.affine import AffineWeight, affine_scheme
 from quantkit.dtypes import FLOAT_DTYPES, dtype_name
 from quantkit.errors import QuantkitError
+from quantkit.io.files import atomic_dir, check_output_dir
+from quantkit.model.config import LlamaConfig
 from quantkit.model.save import copy_tokenizer_files
 from quantkit.model.layout import FUSED_SHARDS, local_name
 from quantkit.io.shards import ShardWriter
@@ -94,8 +97,23 @@ class QuantFormat:
 
     # -- the container --------------------------------------------------------------------------------
 
-    def open_sink(self, directory: Path, max_shard_size: int | str, metadata: dict[str, str]):
-        """Where the tensors go as they are produced: an object with add(name, tensor), close() and total_size."""
+    def refuses_model(self, config: LlamaConfig, tokenizer_dir: Path | None) -> str | None:
+        """Why this format cannot hold this model at all (its architecture, its tokenizer: one line), or None.
+        Judged before any work."""
+        return None
+
+    def check_output(self, out: Path, overwrite: bool, keep=()):
+        """Refuse, before any work, an output the container cannot be written to (QuantkitError, one line)."""
+        check_output_dir(out, overwrite, keep)
+
+    def container(self, out: Path, overwrite: bool, keep=()) -> contextlib.AbstractContextManager[Path]:
+        """The output's atomic temporary, moved into place when the block ends normally: a directory (atomic_dir; the
+        writer adds quantkit's manifest of it last); a single-file format yields a file (atomic_new_file)."""
+        return atomic_dir(out, overwrite, keep)
+
+    def open_sink(self, directory: Path, max_shard_size: int | str, metadata: dict[str, str], config: LlamaConfig):
+        """Where the tensors go as they are produced: an object with add(name, tensor), close() and total_size.
+        directory: what `container` yielded; config: the model's."""
         return ShardWriter(directory, max_shard_size, metadata=metadata)
 
     def finish(self, directory: Path, config_json: dict[str, Any], tokenizer_dir: Path | None,

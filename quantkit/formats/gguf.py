@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,12 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.io.files import atomic_file
+from quantkit.formats.base import QuantFormat, affine_of, refuses_non_affine
+from quantkit.io.files import atomic_new_file, check_output_dir
 from quantkit.model.config import LlamaConfig
 from quantkit.model.layout import is_decoder_linear
 from quantkit.model.llama import LlamaForCausalLM
-from quantkit.quant.affine import AffineWeight, trivial_g_idx
+from quantkit.quant.affine import AffineWeight, affine_scheme, trivial_g_idx
 from quantkit.quant.linear import AffineLinear
 
 BLOCK = 32  # weights per block of every type quantkit writes (ggml's QK4_0, QK4_1, QK8_0)
@@ -55,19 +57,26 @@ def import_gguf():
     return gguf
 
 
+def gguf_type_problem(bits: int, group_size: int, symmetric: bool, act_order: bool = False) -> str | None:
+    """Why GGUF cannot hold this scheme without a second rounding (one line naming the flags that would work), or
+    None."""
+    if HELD.get((bits, symmetric)) is not None and group_size == BLOCK and not act_order:
+        return None
+    got = (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} group size "
+           f"{'per channel' if group_size == -1 else group_size}{' with act-order groups' if act_order else ''}")
+    sym = "--sym" if bits == 8 or symmetric else "--sym or --asym"
+    return (f"{got} cannot go into GGUF without a second rounding: {WHAT_GGUF_HOLDS}; quantize "
+            f"with --bits {4 if bits != 8 else 8} --group-size 32 {sym}"
+            f"{' and without --act-order (or with --static-groups)' if act_order else ''}, "
+            f"e.g. quantkit quantize MODEL --method gptq --bits 4 --group-size 32 --sym --format gguf -o OUT.gguf")
+
+
 def gguf_type(bits: int, group_size: int, symmetric: bool, act_order: bool = False, name: str = "weight"):
     """The GGMLQuantizationType that holds this scheme exactly; a QuantkitError naming what would work otherwise."""
-    kind = HELD.get((bits, symmetric))
-    if kind is None or group_size != BLOCK or act_order:
-        got = (f"{bits}-bit {'symmetric' if symmetric else 'asymmetric'} group size "
-               f"{'per channel' if group_size == -1 else group_size}{' with act-order groups' if act_order else ''}")
-        sym = "--sym" if bits == 8 or symmetric else "--sym or --asym"
-        raise QuantkitError(f"{name}: {got} cannot go into GGUF without a second rounding: {WHAT_GGUF_HOLDS}; quantize "
-                            f"with --bits {4 if bits != 8 else 8} --group-size 32 {sym}"
-                            f"{' and without --act-order (or with --static-groups)' if act_order else ''}, "
-                            f"e.g. quantkit quantize MODEL --method gptq --bits 4 --group-size 32 --sym --format gguf "
-                            f"-o OUT.gguf")
-    return getattr(import_gguf().GGMLQuantizationType, kind)
+    problem = gguf_type_problem(bits, group_size, symmetric, act_order)
+    if problem is not None:
+        raise QuantkitError(f"{name}: {problem}")
+    return getattr(import_gguf().GGMLQuantizationType, HELD[(bits, symmetric)])
 
 
 def fp16_bytes(x: torch.Tensor) -> np.ndarray:
@@ -112,6 +121,14 @@ def permute_rows(rows: np.ndarray, heads: int) -> np.ndarray:
 RECIPE_KEY = "quantkit.recipe"  # quantkit's recipe (JSON) in the file's metadata
 
 
+def rope_problem(config: LlamaConfig) -> str | None:
+    """Why llama.cpp would not apply this model's rotary embedding (it reads none or linear scaling), or None."""
+    if config.rope_type in ("default", "linear"):
+        return None
+    return (f"rope_type {config.rope_type!r} has no GGUF encoding that llama.cpp applies to Llama (it reads none or "
+            f"linear): export this model to another --format")
+
+
 def add_llama(writer, config: LlamaConfig, file_type: int, recipe: dict[str, Any] | None = None):
     """The `llama.*` architecture keys and general keys convert_hf_to_gguf.py's LlamaModel writes, on a GGUFWriter."""
     gguf = import_gguf()
@@ -125,24 +142,25 @@ def add_llama(writer, config: LlamaConfig, file_type: int, recipe: dict[str, Any
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if config.head_dim * config.num_attention_heads != config.hidden_size:  # as the converter: head_dim stated
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    if rope_problem(config) is not None:
+        raise QuantkitError(rope_problem(config))
     if config.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_factor)
-    elif config.rope_type != "default":
-        raise QuantkitError(f"rope_type {config.rope_type!r} has no GGUF encoding that llama.cpp applies to Llama "
-                            f"(it reads none or linear): export this model to another --format")
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if recipe is not None:
         writer.add_string(RECIPE_KEY, json.dumps(recipe, sort_keys=True))
 
 
-def add_vocabulary(writer, tokenizer_dir: Path, vocab_size: int):
-    """tokenizer.model's pieces, scores and token types (gguf.vocab.SentencePieceVocab, added_tokens.json's tokens
-    after them), padded to the model's vocab_size as the converter pads ("[PAD{i}]", score -10000, unused); the
-    special token ids and add_bos/add_eos from the tokenizer's config files (gguf.SpecialVocab).
-
-    QuantkitError where the directory has no sentencepiece tokenizer.model, or more tokens than the embedding rows."""
+def gguf_vocabulary(tokenizer_dir: Path, vocab_size: int):
+    """(gguf.vocab.SentencePieceVocab, pieces, scores, token types) of tokenizer_dir's tokenizer.model (with
+    added_tokens.json's tokens after them), padded to the model's vocab_size as the converter pads ("[PAD{i}]", score
+    -10000, unused). QuantkitError where the directory has no sentencepiece tokenizer.model, or more tokens than the
+    embedding rows."""
     gguf = import_gguf()
     model = Path(tokenizer_dir) / "tokenizer.model"
     if not model.is_file():
@@ -164,6 +182,14 @@ def add_vocabulary(writer, tokenizer_dir: Path, vocab_size: int):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-10000.0)
         types.append(gguf.TokenType.UNUSED)
+    return vocab, tokens, scores, types
+
+
+def add_vocabulary(writer, tokenizer_dir: Path, vocab_size: int):
+    """The vocabulary (gguf_vocabulary) and the special token ids and add_bos/add_eos from the tokenizer's config
+    files (gguf.SpecialVocab) on a GGUFWriter, as convert_hf_to_gguf.py writes them for Llama 2."""
+    gguf = import_gguf()
+    vocab, tokens, scores, types = gguf_vocabulary(tokenizer_dir, vocab_size)
     writer.add_tokenizer_model(vocab.tokenizer_model)
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -172,74 +198,135 @@ def add_vocabulary(writer, tokenizer_dir: Path, vocab_size: int):
     gguf.SpecialVocab(Path(tokenizer_dir), n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
+def llama_problem(config: LlamaConfig, tokenizer_dir: Path | None) -> str | None:
+    """Why a GGUF llama.cpp runs cannot hold this model (its rotary embedding, its tokenizer), or None."""
+    if rope_problem(config) is not None:
+        return rope_problem(config)
+    if tokenizer_dir is None:
+        return "GGUF carries the model's vocabulary: give the directory with its sentencepiece tokenizer.model"
+    try:
+        gguf_vocabulary(tokenizer_dir, config.vocab_size)
+    except QuantkitError as e:
+        return str(e)
+    return None
+
+
 FLOAT_TYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
 FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16",
               "F32": "ALL_F32", "BF16": "MOSTLY_BF16"}
 
 
 def float_tensor(t: torch.Tensor, name: str) -> tuple[np.ndarray, Any]:
-    """(array, GGMLQuantizationType) of an unquantized tensor, in its own dtype (bf16 as its raw 16-bit words)."""
+    """(array, GGMLQuantizationType) of an unquantized tensor: a matrix in its own dtype (bf16 as its raw 16-bit
+    words), a vector (the norms' weights, biases) in F32 as the converter writes them (exact: fp16 and bf16 widen
+    without rounding)."""
     gguf = import_gguf()
     kind = FLOAT_TYPES.get(t.dtype)
     if kind is None:
         raise QuantkitError(f"{name}: a {t.dtype} tensor has no GGUF type: GGUF holds F16, BF16 and F32")
     t = t.detach().cpu().contiguous()
+    if t.dim() <= 1:
+        t, kind = t.float(), "F32"
     array = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
     return array, getattr(gguf.GGMLQuantizationType, kind)
 
 
-def gguf_tensors(model: nn.Module) -> Iterator[tuple[str, np.ndarray, Any]]:
-    """(GGUF name, array, GGMLQuantizationType) of every tensor of a quantkit Llama, in module order: AffineLinear
-    weights as blocks (gguf_blocks), the rest in their dtype; q_proj's and k_proj's rows permuted (permute_rows)."""
-    gguf = import_gguf()
-    config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    quantized = {name for name, m in model.named_modules() if isinstance(m, AffineLinear)}
-    for name, module in model.named_modules():
-        if name in quantized:
-            array, qtype = gguf_blocks(module.affine_weight(), name)
-            tensors = [(name + ".weight", array, qtype)]
+def block_tensors(name: str, w: AffineWeight) -> dict[str, torch.Tensor]:
+    """One quantized linear's blocks (gguf_blocks) as a uint8 tensor named for its type: `name.q4_0`, `name.q4_1` or
+    `name.q8_0` (what the GGUF format exports and GGUFSink turns into `name.weight` of that type)."""
+    blocks, qtype = gguf_blocks(w, name)
+    return {f"{name}.{qtype.name.lower()}": torch.from_numpy(blocks)}
+
+
+class GGUFSink:
+    """The tensors of a Llama, in transformers' names as quantkit exports them, into one GGUF file (`path`) through
+    gguf's GGUFWriter: blocks (`block_tensors`) keep their type, float tensors go in as float_tensor says, llama.cpp's
+    names (gguf's TensorNameMap), q_proj's and k_proj's rows permuted (permute_rows), lm_head skipped where the
+    embedding is tied. The data are spooled as they come to an anonymous file beside `path` (never in memory or /tmp:
+    a 70B's would not fit); `finish` writes the header, the metadata and the vocabulary, then copies the data after
+    them. The add / close / total_size of every format's sink."""
+
+    def __init__(self, path: Path, config: LlamaConfig):
+        gguf = import_gguf()
+        self.path, self.config, self.total_size = Path(path), config, 0
+        self.names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+        self.quantized = {t.name.lower(): t for t in map(gguf.GGMLQuantizationType.__getitem__, HELD.values())}
+        self.types: list[str] = []  # of the quantized tensors, for the file type
+        self.writer = gguf.GGUFWriter(None, "llama", use_temp_file=True)
+        self.writer.temp_file = tempfile.TemporaryFile(dir=self.path.parent)  # GGUFWriter spools tensors there
+
+    def add(self, name: str, tensor: torch.Tensor):
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return
+        module, _, suffix = name.rpartition(".")
+        qtype = self.quantized.get(suffix)
+        if qtype is not None:
+            name, array = module + ".weight", tensor.numpy()
+            self.types.append(qtype.name)
         else:
-            tensors = [(f"{name}.{key}", *float_tensor(t, f"{name}.{key}"))
-                       for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-                       if key in ("weight", "bias")]
-        for full, array, qtype in tensors:
-            if full == "lm_head.weight" and config.tie_word_embeddings:
-                continue
-            gguf_name = names.get_name(full, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise QuantkitError(f"{full}: no llama.cpp tensor name for it (GGUF holds Llama's own tensors only)")
-            heads = _permuted_heads(full, config)
-            if heads:
-                array = permute_rows(array, heads)
-            yield gguf_name, np.ascontiguousarray(array), qtype
+            array, qtype = float_tensor(tensor, name)
+        gguf_name = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise QuantkitError(f"{name}: no llama.cpp tensor name for it (GGUF holds Llama's own tensors only)")
+        heads = _permuted_heads(name, self.config)
+        array = np.ascontiguousarray(permute_rows(array, heads) if heads else array)
+        self.writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+        self.total_size += array.nbytes
+
+    def close(self) -> list[str]:
+        return [self.path.name]
+
+    def file_type(self):
+        """llama.cpp's general.file_type: the most common quantized type, else the embedding's float type."""
+        gguf = import_gguf()
+        kinds = self.types or [self.writer.tensors[0]["token_embd.weight"].dtype.name]
+        return getattr(gguf.LlamaFileType, FILE_TYPES[max(set(kinds), key=kinds.count)])
+
+    def finish(self, tokenizer_dir: Path | None, recipe: dict[str, Any] | None):
+        """Header, metadata (add_llama), vocabulary (add_vocabulary) and the spooled tensors, into `path`."""
+        add_llama(self.writer, self.config, self.file_type(), recipe)
+        if tokenizer_dir is not None:
+            add_vocabulary(self.writer, Path(tokenizer_dir), self.config.vocab_size)
+        self.writer.write_header_to_file(self.path)
+        self.writer.write_kv_data_to_file()
+        self.writer.write_tensors_to_file()
+        self.writer.close()
 
 
 def write_gguf(model: nn.Module, path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-               recipe: dict[str, Any] | None = None) -> Path:
-    """Write a quantkit Llama (quantized in memory, AffineLinear weights in a scheme gguf_type holds) to one .gguf
-    file, atomically: the llama.* metadata (add_llama), the vocabulary of `tokenizer_dir` (add_vocabulary), and every
-    tensor (gguf_tensors), through gguf's GGUFWriter. QuantkitError (one line) for a path that is a directory, a
-    scheme GGUF cannot hold or a tokenizer it cannot carry; nothing is left at `path` then."""
-    gguf = import_gguf()
+               recipe: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a quantkit Llama to one .gguf file, atomically: AffineLinear weights as blocks (a scheme gguf_type
+    holds), everything else as float_tensor says (so an unquantized model gives an F16, BF16 or F32 GGUF), the llama.*
+    metadata and the vocabulary of `tokenizer_dir`, through GGUFSink. QuantkitError (one line) for a path that is a
+    directory or exists (unless overwrite), a scheme GGUF cannot hold or a tokenizer it cannot carry; nothing is
+    written then. (A quantized model also goes through quantkit.save_quantized(model, path, format="gguf").)"""
     path = Path(path)
+    check_gguf_path(path)
+    quantized = {name for name, m in model.named_modules() if isinstance(m, AffineLinear)}
+    with atomic_new_file(path, overwrite, keep=[tokenizer_dir]) as tmp:
+        sink = GGUFSink(tmp, model.config)
+        for name, module in model.named_modules():
+            if name in quantized:
+                tensors = block_tensors(name, module.affine_weight())
+            elif not any(name.startswith(q + ".") for q in quantized):
+                tensors = {f"{name}.{key}": t for key, t in [*module.named_parameters(recurse=False),
+                                                             *module.named_buffers(recurse=False)]
+                           if key in ("weight", "bias")}
+            else:
+                tensors = {}
+            for tensor_name, t in tensors.items():
+                sink.add(tensor_name, t)
+        sink.finish(Path(tokenizer_dir) if tokenizer_dir is not None else None, recipe)
+    return path
+
+
+def check_gguf_path(path: Path):
+    """A GGUF output is one file named *.gguf (what quantkit.load and verify recognize): QuantkitError otherwise."""
     if path.is_dir():
         raise QuantkitError(f"{path}: is a directory: GGUF is one file; give a file name such as {path / 'model.gguf'}")
-    tensors = list(gguf_tensors(model))
-    kinds = [qtype.name for _, _, qtype in tensors if qtype.name in HELD.values()]
-    main = max(set(kinds), key=kinds.count) if kinds else next(q.name for n, _, q in tensors if n == "token_embd.weight")
-    with atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, "llama", use_temp_file=True)
-        add_llama(writer, model.config, getattr(gguf.LlamaFileType, FILE_TYPES[main]), recipe)
-        if tokenizer_dir is not None:
-            add_vocabulary(writer, Path(tokenizer_dir), model.config.vocab_size)
-        for name, array, qtype in tensors:
-            writer.add_tensor(name, array, raw_dtype=qtype)
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return path
+    if path.suffix != ".gguf":
+        raise QuantkitError(f"{path}: a GGUF file's name ends in .gguf (quantkit load and verify know it by that): "
+                            f"use {path.with_name(path.name + '.gguf')}")
 
 
 def gguf_value(reader, key: str, default: Any = None) -> Any:
@@ -267,6 +354,16 @@ def config_of_gguf(reader, path: Path) -> LlamaConfig:
                        head_dim=key("rope.dimension_count"), max_position_embeddings=key("context_length"),
                        rms_norm_eps=key("attention.layer_norm_rms_epsilon"), rope_theta=key("rope.freq_base", 1e4),
                        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors), **rope)
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether `path` names a GGUF model (a file named *.gguf), which quantkit reads with this module."""
+    return Path(path).suffix == ".gguf" and Path(path).is_file()
+
+
+def gguf_config(path: str | os.PathLike) -> LlamaConfig:
+    """The LlamaConfig of a Llama GGUF (its llama.* keys); QuantkitError (one line) otherwise."""
+    return _open_llama(Path(path))[0]
 
 
 def _open_llama(path: Path):
@@ -387,12 +484,27 @@ def affine_of_blocks(raw: np.ndarray, qtype, rows: int, cols: int) -> AffineWeig
                         symmetric=True)
 
 
+def gguf_recipe(path: str | os.PathLike, reader=None):
+    """The Recipe in the file's quantkit.recipe key (a GGUF quantkit wrote), or None."""
+    from quantkit.backends.recipe import Recipe
+
+    reader = reader if reader is not None else _open_llama(Path(path))[1]
+    recipe_json = gguf_value(reader, RECIPE_KEY)
+    return Recipe.from_dict(json.loads(recipe_json), source=str(path)) if recipe_json else None
+
+
+def gguf_tensor_types(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """transformers' name -> (ggml type name, bytes stored) of every tensor of a Llama GGUF."""
+    path = Path(path)
+    config, reader = _open_llama(path)
+    return {name: (t.tensor_type.name, int(t.n_bytes)) for name, t in _stored(path, reader, config)}
+
+
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> LlamaForCausalLM:
     """A Llama GGUF as a native model: Q4_0 and Q8_0 decoder linears as AffineLinear modules holding the file's
     integers and scales exactly (recorded as `rtn` of that scheme, or the config of the file's quantkit.recipe),
     every other tensor decoded by gguf's dequantizer into `dtype`; q_proj's and k_proj's rows back in transformers'
     order. QuantkitError (one line) for a file that is not a Llama GGUF."""
-    from quantkit.backends.recipe import Recipe
     from quantkit.backends.rtn import RTNConfig
     from quantkit.model.checkpoint import set_tensor
     from quantkit.quant.record import QuantRecord
@@ -400,8 +512,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Ll
 
     path = Path(path)
     config, reader = _open_llama(path)
-    recipe_json = gguf_value(reader, RECIPE_KEY)
-    recipe = Recipe.from_dict(json.loads(recipe_json), source=str(path)) if recipe_json else None
+    recipe = gguf_recipe(path, reader)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     for name, t in _stored(path, reader, config):
@@ -422,3 +533,57 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Ll
     model.quant_recipe = recipe.to_dict() if recipe is not None else None
     model.tie_weights()
     return model.eval().requires_grad_(False)
+
+
+class GGUFFormat(QuantFormat):
+    """`--format gguf`: one .gguf file llama.cpp runs (and ollama, LM Studio): quantkit's AffineWeights in ggml's
+    Q4_0 / Q4_1 / Q8_0 blocks with their own integers (gguf_blocks), everything else in F16/BF16/F32 (float_tensor),
+    llama.cpp's converter's metadata and vocabulary. Its container is the file itself (atomic_new_file; GGUFSink
+    spools the tensors beside it); quantkit reads it back with quantkit.load and checks it with quantkit verify."""
+
+    name = "gguf"
+
+    def refuses_config(self, config: Any) -> str | None:
+        scheme = affine_scheme(config)
+        if scheme is None:
+            return (f"{config.method} has no integer-affine scheme (bits, group_size): GGUF holds quantkit's "
+                    f"4- and 8-bit group-32 weights (rtn, gptq, awq, int4)")
+        return gguf_type_problem(scheme.bits, scheme.group_size, scheme.symmetric,
+                                 scheme.act_order and not scheme.static_groups)
+
+    def refuses_module(self, module: nn.Module) -> str | None:
+        reason = refuses_non_affine(module, self.name)
+        if reason is not None:
+            return reason
+        w = module.affine_weight()
+        return gguf_type_problem(w.bits, w.group_size, w.symmetric, not trivial_g_idx(w.g_idx, w.group_size))
+
+    def refuses_model(self, config: LlamaConfig, tokenizer_dir: Path | None) -> str | None:
+        return llama_problem(config, tokenizer_dir)
+
+    def layout_warnings(self, configs: dict[str, Any], ignored: list[str]) -> list[str]:
+        return []  # llama.cpp runs each tensor in its own type: any mix of Q4_0, Q4_1, Q8_0 and float
+
+    def check_output(self, out: Path, overwrite: bool, keep=()):
+        check_gguf_path(out)
+        check_output_dir(out, overwrite, keep)
+
+    def container(self, out: Path, overwrite: bool, keep=()):
+        return atomic_new_file(out, overwrite, keep)
+
+    def export_module(self, name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        return block_tensors(name, affine_of(name, module, self))
+
+    def quantization_config(self, configs: dict[str, Any], ignored: list[str]) -> dict[str, Any]:
+        return {"quant_method": self.name}  # a GGUF has no config.json: the file's own keys say it all
+
+    @classmethod
+    def matches(cls, quantization_config: dict[str, Any]) -> bool:
+        return quantization_config.get("quant_method") == cls.name
+
+    def open_sink(self, directory: Path, max_shard_size: int | str, metadata: dict[str, str], config: LlamaConfig):
+        self.sink = GGUFSink(directory, config)
+        return self.sink
+
+    def finish(self, directory: Path, config_json: dict[str, Any], tokenizer_dir: Path | None, errors: list[dict]):
+        self.sink.finish(Path(tokenizer_dir) if tokenizer_dir is not None else None, config_json["quantkit"]["recipe"])

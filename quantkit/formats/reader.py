@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 from quantkit.dtypes import parse_dtype
 from quantkit.errors import QuantkitError
 from quantkit.formats.base import raise_first, shape_problems
+from quantkit.formats.gguf import gguf_config, is_gguf, load_gguf
 from quantkit.io.manifest import check_intact
 from quantkit.model.checkpoint import Checkpoint
 from quantkit.model.build import build_model, check_device, ready_for_inference
@@ -80,6 +80,11 @@ def open_checkpoint(path: str | os.PathLike) -> QuantizedCheckpoint:
     return QuantizedCheckpoint(path)
 
 
+def model_config(path: str | os.PathLike):
+    """The LlamaConfig of a model directory (config.json) or a .gguf file (its llama.* keys)."""
+    return gguf_config(path) if is_gguf(path) else open_checkpoint(path).config
+
+
 def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
     """A dense or quantized checkpoint as a native model; quantized modules run on their kernels.
 
@@ -87,8 +92,7 @@ def load_model(path: str | os.PathLike, dtype=None, device: str | torch.device =
     (NaN or non-positive scales, a broken group map), are refused with the file named.
     """
     device = check_device(device)
-    if Path(path).suffix == ".gguf" and Path(path).is_file():  # one file, llama.cpp's (quantkit.formats.gguf)
-        from quantkit.formats.gguf import load_gguf
+    if is_gguf(path):  # one file, llama.cpp's
         return load_gguf(path, parse_dtype(dtype) or torch.float16).to(device)
     ckpt = open_checkpoint(path)
     check_intact(ckpt.dir)

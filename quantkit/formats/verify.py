@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf import is_gguf, verify_gguf
 from quantkit.formats.reader import QuantizedCheckpoint, open_checkpoint
 from quantkit.io.manifest import MANIFEST_FILE, manifest_problems, read_manifest
 from quantkit.model.hub import resolve_model_dir
@@ -54,8 +55,7 @@ class VerifyReport:
 def verify_dir(path: str | os.PathLike) -> VerifyReport:
     """Check a model directory (dense or quantized) against its manifest, its config.json and its format; or a .gguf
     file against its own header (quantkit.formats.gguf.verify_gguf: GGUF has no checksums)."""
-    if Path(path).suffix == ".gguf" and Path(path).is_file():
-        from quantkit.formats.gguf import verify_gguf  # gguf is imported only for GGUF files
+    if is_gguf(path):
         tensors, problems = verify_gguf(Path(path))
         return VerifyReport(str(path), manifest=False, tensors=tensors, problems=problems)
     directory = resolve_model_dir(path)

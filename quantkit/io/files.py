@@ -1,7 +1,7 @@
 """Atomic writes, the one home for them: a file or a directory appears complete, or not at all.
 
-Everything quantkit writes goes through `atomic_file` (reports, caches, saved log-probs) or
-`atomic_dir` (model directories): the content is written under a hidden temporary name in the
+Everything quantkit writes goes through `atomic_file` (reports, caches, saved log-probs; `atomic_new_file` for a
+model that is one file) or `atomic_dir` (model directories): the content is written under a hidden temporary name in the
 destination's own directory (so the final rename never crosses a filesystem), flushed to disk, and
 `os.replace`d into place. On any exception, on Ctrl-C and on SIGTERM (what schedulers and `kill`
 send; turned into `Terminated` while a write is open) the temporary is removed and an existing
@@ -256,6 +256,21 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, keep=()):
     if out.exists() and not overwrite:
         raise QuantkitError(f"{out}: already exists: choose another output or pass --force to replace it")
     check_writable(out, make_parents=True)
+
+
+@contextlib.contextmanager
+def atomic_new_file(out: str | os.PathLike, overwrite: bool = False, keep=()) -> Iterator[Path]:
+    """atomic_file for an output that is one file (a .gguf model): refused before anything is written as
+    check_output_dir refuses a directory (an existing `out` unless overwrite, the source, an unwritable place), its
+    parents made; an existing `out` is replaced only once the new file is complete."""
+    out = Path(out)
+    check_output_dir(out, overwrite, keep)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out, e) from None
+    with atomic_file(out) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ import torch
 from quantkit.backends import BACKENDS, QuantConfig, Recipe, needs_calibration, runnable_recipe
 from quantkit.dtypes import parse_dtype
 from quantkit.errors import QuantkitError
-from quantkit.run.export import ExportOptions, planned_format
+from quantkit.run.export import ExportOptions, check_target, planned_format
 from quantkit.formats import QuantFormat
 from quantkit.backends.gptq.solver import inverse_hessian_cholesky
 from quantkit.io.files import check_output_dir, human_bytes, nearest_existing
@@ -376,6 +376,8 @@ def make_plan(model: str | os.PathLike, config: QuantConfig | Recipe, export: Ex
         check_output_dir(out_dir, overwrite=True, keep=[source.dir])
     recipe = runnable_recipe(config, ignore, calibrated=True)
     fmt, _ = planned_format(recipe, source.config, export.format)  # as quantize judges it, before its work
+    if source.dir is not None:  # a preset has no tokenizer to judge
+        check_target(fmt, out_dir, True, source.config, source.dir, keep=[source.dir])
     dtype = parse_dtype(export.dtype, "--dtype") or source.stored_dtype
     calib_dtype, device = None, torch.device("cpu")
     if needs_calibration(recipe):

@@ -203,7 +203,9 @@ class AffineLinear(nn.Module):
 def arithmetic(model: nn.Module) -> str:
     """How a model's quantized linears compute, for reports: e.g. 'dequantized weights, float32 matmul (28
     linears)', or several such parts joined by '; '. Modules other than AffineLinear are named by their class;
-    a model with no quantized linear is 'dense'."""
+    a model with no quantized linear is 'dense'; a model of another runtime (eval.llamacpp) says it itself."""
+    if callable(getattr(model, "runtime_arithmetic", None)):
+        return model.runtime_arithmetic()
     counts = Counter(m.arithmetic() if isinstance(m, AffineLinear) else type(m).__name__
                      for m in model.modules() if getattr(m, "quant_record", None) is not None)
     if not counts:

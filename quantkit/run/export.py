@@ -1,7 +1,7 @@
 """Writing quantized models: pick the format, turn modules into its tensors, write the directory.
 
 The in-memory path (`save_quantized(model, ...)`) and the streaming pipeline share one write path,
-`quantized_writer`: an atomic directory, the format's sink for the tensors (its container: sharded
+`quantized_writer`: the format's atomic container (a directory; one file for GGUF), its sink for the tensors (its container: sharded
 safetensors by default), `module_tensors` for each module or layer, and the format's `finish` for
 config.json and the rest. So a layer is exported the same way whichever way it was quantized, and a
 format with another container (one file) plugs in without touching the pipeline.
@@ -27,7 +27,6 @@ from quantkit.backends.registry import distinct_configs
 from quantkit.dtypes import dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
 from quantkit.formats import QuantFormat, format_names, get_format
-from quantkit.io.files import atomic_dir
 from quantkit.io.manifest import write_manifest
 from quantkit.io.shards import SHARD_SIZE
 from quantkit.model.config import LlamaConfig
@@ -84,6 +83,18 @@ def planned_format(recipe: Recipe, config: LlamaConfig, name: str | None = None
     fmt = choose_format((c for c in assignment.values() if c is not None), name)
     check_layout(fmt, assignment)
     return fmt, assignment
+
+
+def check_target(fmt: QuantFormat, out: str | os.PathLike | None, overwrite: bool, config: LlamaConfig,
+                 tokenizer_dir: str | os.PathLike | None, keep=()):
+    """Refuse, before any work, a model the format cannot hold (its refuses_model: architecture, tokenizer) and an
+    output its container cannot be written to (its check_output; not judged where `out` is None)."""
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    reason = fmt.refuses_model(config, tokenizer_dir)
+    if reason is not None:
+        raise QuantkitError(f"--format {fmt.name}: {reason}")
+    if out is not None:
+        fmt.check_output(Path(out), overwrite, keep)
 
 
 def check_layout(fmt: QuantFormat, assignment: dict[str, QuantConfig | None]):
@@ -242,9 +253,11 @@ class ExportWriter:
 @contextlib.contextmanager
 def quantized_writer(out_dir: str | os.PathLike, fmt: QuantFormat, options: ExportOptions, config: LlamaConfig,
                      recipe: dict[str, Any] | None, dtype: torch.dtype, tokenizer_dir) -> Iterator[ExportWriter]:
-    """The one write path: an ExportWriter into an atomic directory, finished by the format when the block ends."""
-    with atomic_dir(out_dir, options.overwrite, keep=[tokenizer_dir]) as tmp:
-        writer = ExportWriter(fmt, fmt.open_sink(tmp, options.max_shard_size, shard_metadata(fmt, recipe)), config)
+    """The one write path: an ExportWriter into the format's atomic container (a directory, or one file), finished
+    by the format when the block ends."""
+    with fmt.container(Path(out_dir), options.overwrite, keep=[tokenizer_dir]) as tmp:
+        sink = fmt.open_sink(tmp, options.max_shard_size, shard_metadata(fmt, recipe), config)
+        writer = ExportWriter(fmt, sink, config)
         yield writer
         writer.sink.close()
         if writer.record.tp_problem is not None:
@@ -253,7 +266,8 @@ def quantized_writer(out_dir: str | os.PathLike, fmt: QuantFormat, options: Expo
                         config.pretraining_tp, writer.record.tp_problem)
         config_json = quantized_config_json(config, fmt, writer.record, recipe, dtype)
         fmt.finish(tmp, config_json, tokenizer_dir, [asdict(r) for r in writer.reports])
-        write_manifest(tmp)  # last: it covers every file the format wrote
+        if tmp.is_dir():
+            write_manifest(tmp)  # last: it covers every file the format wrote
 
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, options: ExportOptions | None = None,
@@ -275,6 +289,7 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, options: Export
     skip = ["lm_head.weight"] if model.config.tie_word_embeddings else []
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else getattr(model, "source_dir", None)
     recipe = getattr(model, "quant_recipe", None)
+    check_target(fmt, out_dir, options.overwrite, model.config, tokenizer_dir, keep=[tokenizer_dir])
     with quantized_writer(out_dir, fmt, options, model.config, recipe, dtype, tokenizer_dir) as writer:
         writer.write(model, skip=skip)
     return Path(out_dir)

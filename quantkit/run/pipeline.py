@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from quantkit.backends import QuantConfig, Recipe, needs_calibration, quantize, runnable_recipe
 from quantkit.dtypes import dtype_name, parse_dtype
 from quantkit.errors import QuantkitError
-from quantkit.run.export import ExportOptions, ExportWriter, planned_format, quantized_writer
-from quantkit.io.files import DiskFull, Terminated, check_output_dir, terminate_as_exception
+from quantkit.run.export import ExportOptions, ExportWriter, check_target, planned_format, quantized_writer
+from quantkit.io.files import DiskFull, Terminated, terminate_as_exception
 from quantkit.run.calibrator import CalibrationOptions, LayerCalibrator, calibration_tensor
 from quantkit.formats.reader import open_checkpoint
 from quantkit.model.layout import layer_prefix
@@ -81,9 +81,9 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     if resume and not export.overwrite and Path(out_dir).exists() and not work_dir_of(out_dir).exists():
         raise QuantkitError(f"{out_dir}: already complete, and no interrupted run is left beside it: nothing to "
                             f"--resume (pass --force without --resume to quantize it again)")
-    check_output_dir(out_dir, export.overwrite, keep=[ckpt.dir])  # before calibration data is fetched
     recipe = runnable_recipe(config, ignore, calibrated=calibration is not None)  # checked before any work
     fmt, _ = planned_format(recipe, ckpt.config, export.format)  # patterns, format and layout: before any work
+    check_target(fmt, out_dir, export.overwrite, ckpt.config, ckpt.dir, keep=[ckpt.dir])  # the output, too
     dtype = parse_dtype(export.dtype, "--dtype") or ckpt.output_dtype()  # never a silent cast of the source
     recipe_dict = recipe.to_dict()
     work = WorkDir(out_dir, ckpt.config.num_hidden_layers)

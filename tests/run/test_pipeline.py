@@ -171,7 +171,7 @@ def test_group_size_that_does_not_divide(kernel_model_dir, tmp_path):
 
 
 def test_format_that_cannot_hold_the_method(kernel_model_dir, tmp_path):
-    with pytest.raises(QuantkitError, match=r"--format bnb: cannot hold method int4: it holds bitsandbytes modules .*: use --format compressed-tensors, gptq$"):
+    with pytest.raises(QuantkitError, match=r"--format bnb: cannot hold method int4: it holds bitsandbytes modules .*: use --format compressed-tensors, gptq, gguf$"):
         quantize_checkpoint(kernel_model_dir, Int4Config(32), tmp_path / "q", ExportOptions(format="bnb"), progress=False)
 
 

@@ -548,8 +548,7 @@ class GGUFFormat(QuantFormat):
         if scheme is None:
             return (f"{config.method} has no integer-affine scheme (bits, group_size): GGUF holds quantkit's "
                     f"4- and 8-bit group-32 weights (rtn, gptq, awq, int4)")
-        return gguf_type_problem(scheme.bits, scheme.group_size, scheme.symmetric,
-                                 scheme.act_order and not scheme.static_groups)
+        return gguf_type_problem(scheme.bits, scheme.group_size, scheme.symmetric, scheme.scattered_groups)
 
     def refuses_module(self, module: nn.Module) -> str | None:
         reason = refuses_non_affine(module, self.name)

@@ -2,6 +2,7 @@
 pipeline and save_quantized): one file that loads back with the same quantized linears, and every input GGUF cannot
 take refused before any work, in one line, with nothing written."""
 
+import json
 import shutil
 
 import gguf
@@ -83,6 +84,10 @@ def refusals(tmp_path, src):
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(src, no_tokenizer)
     (no_tokenizer / "tokenizer.model").unlink()
+    not_llama = tmp_path / "not-llama"
+    shutil.copytree(src, not_llama)
+    config = json.loads((not_llama / "config.json").read_text())
+    (not_llama / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     (tmp_path / "a-dir").mkdir()
     gguf_out = tmp_path / "m.gguf"
     return [
@@ -95,10 +100,11 @@ def refusals(tmp_path, src):
         (src, RTN_W4, tmp_path / "a-dir", "is a directory: GGUF is one file"),
         (src, RTN_W4, tmp_path / "m.bin", "ends in .gguf"),
         (no_tokenizer, RTN_W4, gguf_out, "no tokenizer.model"),
+        (not_llama, RTN_W4, gguf_out, "not 'llama': quantkit reads Llama 2 checkpoints only"),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 @pytest.mark.parametrize("command", ["quantize", "plan"])
 def test_what_gguf_cannot_hold_is_refused_before_any_work(kernel_model_dir, tmp_path, case, command):
     src, flags, out, needle = refusals(tmp_path, kernel_model_dir)[case]

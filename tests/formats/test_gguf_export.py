@@ -88,6 +88,7 @@ def refusals(tmp_path, src):
     shutil.copytree(src, not_llama)
     config = json.loads((not_llama / "config.json").read_text())
     (not_llama / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    (not_llama / "quantkit_manifest.json").unlink()  # a checkpoint as the hub has it
     (tmp_path / "a-dir").mkdir()
     gguf_out = tmp_path / "m.gguf"
     return [

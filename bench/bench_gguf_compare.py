@@ -2,7 +2,8 @@
 
 For MODEL (a Llama 2 directory, fp16):
   - F16: quantkit.formats.gguf.write_gguf of the fp16 model (the base llama.cpp quantizes from);
-  - llama.cpp Q4_0 and Q4_K_M: llama.cpp's own quantizer (llama_cpp.llama_model_quantize) from that F16 GGUF;
+  - llama.cpp Q4_0 and Q4_K_M: llama.cpp's own quantizer (llama_cpp.llama_model_quantize) from that F16 GGUF, as it
+    comes (the embedding and output quantized too) and with both kept in F16, as quantkit keeps them;
   - quantkit RTN / GPTQ / AWQ / AWQ+GPTQ at 4 bits, group 32, symmetric: `quantkit quantize ... --format gguf` (Q4_0),
     calibrated on --calib (the same windows for each);
 then one `quantkit compare MODEL *.gguf` on --dataset (every .gguf run by llama-cpp-python), printed as a table:
@@ -35,12 +36,16 @@ CALIBRATED = {  # name -> quantize flags (all Q4_0)
 }
 
 
-def llama_cpp_quantize(src: Path, dst: Path, kind: str) -> Path:
-    """llama.cpp's quantizer (llama_model_quantize, its `llama-quantize`), from the F16 GGUF, at `kind`."""
+def llama_cpp_quantize(src: Path, dst: Path, kind: str, f16_embeddings: bool = False) -> Path:
+    """llama.cpp's quantizer (llama_model_quantize, its `llama-quantize`), from the F16 GGUF, at `kind`; by default it
+    quantizes the embedding (as `kind`) and the output (Q6_K) too, f16_embeddings keeps both in F16 as quantkit does
+    (llama-quantize's --token-embedding-type f16 --output-tensor-type f16)."""
     llama_cpp = import_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
     params.nthread = 2
+    if f16_embeddings:
+        params.token_embedding_type = params.output_tensor_type = llama_cpp.GGML_TYPE_F16
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
         sys.exit(f"llama.cpp's quantizer failed on {src} -> {kind}")
     return dst
@@ -70,9 +75,12 @@ def main():
         f16 = write_gguf(quantkit.load(model, dtype="fp16"), tmp / "f16.gguf", model)
         files, seconds = {"F16": f16}, {}
         for kind in ("Q4_0", "Q4_K_M"):
-            start = time.perf_counter()
-            files[f"llama.cpp {kind}"] = llama_cpp_quantize(f16, tmp / f"llama-cpp-{kind}.gguf", kind)
-            seconds[f"llama.cpp {kind}"] = time.perf_counter() - start
+            for f16_embeddings in (False, True):
+                name = f"llama.cpp {kind}{', F16 embeddings' if f16_embeddings else ''}"
+                start = time.perf_counter()
+                files[name] = llama_cpp_quantize(f16, tmp / f"llama-cpp-{kind}-{f16_embeddings}.gguf", kind,
+                                                 f16_embeddings)
+                seconds[name] = time.perf_counter() - start
         for name, flags in CALIBRATED.items():
             out = tmp / (name.replace(" ", "-").replace("+", "-") + ".gguf")
             calibration = () if "rtn" in flags else ("--calib", calib, "--n-samples", a.n_samples, "--seq-len",

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+import quantkit.dist as dist
 from quantkit.eval.data import EvalData, Window
 from quantkit.eval.fidelity import TopK, compress
 from quantkit.eval.runner import window_logprobs
@@ -76,23 +78,53 @@ def save_base_logits(model, tokenizer, data: EvalData, path: str | os.PathLike, 
                 "top_k": str(top_k or 0), "vocab_size": str(model.config.vocab_size),
                 "tokenizer": tokenizer.fingerprint(), "dataset": json.dumps(data.describe()),
                 "model": json.dumps(model_info or {})}
-    # ShardWriter streams (a spool file, then header + spool into one shard file) in a scratch directory
-    # beside `path`; the finished shard becomes atomic_file's temporary, which replaces `path` on success.
-    # On an exception or SIGTERM both the scratch directory and the temporary are removed.
+    needed = 2 * saved_bytes(data, model.config.vocab_size, top_k)
+    windows = ((f"{w.start}.{key}", value) for w, lp in window_logprobs(model, data, batch_size, progress,
+                                                                       desc="base logits", shard=True)
+               for key, value in encode(lp, data.targets(w), top_k).items())
+    if dist.world_size() == 1:
+        return _write_one_file(path, windows, metadata, needed)
+    # under torchrun: each rank writes its windows to its own part beside `path`, then rank 0 joins the parts
+    parts = path.parent / dist.broadcast_from_main(f".{path.name}.quantkit-parts-{os.getpid()}")
+    try:
+        dist.collective(lambda: _write_one_file(parts / f"part-{dist.rank()}.qkl", windows, metadata, needed, True))
+        if dist.is_main():
+            _write_one_file(path, _part_tensors(sorted(parts.glob("part-*.qkl"))), metadata, needed)
+        dist.collective(lambda: None)  # the file is complete before any rank goes on
+    finally:
+        if dist.is_main():
+            shutil.rmtree(parts, ignore_errors=True)
+    return path
+
+
+def _write_one_file(path: Path, tensors, metadata: dict[str, str], needed: int, make_parent: bool = False) -> Path:
+    """(name, tensor) pairs into one safetensors file at `path`, atomically: ShardWriter streams (a spool file, then
+    header + spool into one shard file) in a scratch directory beside `path`; the finished shard becomes
+    atomic_file's temporary, which replaces `path` on success. On an exception or SIGTERM both the scratch directory
+    and the temporary are removed. A full disk is a DiskFull naming `needed` bytes."""
+    if make_parent:
+        path.parent.mkdir(exist_ok=True)
     with atomic_file(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
         writer = ShardWriter(scratch, max_shard_size=2**62, metadata=metadata)  # one file, spooled to disk
         try:
-            for window, lp in window_logprobs(model, data, batch_size, progress, desc="base logits"):
-                for key, value in encode(lp, data.targets(window), top_k).items():
-                    writer.add(f"{window.start}.{key}", value.contiguous())
+            for name, value in tensors:
+                writer.add(name, value.contiguous())
             (name,) = writer.close()
         except OSError as e:
             if not is_disk_full(e):
                 raise
-            raise DiskFull(path, writer.total_size, 2 * saved_bytes(data, model.config.vocab_size, top_k),
+            raise DiskFull(path, writer.total_size, needed,
                            fix="free space, save it elsewhere, or use --top-k (about 8 bytes per kept token)") from None
         os.replace(Path(scratch) / name, tmp)
     return path
+
+
+def _part_tensors(parts: list[Path]):
+    """Every tensor of the ranks' part files, part after part."""
+    for part in parts:
+        with safe_open(part, "pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
 
 
 def saved_bytes(data: EvalData, vocab_size: int, top_k: int | None) -> int:

@@ -21,6 +21,7 @@ from quantkit.eval.perplexity import PerplexityResult, perplexity_from_nll
 from quantkit.eval.tp import choose_tps, tp_comparison
 from quantkit.errors import QuantkitError
 from quantkit.io.files import check_writable
+import quantkit.dist as dist
 from quantkit.formats.gguf import is_gguf
 from quantkit.formats.reader import model_config, open_checkpoint
 from quantkit.quant.linear import arithmetic
@@ -68,7 +69,19 @@ def tokenizer_of(path, base):
 
 
 def _speed(model, tokenizer, options: EvalOptions) -> float | None:
-    return decode_tokens_per_s(model, tokenizer) if options.speed else None
+    """Decode tokens/s, measured by rank 0 alone under torchrun (the others start on their windows)."""
+    return decode_tokens_per_s(model, tokenizer) if options.speed and dist.is_main() else None
+
+
+def _check_world(options: EvalOptions) -> None:
+    """What runs in one process only, refused before any work under torchrun (N > 1 ranks)."""
+    if dist.world_size() == 1:
+        return
+    given = [flag for flag, on in (("--tp", options.tps is not None), ("--sensitivity", bool(options.sensitivity)))
+             if on]
+    if given:
+        raise QuantkitError(f"{', '.join(given)} run(s) in one process: run without torchrun (it has "
+                            f"{dist.world_size()} ranks)")
 
 
 def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vocab_size: int, options: EvalOptions):
@@ -114,6 +127,7 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
     """The report of one model: perplexity; fidelity against `base` (a path) or `base_logits` (a .qkl file);
     with `save_logits`, the model's own log-probs saved as a base for later runs."""
     options = options or EvalOptions()
+    _check_world(options)
     _check_tps(model_path, options)
     if save_logits is not None:
         check_writable(save_logits)  # before the base and the model run
@@ -132,11 +146,14 @@ def run_eval(model_path, data: EvalData, base=None, base_logits=None, save_logit
         save_base_logits(model, tokenizer, data, save_logits, top_k, options.batch_size, options.progress,
                          model_info={**info, "tokens_per_s": speed})
     if save_logits is not None and reference is None:  # the perplexity is in the file: no second pass
-        result = EvalResult(perplexity_from_nll(BaseLogits(save_logits).target_nll(data), data))
+        result = EvalResult(perplexity_from_nll(BaseLogits(save_logits).target_nll(data), data)) \
+            if dist.is_main() else None
     else:
         result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress,
                           label=str(model_path), base_label=None if base is None else f"the base {base}")
     del reference
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return None
     sensitivity = _sensitivity(model, data, options)
     entry = model_entry({**info, "arithmetic": arithmetic(model)}, result, speed, layer_errors(model_path), sensitivity)
     del model
@@ -159,6 +176,7 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
     options = options or EvalOptions()
     if not model_paths:
         raise QuantkitError("compare needs at least one model besides the base")
+    _check_world(options)
     _check_tps(base_path, options)
     tokenizer = load_tokenizer(base_path)
     base_info = model_info(base_path)
@@ -179,10 +197,15 @@ def run_compare(base_path, model_paths: list, data: EvalData, base_logits=None,
         result = evaluate(model, data, base=reference, batch_size=options.batch_size, progress=options.progress,
                           desc=os.path.basename(os.fspath(path).rstrip("/")), label=str(path),
                           base_label=None if base_logits is not None else f"the base {base_path}")
+        if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+            del model
+            continue
         base_perplexity = result.base_perplexity
         entries.append(model_entry({**model_info(path), "arithmetic": arithmetic(model)}, result,
                                    _speed(model, tokenizer, options), layer_errors(path)))
         del model
     del reference
+    if not dist.is_main():
+        return None
     return build_report(data, entries, _base_entry(base_info, base_perplexity), _tp_section(base_path, data, options),
                         options.command)

@@ -16,12 +16,14 @@ Hub datasets follow the GPTQ reference code (IST-DASLab/gptq datautils.py):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from quantkit.calibrate.sources import SEQ_LEN, HubDataset, SourceRole, open_corpus
+import quantkit.dist as dist
 from quantkit.errors import QuantkitError
 
 EVAL_DATASETS: dict[str, HubDataset] = {
@@ -74,6 +76,12 @@ class EvalData:
     def describe(self) -> dict:
         return {"name": self.name, "protocol": self.protocol, "seq_len": self.seq_len, "stride": self.stride,
                 "n_windows": len(self.windows), "n_tokens": self.n_tokens, "fingerprint": self.fingerprint()}
+
+    def shard(self) -> tuple["EvalData", list[int]]:
+        """This rank's share of the windows under torchrun (quantkit.dist.shard: every world_size-th), and their
+        indices in `windows`; in one process, all of them."""
+        indices = dist.shard(len(self.windows))
+        return dataclasses.replace(self, windows=[self.windows[i] for i in indices]), indices
 
     def batches(self, batch_size: int):
         """(ids (B, T), windows) with windows of equal length batched together, in order."""

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+import quantkit.dist as dist
 from quantkit.eval.data import EvalData
 from quantkit.eval.fidelity import FidelityAccumulator, compare_tokens
 from quantkit.eval.finite import check_numbers, model_label
@@ -63,20 +64,22 @@ def evaluate(model, data: EvalData, base=None, batch_size: int = 1, progress: bo
 
     Anything NaN or infinite (a window's logits, a summary number) is a QuantkitError naming `label` (default:
     the model's directory) or, for the base's, `base_label` (default: "the base" and its directory or file).
+    Under torchrun (quantkit.dist) each rank runs its share of the windows and rank 0 sums them all in window order:
+    the result is a single process's (at batch size 1, bit for bit); None on the other ranks. An error on any rank
+    is raised on every rank.
     """
     label = label or model_label(model)
     if base is None:
-        return EvalResult(perplexity_of(model, data, batch_size, progress, label))
+        perplexity = perplexity_of(model, data, batch_size, progress, label)
+        return EvalResult(perplexity) if perplexity is not None else None
     base_label = base_label or f"the base {model_label(base) if isinstance(base, nn.Module) else base_name(base)}"
+    per_window = dist.gather_ordered(dist.collective(lambda: window_fidelity(model, data, base, batch_size, progress,
+                                                                            desc, label, base_label)))
+    if per_window is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return None
     fidelity = FidelityAccumulator()
-    with tqdm(total=len(data.windows), desc=desc, unit="window", disable=not progress) as bar:  # closed on errors too
-        for ids, windows in data.batches(batch_size):
-            logprobs = batch_logprobs(model, ids, windows, label, data)
-            base_scores = (batch_logprobs(base, ids, windows, base_label, data) if isinstance(base, nn.Module)
-                           else [base.window(w) for w in windows])
-            for w, lp, base_lp in zip(windows, logprobs, base_scores):
-                fidelity.add(compare_tokens(base_lp, lp, data.targets(w)))
-            bar.update(len(windows))
+    for tokens in per_window:  # window order: the sums are a single process's
+        fidelity.add(tokens)
     tokens = fidelity.tokens()
     source = "in-memory" if isinstance(base, nn.Module) else "base-logits"
     result = EvalResult(perplexity_from_nll(tokens["nll"], data), perplexity_from_nll(tokens["base_nll"], data),
@@ -85,6 +88,24 @@ def evaluate(model, data: EvalData, base=None, batch_size: int = 1, progress: bo
     check_numbers(result.perplexity.report(), label, "perplexity")
     check_numbers(result.fidelity, label, "fidelity")
     return result
+
+
+def window_fidelity(model, data: EvalData, base, batch_size: int, progress: bool, desc: str, label: str,
+                    base_label: str) -> list[tuple[int, dict]]:
+    """(index in data.windows, compare_tokens' per-token measures) of this rank's share of the windows (all of them in
+    one process): the model's log-probs against the base's (a model, or saved base logits)."""
+    local, indices = data.shard()
+    scores = []
+    with tqdm(total=len(local.windows), desc=desc, unit="window",
+              disable=not progress or not dist.is_main()) as bar:  # closed on errors too
+        for ids, windows in local.batches(batch_size):
+            logprobs = batch_logprobs(model, ids, windows, label, data)  # data: messages name the global window
+            base_scores = (batch_logprobs(base, ids, windows, base_label, data) if isinstance(base, nn.Module)
+                           else [base.window(w) for w in windows])
+            scores += [compare_tokens(base_lp, lp, data.targets(w)) for w, lp, base_lp in
+                       zip(windows, logprobs, base_scores)]
+            bar.update(len(windows))
+    return list(zip(indices, scores))
 
 
 def base_name(base) -> str:
@@ -133,7 +154,7 @@ def method_label(ckpt: QuantizedCheckpoint) -> str:
 
 def config_label(config) -> str:
     """A short name for a method's config: 'int4 g128', 'rtn w3 g128 sym', 'gptq w4 g128 act-order', 'bnb-nf4'."""
-    parts = [config.method]
+    parts = [f"awq+{config.method}" if getattr(config, "awq", False) else config.method]  # gptq --awq
     if hasattr(config, "bits") and config.method != "int4":
         parts.append(f"w{config.bits}")
     if hasattr(config, "group_size"):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import quantkit.dist as dist
 from quantkit.calibrate.sources import SEQ_LEN
 from quantkit.eval.data import EvalData, text_data
 from quantkit.eval.finite import check_numbers, model_label
@@ -60,17 +61,27 @@ def perplexity_from_nll(nll: torch.Tensor, data: EvalData) -> PerplexityResult:
 
 
 def token_nll(model, data: EvalData, batch_size: int = 1, progress: bool = True,
-              label: str | None = None) -> torch.Tensor:
-    """(n_tokens,) NLL of every scored token, in window order."""
-    nll = [-target_logprobs(lp, data.targets(w)) for w, lp in window_logprobs(model, data, batch_size, progress,
-                                                                              desc="perplexity", label=label)]
-    return torch.cat(nll)
+              label: str | None = None) -> torch.Tensor | None:
+    """(n_tokens,) NLL of every scored token, in window order. Under torchrun each rank runs its share of the windows
+    (EvalData.shard) and rank 0 gets them all in window order (None on the others)."""
+    indices = data.shard()[1]
+
+    def run():
+        return list(zip(indices, [-target_logprobs(lp, data.targets(w)) for w, lp in
+                                  window_logprobs(model, data, batch_size, progress, "perplexity", label, shard=True)]))
+
+    nll = dist.gather_ordered(dist.collective(run))
+    return torch.cat(nll) if nll is not None else None
 
 
 def perplexity_of(model, data: EvalData, batch_size: int = 1, progress: bool = True,
                   label: str | None = None) -> PerplexityResult:
-    """Perplexity of `model` on `data`; a QuantkitError naming `label` (or the model) if anything is not finite."""
-    result = perplexity_from_nll(token_nll(model, data, batch_size, progress, label), data)
+    """Perplexity of `model` on `data`; a QuantkitError naming `label` (or the model) if anything is not finite.
+    Under torchrun: rank 0's result, None on the other ranks."""
+    nll = token_nll(model, data, batch_size, progress, label)
+    if nll is None:
+        return None
+    result = perplexity_from_nll(nll, data)
     check_numbers(result.report(), label or model_label(model), "perplexity")
     return result
 

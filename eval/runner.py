@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+import quantkit.dist as dist
 from quantkit.eval.data import EvalData, Window
 from quantkit.eval.finite import check_logits, model_label
 
@@ -43,11 +44,13 @@ def batch_logprobs(model, ids: torch.Tensor, windows: list[Window], label: str |
     return [torch.log_softmax(x, dim=-1) for x in batch_logits(model, ids, windows, label, data)]
 
 
-def window_logprobs(model, data: EvalData, batch_size: int = 1, progress: bool = True,
-                    desc: str = "eval", label: str | None = None) -> Iterator[tuple[Window, torch.Tensor]]:
-    """(window, log-probs (n_scored, vocab)) for every window of `data`, in order."""
-    with tqdm(total=len(data.windows), desc=desc, unit="window", disable=not progress) as bar:  # closed on errors too
-        for ids, windows in data.batches(batch_size):
+def window_logprobs(model, data: EvalData, batch_size: int = 1, progress: bool = True, desc: str = "eval",
+                    label: str | None = None, shard: bool = False) -> Iterator[tuple[Window, torch.Tensor]]:
+    """(window, log-probs (n_scored, vocab)) for every window of `data`, in order; shard: this rank's share only
+    under torchrun (EvalData.shard; messages still name a window by its index in `data`)."""
+    local = data.shard()[0] if shard else data
+    with tqdm(total=len(local.windows), desc=desc, unit="window", disable=not progress or not dist.is_main()) as bar:
+        for ids, windows in local.batches(batch_size):
             yield from zip(windows, batch_logprobs(model, ids, windows, label, data))
             bar.update(len(windows))
 

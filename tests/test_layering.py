@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO
 
 # (package prefix, rank): a module may import only modules of its own rank or lower.
-RANKS = [("quantkit.errors", 0), ("quantkit.dtypes", 0), ("quantkit.version", 0), ("quantkit.io", 0),
+RANKS = [("quantkit.errors", 0), ("quantkit.dtypes", 0), ("quantkit.version", 0), ("quantkit.io", 0), ("quantkit.dist", 0),
          ("quantkit.model.layout", 0),
          ("quantkit.model", 1), ("quantkit.calibrate", 1),
          ("quantkit.quant", 2),

@@ -49,6 +49,8 @@ def eval_command(model, base, base_logits, save_logits, top_k, sensitivity, meth
                                                   options.device)
     report = run_eval(model, eval_windows, base=base, base_logits=base_logits, save_logits=save_logits, top_k=top_k,
                       options=options)
+    if report is None:  # a rank other than 0 under torchrun: rank 0 prints and writes the report
+        return
     if save_logits is not None and not output.as_json:
         click.echo(f"saved {model}'s log-probs to {save_logits}")
     emit_report(report, output)
@@ -81,7 +83,9 @@ def compare(base, models, base_logits, data, options, output):
     from quantkit.eval.compare import run_compare
 
     eval_windows = load_eval_data(base, data, output)
-    emit_report(run_compare(base, list(models), eval_windows, base_logits=base_logits, options=options), output)
+    report = run_compare(base, list(models), eval_windows, base_logits=base_logits, options=options)
+    if report is not None:  # None on a rank other than 0 under torchrun: rank 0 prints and writes the report
+        emit_report(report, output)
 
 
 @click.command()

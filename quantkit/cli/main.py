@@ -10,6 +10,7 @@ import click
 from quantkit.cli.evaluate import check, compare, eval_command
 from quantkit.cli.model import generate, verify
 from quantkit.cli.quantize import backends, quantize
+import quantkit.dist as dist
 from quantkit.errors import QuantkitError
 from quantkit.io.files import Terminated, os_error_line, terminate_as_exception
 from quantkit.version import __version__
@@ -22,19 +23,22 @@ class QuantkitGroup(click.Group):
     (handled for the whole command) 143, each with one line saying what was kept."""
 
     def invoke(self, ctx):
-        try:
-            with terminate_as_exception():
-                return super().invoke(ctx)
-        except QuantkitError as e:
-            raise click.ClickException(str(e)) from None
-        except Terminated as e:  # the atomic writers removed what they had started; quantize says what it kept
-            click.echo(f"Error: {str(e) or 'terminated by SIGTERM; nothing was left half-written'}", err=True)
-            ctx.exit(Terminated.exit_code)
-        except KeyboardInterrupt as e:
-            click.echo(f"\nError: {str(e) or 'interrupted (Ctrl-C); nothing was left half-written'}", err=True)
-            ctx.exit(INTERRUPTED)
-        except OSError as e:  # outside the atomic writers (whose errors are QuantkitErrors already): one line too
-            raise click.ClickException(os_error_line(e)) from None
+        with dist.process_group():  # under torchrun: this rank joins the others for the command
+            try:
+                with terminate_as_exception():
+                    return super().invoke(ctx)
+            except QuantkitError as e:
+                if not dist.is_main():  # every rank has the error (dist.collective): rank 0 says it
+                    ctx.exit(1)
+                raise click.ClickException(str(e)) from None
+            except Terminated as e:  # the atomic writers removed what they had started; quantize says what it kept
+                click.echo(f"Error: {str(e) or 'terminated by SIGTERM; nothing was left half-written'}", err=True)
+                ctx.exit(Terminated.exit_code)
+            except KeyboardInterrupt as e:
+                click.echo(f"\nError: {str(e) or 'interrupted (Ctrl-C); nothing was left half-written'}", err=True)
+                ctx.exit(INTERRUPTED)
+            except OSError as e:  # outside the atomic writers (whose errors are QuantkitErrors already): one line
+                raise click.ClickException(os_error_line(e)) from None
 
 
 class OncePerCommand(logging.Filter):

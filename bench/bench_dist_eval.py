@@ -1,0 +1,63 @@
+"""Data-parallel evaluation (issue 28): `quantkit eval` in one process against `torchrun --nproc-per-node N` at equal
+total threads (1 process x N threads against N processes x 1 thread), alternating, each run timed as a whole process
+(start-up, loading and the decode-speed measurement included, as a user waits for it); the numbers of both must be
+identical.
+
+    python bench/bench_dist_eval.py MODEL QUANTIZED [--dataset MODEL/test.txt --seq-len 256 --nproc 2 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def timed(cmd: list[str], threads: int) -> tuple[float, dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
+    return seconds, json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("quantized")
+    parser.add_argument("--dataset")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    a = parser.parse_args()
+    args = ["eval", a.quantized, "--base", a.model, "--dataset", a.dataset or str(Path(a.model) / "test.txt"),
+            "--seq-len", str(a.seq_len), "--dtype", "fp32", "--json"]
+    one_cmd = [sys.executable, "-m", "quantkit", *args]
+    many_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(a.nproc),
+                "-m", "quantkit", *args]
+    ones, manys = [], []
+    for _ in range(a.repeats):  # alternating, so that the machine's load falls on both alike
+        seconds, one = timed(one_cmd, a.nproc)
+        ones.append(seconds)
+        seconds, many = timed(many_cmd, 1)
+        manys.append(seconds)
+        same = [(m["perplexity"], m["fidelity"]) for m in one["models"]] == \
+               [(m["perplexity"], m["fidelity"]) for m in many["models"]]
+        if not same:
+            sys.exit("the data-parallel run's numbers differ from the single process's")
+    print(f"load average {os.getloadavg()[0]:.2f}; {one['dataset']['n_windows']} windows of {a.seq_len}")
+    print(f"1 process x {a.nproc} threads: {statistics.median(ones):.1f} s (runs {', '.join(f'{s:.1f}' for s in ones)})")
+    print(f"{a.nproc} processes x 1 thread: {statistics.median(manys):.1f} s (runs "
+          f"{', '.join(f'{s:.1f}' for s in manys)})")
+    print(f"speed-up {statistics.median(ones) / statistics.median(manys):.2f}x; numbers identical: yes")
+
+
+if __name__ == "__main__":
+    main()

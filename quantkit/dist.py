@@ -1,0 +1,126 @@
+"""torch.distributed as quantkit uses it: the one home for the world's size, this process's rank, the process group
+and the collectives quantkit's data parallelism needs.
+
+quantkit never starts processes itself: `torchrun --nproc-per-node N -m quantkit eval ...` starts N copies of the
+command and sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; `init_from_env` (called once by the console entry)
+joins them in a process group: gloo on CPU, nccl where each rank has a CUDA device (LOCAL_RANK's). Without torchrun
+(WORLD_SIZE unset or 1) every function here is the single process's trivial case and no group is made.
+
+Work is shared out by item: `shard(n)` is this rank's share of n items (every world_size-th, from its rank), and
+`gather_ordered` brings each rank's (index, value) pairs to rank 0 in index order, so that rank 0 sums in exactly the
+order one process would (float sums then match a single-process run bit for bit). Failures are collective:
+`collective(fn)` runs fn on every rank and gathers either its value or its error; every rank then raises the first
+error (by rank), so that one rank's bad input ends the run everywhere with the same one-line message instead of
+leaving the others waiting in a collective (a rank that dies without reaching one is caught by the group's
+timeout, `TIMEOUT`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from quantkit.errors import QuantkitError
+
+T = TypeVar("T")
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("QUANTKIT_DIST_TIMEOUT_S", "600")))
+
+
+def active() -> bool:
+    """Whether this process is one rank of a process group of more than one."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one that prints, writes reports and outputs, and shows progress."""
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU; nccl where CUDA is available, each rank on
+    LOCAL_RANK's device). Returns whether a group was made. QuantkitError (one line) where torchrun's variables are
+    incomplete."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise QuantkitError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset: start data-parallel "
+                            f"runs with torchrun --nproc-per-node N -m quantkit ...")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=TIMEOUT)
+    return True
+
+
+def finish() -> None:
+    """Leave the process group (the console entry, at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n: int) -> list[int]:
+    """This rank's share of items 0..n-1: every world_size-th, from its rank."""
+    return list(range(rank(), n, world_size()))
+
+
+def gather_ordered(pairs: list[tuple[int, T]]) -> list[T] | None:
+    """Every rank's (index, value) pairs, on rank 0 as one list of values in index order; None on the others."""
+    if not active():
+        return [value for _, value in sorted(pairs, key=lambda p: p[0])]
+    gathered: list[Any] = [None] * world_size() if is_main() else None
+    dist.gather_object(pairs, gathered, dst=0)
+    if not is_main():
+        return None
+    return [value for _, value in sorted((p for part in gathered for p in part), key=lambda p: p[0])]
+
+
+def collective(fn: Callable[[], T]) -> T:
+    """fn() on every rank; if it raised on any rank, every rank raises: the QuantkitError of the lowest rank that
+    failed (its message; other exceptions as their type and message, naming the rank)."""
+    if not active():
+        return fn()
+    try:
+        value, error = fn(), None
+    except Exception as e:  # sent to every rank below, then raised there
+        value, error = None, (str(e) if isinstance(e, QuantkitError) else f"rank {rank()}: {type(e).__name__}: {e}")
+    errors: list[Any] = [None] * world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise QuantkitError(first)
+    return value
+
+
+@contextlib.contextmanager
+def process_group():
+    """Within the block, this process is a rank of torchrun's group (init_from_env), left when the block ends."""
+    made = init_from_env()
+    try:
+        yield
+    finally:
+        if made:
+            finish()
+
+
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's `value` on every rank (a name they must agree on)."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

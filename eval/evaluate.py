@@ -65,7 +65,8 @@ def evaluate(model, data: EvalData, base=None, batch_size: int = 1, progress: bo
     Anything NaN or infinite (a window's logits, a summary number) is a QuantkitError naming `label` (default:
     the model's directory) or, for the base's, `base_label` (default: "the base" and its directory or file).
     Under torchrun (quantkit.dist) each rank runs its share of the windows and rank 0 sums them all in window order:
-    the result is a single process's (at batch size 1, bit for bit); None on the other ranks. An error on any rank
+    the result is a single process's (bit for bit at batch size 1 and equal threads per process); None on the other
+    ranks. An error on any rank
     is raised on every rank.
     """
     label = label or model_label(model)

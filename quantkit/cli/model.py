@@ -31,8 +31,12 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, syst
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
+    from quantkit.formats.gguf import is_gguf
     from quantkit.formats.reader import open_checkpoint
 
+    if is_gguf(model):
+        raise QuantkitError(f"{model}: a .gguf carries no tokenizer.model for quantkit's generate: run it in llama.cpp "
+                            f"(llama-cli -m {model}), or measure it with quantkit eval {model} --base DIR")
     tokenizer = load_tokenizer(model)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -102,3 +102,35 @@ def test_save_logits_with_two_ranks_writes_one_file_a_single_process_would(setup
                for f in ("one.qkl", "two.qkl")]
     assert numbers(json.loads(against[0].output[against[0].output.index("{"):])) == \
         numbers(json.loads(against[1].output[against[1].output.index("{"):]))
+
+
+def test_a_killed_rank_ends_the_run(setup, tmp_path):
+    """SIGKILL to rank 1 mid-evaluation: torchrun ends rank 0 too (SIGTERM: one line, nothing written) well within
+    the timeout, and exits non-zero; no process is left waiting in a collective."""
+    import psutil
+    import signal
+    import time
+
+    text = tmp_path / "long.txt"
+    text.write_text((DEMO_MODEL / "test.txt").read_text() * 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTKIT_DIST_TIMEOUT_S": "60"}
+    args = ["eval", setup["root"] / "rtn", "--base", DEMO_MODEL, "--dataset", text, "--seq-len", 32,
+            "--report", tmp_path / "r.json"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "quantkit", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline, victim = time.monotonic() + 120, None
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(1)
+            ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+                     if "quantkit" in " ".join(p.cmdline())}
+            victim = ranks.get("1") if len(ranks) == 2 else None
+        assert victim is not None, "torchrun never started 2 ranks"
+        time.sleep(6)  # into the evaluation (both models loaded)
+        victim.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert not (tmp_path / "r.json").exists()

@@ -160,3 +160,8 @@ def test_a_gguf_llama_cpp_tokenizes_otherwise_is_refused(llama_cpp, ggufs):
                                             "difference at id 1"):
         model.check_tokenizer(Other(), "The list type", "B")
     model.close()
+
+
+def test_generate_of_a_gguf_says_where_it_runs(ggufs):
+    from tests.helpers import assert_one_line_error
+    assert_one_line_error(run("generate", ggufs["q4"], "The"), "a .gguf carries no tokenizer.model", "llama-cli -m")

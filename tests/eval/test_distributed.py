@@ -16,6 +16,7 @@ from tests.conftest import DEMO_MODEL, random_model, tiny_config
 from tests.helpers import run
 
 SEQ_LEN = 64
+pytestmark = pytest.mark.slow  # torchrun processes (about a minute): `make test-fast` leaves them out
 
 
 def torchrun(*args, nproc: int = 2, timeout: int = 300):

@@ -43,6 +43,7 @@ def checked(out):
     return result, {row["runtime"]: row for row in report["rows"]}
 
 
+@pytest.mark.slow  # llama.cpp runs: `make test-fast` leaves it out
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_llama_cpp_computes_what_quantkit_computes(llama_cpp, tmp_path, scheme):
     """quantize --format gguf -> llama.cpp: the same tokens, mean KL <= 1e-3 and top-1 >= 99% against quantkit's
@@ -59,6 +60,7 @@ def test_llama_cpp_computes_what_quantkit_computes(llama_cpp, tmp_path, scheme):
     assert row["applied"]["kernels"] == {kind: 28} and row["applied"]["tokenizer"].startswith("same 1")
 
 
+@pytest.mark.slow  # llama.cpp runs: `make test-fast` leaves it out
 def test_an_f16_gguf_in_llama_cpp_is_the_fp16_model(llama_cpp, tmp_path):
     """write_gguf of the unquantized fp16 model: llama.cpp agrees with quantkit's model of it (and so with the
     base's own) to fp16 rounding."""
@@ -117,6 +119,7 @@ def report_of(result) -> dict:
 EVAL_DATA = ("--dataset", DEMO_MODEL / "test.txt", "--seq-len", 128)
 
 
+@pytest.mark.slow  # llama.cpp runs: `make test-fast` leaves it out
 def test_compare_runs_gguf_files_in_llama_cpp(llama_cpp, ggufs):
     """One table: the F16 GGUF is the base to fp16 rounding; the Q4_0 one has its quantization's KL, 4.5 bits per
     weight, the recipe's method and llama.cpp's arithmetic; the directory export of the same run agrees with it."""
@@ -130,6 +133,7 @@ def test_compare_runs_gguf_files_in_llama_cpp(llama_cpp, ggufs):
     assert 1e-4 < q4["fidelity"]["kl"]["mean"] < 0.1 and q4["tokens_per_s"] > 0 and q4["layer_errors"] == []
 
 
+@pytest.mark.slow  # llama.cpp runs: `make test-fast` leaves it out
 def test_eval_of_a_gguf_is_compares_number(llama_cpp, ggufs):
     compared = report_of(run("compare", DEMO_MODEL, ggufs["q4"], *EVAL_DATA, "--json"))["models"][0]
     evaluated = report_of(run("eval", ggufs["q4"], "--base", DEMO_MODEL, *EVAL_DATA, "--json"))["models"][0]
@@ -147,6 +151,7 @@ def test_what_eval_cannot_do_with_a_gguf_is_refused_in_one_line(ggufs, flags, ne
     assert_one_line_error(run("eval", ggufs["q4"], *flags, *EVAL_DATA), needle)
 
 
+@pytest.mark.slow  # llama.cpp runs: `make test-fast` leaves it out
 def test_a_gguf_llama_cpp_tokenizes_otherwise_is_refused(llama_cpp, ggufs):
     from quantkit.errors import QuantkitError
     from quantkit.eval.llamacpp import LlamaCppModel

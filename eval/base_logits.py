@@ -23,6 +23,7 @@ the windows), so a file made from another dataset or tokenizer is refused with a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -79,12 +80,17 @@ def save_base_logits(model, tokenizer, data: EvalData, path: str | os.PathLike, 
                 "tokenizer": tokenizer.fingerprint(), "dataset": json.dumps(data.describe()),
                 "model": json.dumps(model_info or {})}
     needed = 2 * saved_bytes(data, model.config.vocab_size, top_k)
-    windows = ((f"{w.start}.{key}", value) for w, lp in window_logprobs(model, data, batch_size, progress,
-                                                                       desc="base logits", shard=True)
-               for key, value in encode(lp, data.targets(w), top_k).items())
-    if dist.world_size() == 1:
-        return _write_one_file(path, windows, metadata, needed)
-    # under torchrun: each rank writes its windows to its own part beside `path`, then rank 0 joins the parts
+    # closing: on an error the progress bar ends (its line) before the error's line is printed
+    with contextlib.closing(window_logprobs(model, data, batch_size, progress, "base logits", shard=True)) as logprobs:
+        windows = ((f"{w.start}.{key}", value) for w, lp in logprobs
+                   for key, value in encode(lp, data.targets(w), top_k).items())
+        if dist.world_size() == 1:
+            return _write_one_file(path, windows, metadata, needed)
+        return _write_parts_then_join(path, windows, metadata, needed)
+
+
+def _write_parts_then_join(path: Path, windows, metadata: dict[str, str], needed: int) -> Path:
+    """Under torchrun: each rank writes its windows to its own part beside `path`, then rank 0 joins the parts."""
     parts = path.parent / dist.broadcast_from_main(f".{path.name}.quantkit-parts-{os.getpid()}")
     try:
         dist.collective(lambda: _write_one_file(parts / f"part-{dist.rank()}.qkl", windows, metadata, needed, True))

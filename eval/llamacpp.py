@@ -25,10 +25,12 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf import gguf_config, import_gguf
+from quantkit.formats.gguf import gguf_config, gguf_tensor_types
+from quantkit.model.layout import linear_of
 
 log = logging.getLogger(__name__)
 
+DECODE_CONTEXT = 64  # tokens: the decode-speed measurement's prompt and its 32 new tokens fit
 INSTALL = "pip install 'quantkit[llamacpp]' (or the wheel .ci/llamacpp-wheel.sh builds)"
 
 
@@ -50,6 +52,7 @@ class LlamaCppModel(nn.Module):
     def __init__(self, path: str | os.PathLike, n_ctx: int, threads: int | None = None):
         super().__init__()
         llama_cpp = import_llama_cpp()
+        n_ctx = max(n_ctx, DECODE_CONTEXT)  # room for decode_tokens_per_s whatever the windows' length
         self.source_dir, self.config, self.n_ctx = Path(path), gguf_config(path), n_ctx
         self.version = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
         try:
@@ -84,14 +87,13 @@ class LlamaCppModel(nn.Module):
 
     def runtime_arithmetic(self) -> str:
         """What llama.cpp runs the decoder linears in, for reports: e.g. 'llama.cpp (...): Q4_0 (28 linears)'."""
-        reader = import_gguf().GGUFReader(self.source_dir)
-        names = {t.name: t.tensor_type.name for t in reader.tensors}
-        kinds = Counter(kind for name, kind in names.items()
-                        if name.startswith("blk.") and name.endswith(".weight") and _is_linear(name))
+        kinds = Counter(kind for name, (kind, _) in gguf_tensor_types(self.source_dir).items()
+                        if linear_of(name) is not None)
         return f"{self.version}: " + "; ".join(f"{k} ({n} linears)" for k, n in kinds.items())
 
     def decode_tokens_per_s(self, prompt: list[int], new_tokens: int = 32) -> float:
         """Greedy batch-1 decode speed in llama.cpp (its KV cache), after a short warm-up."""
+        new_tokens = min(new_tokens, self.n_ctx - len(prompt) - 1)
         self.llm.reset()
         self.llm.eval(prompt)
         self.llm.eval([int(np.argmax(self.llm.scores[len(prompt) - 1]))])
@@ -102,14 +104,6 @@ class LlamaCppModel(nn.Module):
 
     def close(self) -> None:
         self.llm.close()
-
-
-LINEAR_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-def _is_linear(name: str) -> bool:
-    """blk.N.attn_q.weight and the other decoder linears' llama.cpp names."""
-    return name.split(".")[2] in LINEAR_TENSORS
 
 
 __all__ = ["LlamaCppModel", "import_llama_cpp"]

@@ -112,6 +112,8 @@ def process_group():
     made = init_from_env()
     try:
         yield
+        if made:  # every rank leaves together: gloo aborts a rank that tears its group down while others still talk
+            dist.barrier()
     finally:
         if made:
             finish()

@@ -44,7 +44,7 @@ from quantkit.model.tokenizer import load_tokenizer
 from quantkit.dtypes import SHORT_NAMES
 from quantkit.errors import QuantkitError
 from quantkit.eval.data import EvalData
-from quantkit.eval.evaluate import check_same_tokenizer
+from quantkit.eval.evaluate import check_same_tokenizer, ids_difference
 from quantkit.eval.finite import check_numbers
 from quantkit.formats.gguf import is_gguf
 from quantkit.formats.reader import model_config, open_checkpoint
@@ -98,11 +98,12 @@ def run_check(out, base, data: EvalData, options: CheckOptions | None = None) ->
                          "dtype": "bfloat16", "logits": logits_of(model, ids, "quantkit's int4 kernel",
                                                                     options.progress)})
     del model
-    text = load_tokenizer(base).decode(ids[0].tolist()) if fmt == "gguf" else None
+    base_tokenizer = load_tokenizer(base)
+    text = base_tokenizer.decode(ids[0].tolist()) if fmt == "gguf" else None
     external_rows = [external(runtime, fmt, out, ids, options, text) for runtime in RUNTIMES.get(fmt, ())]
     for row in external_rows:
         if text is not None and row["status"] == "ok":
-            tokenizer_problem(row, load_tokenizer(base).encode(text, bos=True))
+            tokenizer_problem(row, base_tokenizer.encode(text, bos=True))
     dtypes = sorted({row["dtype"] for row in rows[1:] + external_rows} - {"float32"})
     rows += [floor_row(out, ids, dtype, options.progress) for dtype in dtypes] + external_rows
     floors = {row["dtype"]: row for row in rows if row.get("floor")}
@@ -146,12 +147,12 @@ def tokenizer_problem(row: dict, expected: list[int]) -> None:
     """A runtime that tokenizes the first window's text otherwise than the base's tokenizer: refused, with the first
     difference (a GGUF whose vocabulary is not its base's, or a runtime that reads it otherwise)."""
     got = row["applied"].pop("tokens")
-    if got == expected:
+    difference = ids_difference(got, expected)
+    if difference is None:
         row["applied"]["tokenizer"] = f"same {len(got)} ids as the base's tokenizer"
         return
-    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-    row.update(status="refused", message=f"tokenizes the first window's text otherwise than the base's tokenizer: "
-                                         f"{len(got)} ids against {len(expected)}, first difference at id {at}")
+    row.update(status="refused",
+               message=f"tokenizes the first window's text otherwise than the base's tokenizer: {difference}")
 
 
 def quantized_format(out) -> str:

@@ -94,8 +94,7 @@ def _base_reference(base, base_logits, data: EvalData, tokenizer, model_path, vo
         return saved, saved.model_info or None
     if base is None:
         return None, None
-    if not is_gguf(model_path):  # a .gguf is checked against this tokenizer by llama.cpp's (_load)
-        check_same_tokenizer(tokenizer, load_tokenizer(base), str(model_path), str(base))
+    check_same_tokenizer(tokenizer, load_tokenizer(base), str(model_path), str(base))  # a .gguf's: the base's
     model = load_model(base, dtype=options.compute_dtype, device=options.device)
     return model, {**model_info(base), "arithmetic": arithmetic(model), "tokens_per_s": _speed(model, tokenizer, options)}
 

@@ -51,6 +51,14 @@ def check_same_vocabulary(model, base, model_name: str, base_name: str) -> None:
                             f"{base.config.vocab_size}: compare models that share a tokenizer")
 
 
+def ids_difference(got: list[int], expected: list[int]) -> str | None:
+    """Where two tokenizations of one text part ('N ids against M, first difference at id i'), or None if equal."""
+    if got == expected:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    return f"{len(got)} ids against {len(expected)}, first difference at id {at}"
+
+
 def check_same_tokenizer(tokenizer, base_tokenizer, model_name: str, base_name: str) -> None:
     if tokenizer.fingerprint() != base_tokenizer.fingerprint():
         raise QuantkitError(f"{model_name} and the base {base_name} have different tokenizer.model files "
@@ -66,8 +74,7 @@ def evaluate(model, data: EvalData, base=None, batch_size: int = 1, progress: bo
     the model's directory) or, for the base's, `base_label` (default: "the base" and its directory or file).
     Under torchrun (quantkit.dist) each rank runs its share of the windows and rank 0 sums them all in window order:
     the result is a single process's (bit for bit at batch size 1 and equal threads per process); None on the other
-    ranks. An error on any rank
-    is raised on every rank.
+    ranks. An error on any rank is raised on every rank.
     """
     label = label or model_label(model)
     if base is None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.eval.evaluate import ids_difference
 from quantkit.formats.gguf import gguf_config, gguf_tensor_types
 from quantkit.model.layout import linear_of
 
@@ -78,12 +79,11 @@ class LlamaCppModel(nn.Module):
 
     def check_tokenizer(self, tokenizer, text: str, base_name: str) -> None:
         """Refuse a file llama.cpp tokenizes otherwise than the base's `tokenizer` (on `text`: one window's)."""
-        got, expected = self.tokenize(text), tokenizer.encode(text, bos=True)
-        if got != expected:
-            at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+        difference = ids_difference(self.tokenize(text), tokenizer.encode(text, bos=True))
+        if difference is not None:
             raise QuantkitError(f"{self.source_dir}: llama.cpp tokenizes the text otherwise than the base {base_name}'s "
-                                f"tokenizer ({len(got)} ids against {len(expected)}, first difference at id {at}): "
-                                f"its vocabulary is not the base's; compare a GGUF with the model it was made from")
+                                f"tokenizer ({difference}): its vocabulary is not the base's; compare a GGUF with the "
+                                f"model it was made from")
 
     def runtime_arithmetic(self) -> str:
         """What llama.cpp runs the decoder linears in, for reports: e.g. 'llama.cpp (...): Q4_0 (28 linears)'."""

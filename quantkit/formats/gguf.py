@@ -145,8 +145,8 @@ def add_llama(writer, config: LlamaConfig, file_type: int, recipe: dict[str, Any
     if config.head_dim * config.num_attention_heads != config.hidden_size:  # as the converter: head_dim stated
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    if rope_problem(config) is not None:
-        raise QuantkitError(rope_problem(config))
+    if (problem := rope_problem(config)) is not None:
+        raise QuantkitError(problem)
     if config.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_factor)
@@ -200,8 +200,8 @@ def add_vocabulary(writer, tokenizer_dir: Path, vocab_size: int):
 
 def llama_problem(config: LlamaConfig, tokenizer_dir: Path | None) -> str | None:
     """Why a GGUF llama.cpp runs cannot hold this model (its rotary embedding, its tokenizer), or None."""
-    if rope_problem(config) is not None:
-        return rope_problem(config)
+    if (problem := rope_problem(config)) is not None:
+        return problem
     if tokenizer_dir is None:
         return "GGUF carries the model's vocabulary: give the directory with its sentencepiece tokenizer.model"
     try:

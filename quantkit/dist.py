@@ -29,6 +29,12 @@ import torch.distributed as dist
 from quantkit.errors import QuantkitError
 
 T = TypeVar("T")
+
+
+class RankFailed(QuantkitError):
+    """Another rank's unexpected error (not a QuantkitError: a bug, a lost connection), as `collective` raises it on
+    the ranks that did not fail: one line, and not to be taken for bad input (a quantize run keeps its work)."""
+
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("QUANTKIT_DIST_TIMEOUT_S", "600")))
 
 
@@ -78,6 +84,85 @@ def shard(n: int) -> list[int]:
     return list(range(rank(), n, world_size()))
 
 
+def block(n: int, of_rank: int | None = None, ranks: int | None = None) -> range:
+    """A rank's contiguous share of items 0..n-1 (default: this rank's, of this world's ranks): ranks in order, sizes
+    differing by at most one."""
+    r, size = rank() if of_rank is None else of_rank, ranks or world_size()
+    return range(r * n // size, (r + 1) * n // size)
+
+
+def owners(costs: list[float]) -> list[int]:
+    """The rank each of the items of these costs goes to: largest first, each to the least loaded rank (ties: the
+    lowest rank), so that the ranks finish together; the same answer on every rank."""
+    loads, owner = [0.0] * world_size(), [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        owner[i] = min(range(len(loads)), key=lambda r: (loads[r], r))
+        loads[owner[i]] += costs[i]
+    return owner
+
+
+def chained(state: T, step: Callable[[T], T]) -> T:
+    """step over the ranks in rank order, each continuing from the state the rank before it left (rank 0 from
+    `state`), the last rank's result on every rank: a statistic accumulated over the ranks' blocks of samples in
+    exactly one process's order, so that its float sums are one process's bit for bit (the states are sent pickled:
+    objects on the CPU)."""
+    if not active():
+        return step(state)
+    if rank() > 0:
+        box = [None]
+        dist.recv_object_list(box, src=rank() - 1)
+        state = box[0]
+    state = step(state)
+    if rank() < world_size() - 1:
+        dist.send_object_list([state], dst=rank() + 1)
+    return broadcast_object(state, src=world_size() - 1)
+
+
+def broadcast_object(value: T, src: int) -> T:
+    """Rank `src`'s `value` (a picklable object: a module on the CPU) on every rank."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t (m, ...) with zero rows appended to `rows`, where the group's backend sends from (nccl: this rank's GPU)."""
+    if dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if t.shape[0] < rows else t.contiguous()
+
+
+def gather_blocks(t: torch.Tensor, sizes: list[int]) -> torch.Tensor | None:
+    """The ranks' blocks of rows joined on rank 0 in rank order (t: this rank's, `sizes[r]` rows on rank r, the same
+    trailing shape and dtype everywhere); None on the others."""
+    if not active():
+        return t
+    rows = max(sizes)
+    mine = _padded(t, rows)
+    joined = mine.new_empty(rows * world_size(), *t.shape[1:]) if is_main() else None  # the parts are its views
+    dist.gather(mine, list(joined.split(rows)) if is_main() else None, dst=0)
+    if not is_main():
+        return None
+    if min(sizes) != rows:  # drop the padding rows
+        joined = torch.cat([p[:size] for size, p in zip(sizes, joined.split(rows))])
+    return joined.cpu()
+
+
+def scatter_blocks(full: torch.Tensor | None, sizes: list[int], like: torch.Tensor) -> torch.Tensor:
+    """This rank's block of rows of rank 0's tensor `full` (None on the others): `sizes[r]` rows for rank r, in rank
+    order; `like`: a tensor of the trailing shape, dtype and device every rank receives in."""
+    if not active():
+        return full
+    rows = max(sizes)
+    mine = _padded(like.new_empty(0, *like.shape[1:]), rows)
+    starts = [sum(sizes[:r]) for r in range(world_size())]
+    parts = [_padded(full[start:start + size], rows) for start, size in zip(starts, sizes)] if is_main() else None
+    dist.scatter(mine, parts, src=0)
+    return mine[:sizes[rank()]].to(like.device)
+
+
 def gather_ordered(pairs: list[tuple[int, T]]) -> list[T] | None:
     """Every rank's (index, value) pairs, on rank 0 as one list of values in index order; None on the others."""
     if not active():
@@ -91,18 +176,24 @@ def gather_ordered(pairs: list[tuple[int, T]]) -> list[T] | None:
 
 def collective(fn: Callable[[], T]) -> T:
     """fn() on every rank; if it raised on any rank, every rank raises: the QuantkitError of the lowest rank that
-    failed (its message; other exceptions as their type and message, naming the rank)."""
+    failed (its message; other exceptions as RankFailed, their type and message naming the rank); the rank that failed
+    raises its own exception."""
     if not active():
         return fn()
+    raised = None
     try:
         value, error = fn(), None
     except Exception as e:  # sent to every rank below, then raised there
-        value, error = None, (str(e) if isinstance(e, QuantkitError) else f"rank {rank()}: {type(e).__name__}: {e}")
+        value, raised = None, e
+        error = (str(e), False) if isinstance(e, QuantkitError) else (f"rank {rank()}: {type(e).__name__}: {e}", True)
     errors: list[Any] = [None] * world_size()
     dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e is not None), None)
+    first = next((r for r, e in enumerate(errors) if e is not None), None)
+    if first == rank():
+        raise raised  # its own type (a full disk stays DiskFull on the rank that writes)
     if first is not None:
-        raise QuantkitError(first)
+        message, unexpected = errors[first]
+        raise RankFailed(message) if unexpected else QuantkitError(message)
     return value
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +33,33 @@ def run(*args):
     result = CliRunner().invoke(command_line(), [str(a) for a in args])
     result.lines = [line for line in re.split(r"[\r\n]", result.output) if line.strip() and not PROGRESS.search(line)]
     return result
+
+
+def torchrun(*args, nproc: int = 2, timeout: int = 300, popen: bool = False, dist_timeout: int = 120):
+    """`torchrun --standalone --nproc-per-node N -m quantkit ARGS` (one thread per rank: a single process's numbers
+    at one thread); `popen`: started, not waited for (a subprocess.Popen with stdout and stderr piped)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTKIT_DIST_TIMEOUT_S": str(dist_timeout)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "quantkit", *map(str, args)]
+    if popen:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def torchrun_rank(proc, rank: int, wait: float = 120):
+    """The psutil.Process of rank `rank` of a `torchrun(..., popen=True)` once every rank has started (its RANK)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "quantkit" in " ".join(p.cmdline())}
+        if len(ranks) >= 2 and str(rank) in ranks:
+            return ranks[str(rank)]
+        time.sleep(0.2)
+    raise AssertionError(f"torchrun never started rank {rank}")
 
 
 def without_progress(result):

@@ -128,6 +128,14 @@ class Backend:
     transform: Callable | None = None  # (GroupContext) -> None: rewrites a sequential group before quantizing
     dense_weight: Callable = dequantize  # (module) -> (N, K) float weight it computes with, or None
     layer_transform: Callable | None = None  # (LayerContext) -> None: rewrites a layer before any of it is quantized
+    rewrites: Callable | None = None  # (config) -> bool: whether its transforms rewrite layers for this config
+    #                                   (None: wherever it declares one)
+
+    def rewrites_layers(self, config: QuantConfig) -> bool:
+        """Whether a transform or layer transform of this backend rewrites layers for `config` (GPTQ: with awq)."""
+        if self.transform is None and self.layer_transform is None:
+            return False
+        return self.rewrites is None or bool(self.rewrites(config))
 
     @property
     def needs_calibration(self) -> bool:
@@ -159,7 +167,8 @@ class Registry:
     def register(self, name: str, config_cls: type, *, devices: tuple[str, ...] = ("cpu", "cuda"),
                  formats: tuple[str, ...] = (), requires: tuple[str, ...] = (), description: str = "",
                  observer: Callable | None = None, transform: Callable | None = None,
-                 dense_weight: Callable = dequantize, layer_transform: Callable | None = None):
+                 dense_weight: Callable = dequantize, layer_transform: Callable | None = None,
+                 rewrites: Callable | None = None):
         """Decorator for a handler `(linear, config, name, **stats) -> nn.Module` of config_cls (see Backend)."""
         if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
             raise QuantkitError(f"backend {name!r}: declare {config_cls.__qualname__} with @dataclass(frozen=True) "
@@ -172,7 +181,7 @@ class Registry:
             config_cls.method = name
             self._by_name[name] = Backend(name, config_cls, handler, tuple(devices), tuple(formats),
                                           tuple(requires), description, observer, transform, dense_weight,
-                                          layer_transform)
+                                          layer_transform, rewrites)
             return handler
         return decorate
 

@@ -16,6 +16,7 @@ from quantkit.io.files import Terminated, os_error_line, terminate_as_exception
 from quantkit.version import __version__
 
 INTERRUPTED = 128 + 2  # the exit status of a command stopped by Ctrl-C (SIGINT), as shells report it
+DATA_PARALLEL = ("eval", "compare", "quantize")  # the commands that share their work over torchrun's ranks
 
 
 class QuantkitGroup(click.Group):
@@ -32,11 +33,19 @@ class QuantkitGroup(click.Group):
                     ctx.exit(1)
                 raise click.ClickException(str(e)) from None
             except Terminated as e:  # the atomic writers removed what they had started; quantize says what it kept
+                if not dist.is_main():  # torchrun stops every rank: rank 0 says what it kept
+                    ctx.exit(Terminated.exit_code)
                 click.echo(f"Error: {str(e) or 'terminated by SIGTERM; nothing was left half-written'}", err=True)
                 ctx.exit(Terminated.exit_code)
             except KeyboardInterrupt as e:
+                if not dist.is_main():
+                    ctx.exit(INTERRUPTED)
                 click.echo(f"\nError: {str(e) or 'interrupted (Ctrl-C); nothing was left half-written'}", err=True)
                 ctx.exit(INTERRUPTED)
+            except click.ClickException as e:  # a usage error: every rank has it, rank 0 says it
+                if not dist.is_main():
+                    ctx.exit(e.exit_code)
+                raise
             except OSError as e:  # outside the atomic writers (whose errors are QuantkitErrors already): one line
                 raise click.ClickException(os_error_line(e)) from None
 
@@ -64,6 +73,10 @@ class OncePerCommand(logging.Filter):
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
 def main(verbose: bool):
     """Quantize Llama 2 models and measure what it cost."""
+    command = click.get_current_context().invoked_subcommand
+    if dist.active() and command not in DATA_PARALLEL:
+        raise QuantkitError(f"quantkit {command} runs in one process: run it without torchrun (it has "
+                            f"{dist.world_size()} ranks; {', '.join(DATA_PARALLEL)} run data-parallel)")
     root = logging.getLogger()
     existing = list(root.handlers)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -41,6 +41,8 @@ def quantize(model, output, recipe, method_choice, calibration, export, ignore, 
     config = chosen_config(method_choice, recipe, calibrated=calibration is not None)
     summary = quantize_checkpoint(model, config, output, export=export, calibration=calibration, ignore=tuple(ignore),
                                   resume=resume, keep_work=keep_work)
+    if summary is None:  # a rank other than 0 under torchrun: rank 0 prints the summary
+        return
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return

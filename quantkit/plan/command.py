@@ -29,8 +29,10 @@ def plan_calibration(calib, calib_mode, calib_field, n_samples, seed, seq_len, d
 @option_group("calibration", *LAYER_CALIBRATION_FLAGS, build=plan_calibration)
 @option_group("export", *OUTPUT_FLAGS, build=export_options)
 @IGNORE_FLAG
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Plan a data-parallel run of this many torchrun ranks (torchrun --nproc-per-node): memory per rank.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes and seconds).")
-def plan(model, output, recipe, method_choice, calibration, export, ignore, as_json):
+def plan(model, output, recipe, method_choice, calibration, export, ignore, nproc, as_json):
     """Estimate what quantizing MODEL takes (peak RAM and GPU, output and work-directory size, time) before it runs.
 
     MODEL is a directory, a hub id, or a preset (llama2-7b, llama2-13b, llama2-70b: fp16, no weights needed).
@@ -39,5 +41,6 @@ def plan(model, output, recipe, method_choice, calibration, export, ignore, as_j
     from quantkit.plan.planner import make_plan, plan_table
 
     config = chosen_config(method_choice, recipe, calibrated=calibration.source is not None)
-    result = make_plan(model, config, export=export, calibration=calibration, ignore=tuple(ignore), out_dir=output)
+    result = make_plan(model, config, export=export, calibration=calibration, ignore=tuple(ignore), out_dir=output,
+                       nproc=nproc)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else plan_table(result))

@@ -33,7 +33,8 @@ from quantkit.run.export import ExportOptions, check_target, planned_format
 from quantkit.formats import QuantFormat
 from quantkit.backends.gptq.solver import inverse_hessian_cholesky
 from quantkit.io.files import check_output_dir, human_bytes, nearest_existing
-from quantkit.run.calibrator import CalibrationOptions, activations_device, calibration_dtype, down_inputs_fit
+from quantkit.run.calibrator import (CalibrationOptions, activations_device, calibration_dtype, data_parallel_problem,
+                                     down_inputs_fit, sample_block)
 from quantkit.run.stages import PASSES
 from quantkit.model.build import check_device
 from quantkit.model.layout import SEQUENTIAL_GROUPS, layer_index
@@ -165,9 +166,10 @@ def _gptq_terms(source: Source, calibration: CalibrationOptions, calib_dtype: to
 
 
 def memory_plan(source: Source, output: OutputSize, dtype: torch.dtype, baseline: tuple[int, float],
-                calibration: CalibrationOptions | None = None, calib_dtype: torch.dtype | None = None) -> Memory:
+                calibration: CalibrationOptions | None = None, calib_dtype: torch.dtype | None = None,
+                nproc: int = 1) -> Memory:
     """Peak memory of the pipeline by phase; `baseline`: measure_baseline's; `calibration` None: an uncalibrated
-    method (CPU only)."""
+    method (CPU only). `nproc` > 1: of one torchrun rank, the most any needs (data_parallel_terms)."""
     t = _shape_terms(source, output, dtype, baseline[1])
     baseline = baseline[0]
     writing = {"non-layer tensors": {"baseline": baseline, "mapped": t["non_layer_stored"],
@@ -178,12 +180,19 @@ def memory_plan(source: Source, output: OutputSize, dtype: torch.dtype, baseline
                     "linear_work": t["linear_work"]}
         return Memory(_peak({**writing, "quantize": quantize}), 0, {**writing, "quantize": quantize}, {})
     g = _gptq_terms(source, calibration, calib_dtype)
+    if nproc > 1:
+        g = data_parallel_terms(g, calibration, nproc)
+        writing = {name: {**terms, "activations gathered (rank 0)": g["all_activations"]}
+                   for name, terms in writing.items()}
     act, layer = g["activations"], g["layer_calib"]
     where = activations_device(calibration.device, calibration.offload_activations)
     fits = down_inputs_fit(g["down_inputs"], act, where, allocated=act + layer)  # as the run will judge it
     down = g["down_inputs"] if fits else 0  # down_proj's inputs, kept for the advance where they fit
+    ranks = {"recorded inputs": act if fits else g["down_inputs"],  # a group's, kept for the statistics: down_proj's
+             #                                                         are the kept ones where they fit, else 2.7x
+             "hessians sent and received": 2 * g["hessians_and_solver"]} if nproc > 1 else {}
     gpu = {"collect": {"layer": layer, "activations x3": 3 * act, "activations down_proj's inputs": down,
-                       "forward": g["forward_batch"], "hessians": g["hessians_and_solver"]},
+                       "forward": g["forward_batch"], "hessians": g["hessians_and_solver"], **ranks},
            "quantize": {"layer": layer, "activations x2": 2 * act, "activations down_proj's inputs": down,
                         "hessians_and_solver": g["hessians_and_solver"], "quantized": t["quantized_layer"]},
            "advance": {"layer": layer, "activations x3": 3 * act, "activations down_proj's inputs": down,
@@ -203,6 +212,17 @@ def memory_plan(source: Source, output: OutputSize, dtype: torch.dtype, baseline
     ram.update({name: {**terms, "activations": act} for name, terms in writing.items()})
     ram["embed"] = {"baseline": baseline, **embed}
     return Memory(_peak(ram), 0, ram, {})
+
+
+def data_parallel_terms(g: dict[str, int], calibration: CalibrationOptions, nproc: int) -> dict[str, int]:
+    """The calibrator's terms on one of `nproc` torchrun ranks (quantkit/run/calibrator.py): the activations (and
+    down_proj's inputs) of the largest block of batches a rank holds; `all_activations`: what rank 0 gathers to save
+    after each layer (an upper bound: the largest block and rank 0's gathering). memory_plan adds the group's inputs
+    a rank records for the rank-by-rank statistics and the observers it receives and sends."""
+    n = calibration.n_samples
+    share = max(len(sample_block(n, calibration.batch_size, r, nproc)) for r in range(nproc)) / n
+    scaled = {k: round(v * share) for k, v in g.items() if k in ("activations", "down_inputs")}
+    return {**g, **scaled, "all_activations": g["activations"]}
 
 
 # -- time -----------------------------------------------------------------------------------------
@@ -342,6 +362,7 @@ class Plan:
     out: str | None = None
     free_bytes: int | None = None
     measured: list[str] = field(default_factory=list)
+    ranks: int = 1  # torchrun ranks: peak_ram and peak_gpu are then per rank (the most any needs), seconds one process's
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -365,11 +386,13 @@ def _seconds(source: Source, recipe: Recipe, fmt: QuantFormat, dtype: torch.dtyp
 
 def make_plan(model: str | os.PathLike, config: QuantConfig | Recipe, export: ExportOptions | None = None,
               calibration: CalibrationOptions | None = None, ignore: tuple[str, ...] = (),
-              out_dir: str | os.PathLike | None = None, measure: bool = True) -> Plan:
+              out_dir: str | os.PathLike | None = None, measure: bool = True, nproc: int = 1) -> Plan:
     """Estimate a quantize run of `model` (a directory, hub id or preset name) before it starts.
 
     A calibrated method is planned with `calibration`'s n_samples, seq_len, device and dtype (its source is
     not read; None: the defaults). measure=False skips the timing and the baseline measurement (0 for both).
+    nproc > 1: a data-parallel run of that many torchrun ranks (memory per rank: the most any needs; the time of
+    one process); QuantkitError where it could not be shared out (quantkit.run.calibrator.data_parallel_problem).
     """
     export, source = export or ExportOptions(), Source.of(model)
     if out_dir is not None:  # as quantize would judge it: not under a file, not the source (an existing OUT is fine)
@@ -389,11 +412,17 @@ def make_plan(model: str | os.PathLike, config: QuantConfig | Recipe, export: Ex
         calib_dtype = calibration_dtype(calibration.dtype, source.stored_dtype, device, dtype)
     else:
         calibration = None
+    if nproc < 1:
+        raise QuantkitError(f"--nproc {nproc}: a run has at least one process")
+    problem = data_parallel_problem(recipe, getattr(calibration, "n_samples", 0), getattr(calibration, "batch_size", 1),
+                                    nproc)
+    if problem:
+        raise QuantkitError(f"--nproc {nproc}: {problem}")
     output = output_size(source, recipe, fmt, dtype)
     activations = activation_bytes(source.config, calibration, calib_dtype) if calibration else 0
     disk = disk_plan(output, activations, out_dir)
     baseline = measure_baseline(recipe, fmt, device, largest_linear(source)) if measure else (0, 0.0, 0.0)
-    memory = memory_plan(source, output, dtype, baseline, calibration, calib_dtype)
+    memory = memory_plan(source, output, dtype, baseline, calibration, calib_dtype, nproc)
     where = nearest_existing(Path(out_dir).absolute().parent) if out_dir is not None else Path(tempfile.gettempdir())
     parts, notes = (_seconds(source, recipe, fmt, dtype, calibration, calib_dtype, output, activations, where)
                     if measure else ({}, []))
@@ -407,7 +436,7 @@ def make_plan(model: str | os.PathLike, config: QuantConfig | Recipe, export: Ex
                 bits_per_weight=bits_per_weight(output.linear_bytes, output.linear_weights),
                 seconds=sum(parts.values()), seconds_parts=parts, ram_phases=memory.ram_phases,
                 gpu_phases=memory.gpu_phases, out=None if out_dir is None else str(out_dir),
-                free_bytes=None if out_dir is None else free_space(out_dir)[0], measured=notes)
+                free_bytes=None if out_dir is None else free_space(out_dir)[0], measured=notes, ranks=nproc)
 
 
 def _duration(seconds: float) -> str:
@@ -419,10 +448,11 @@ def _duration(seconds: float) -> str:
 def plan_table(plan: Plan) -> str:
     """The plan as a short human table, then what was measured."""
     ram_phase = max(plan.ram_phases, key=lambda p: sum(plan.ram_phases[p].values()))
+    per = f" per rank ({plan.ranks} torchrun ranks)" if plan.ranks > 1 else ""
     rows = [("model", f"{plan.model} ({plan.layers} layers), {plan.format}, {plan.bits_per_weight:.2f} bits per "
                       f"weight (decoder linears, scales included)"),
-            ("peak RAM", f"{human_bytes(plan.peak_ram)} (while: {ram_phase})"),
-            ("peak GPU", human_bytes(plan.peak_gpu) if plan.gpu_phases else "none (runs on the CPU)"),
+            ("peak RAM" + per, f"{human_bytes(plan.peak_ram)} (while: {ram_phase})"),
+            ("peak GPU" + per, human_bytes(plan.peak_gpu) if plan.gpu_phases else "none (runs on the CPU)"),
             ("output", human_bytes(plan.output_bytes)),
             ("work directory", f"{human_bytes(plan.work_bytes)} (removed at the end)"),
             ("disk needed", human_bytes(plan.disk_needed))]
@@ -430,7 +460,8 @@ def plan_table(plan: Plan) -> str:
         fits = "fits" if plan.free_bytes >= plan.disk_needed else "DOES NOT FIT"
         rows.append(("free disk", f"{human_bytes(plan.free_bytes)} where {plan.out} goes: {fits}"))
     parts = ", ".join(f"{name} {_duration(s)}" for name, s in plan.seconds_parts.items())
-    rows.append(("time", f"about {_duration(plan.seconds)} ({parts})" if plan.seconds_parts else "not measured"))
+    one = " in one process" if plan.ranks > 1 else ""
+    rows.append(("time", f"about {_duration(plan.seconds)}{one} ({parts})" if plan.seconds_parts else "not measured"))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     return "\n".join(lines + ["measured here (then scaled to the run):"] + [f"  {note}" for note in plan.measured])

@@ -25,6 +25,16 @@ and once per layer:
 So layer i is calibrated on the outputs of the already-quantized layers before it. Only one layer's
 weights, the activations (n, T, hidden) and one group's statistics are in memory at a time.
 
+Under torchrun (quantkit/dist.py) the phases are data-parallel, as llm-compressor's: each rank holds a contiguous
+block of the calibration batches (`dist.block`: one process's batches, the same samples in each) and pushes them through
+the layer, keeping what each observer is fed; the observers are then fed those inputs rank after rank
+(`dist.chained`), in one process's order, so that their statistics (GPTQ's running-mean Hessian) are one process's bit
+for bit: a statistic merged from partial sums differs in its last bits, and GPTQ's error feedback turns that into
+different grid values (12% of the demo model's). Each target linear is solved on one owner rank (`dist.owners`, by
+cost) and broadcast, so that every rank advances its own samples through the same quantized layer. Every phase is
+`dist.collective`: an error on one rank (non-finite activations, a bad Hessian) ends every rank with its message.
+Transforms that search on the samples themselves (AWQ) run in one process only (`data_parallel_problem`).
+
 A layer computes in the calibration dtype (`calibration_dtype`: never one with a smaller range than
 the checkpoint's), cast once per step; its quantized modules are built in the export dtype and the
 rest of it is cast back before it is written, so the exported tensors do not depend on it. Every
@@ -41,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import psutil
+
+import quantkit.dist as dist
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -48,7 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantkit.calibrate.sources import SEQ_LEN
-from quantkit.backends import BACKENDS, QuantConfig, Recipe, check_finite, replace_linear
+from quantkit.backends import BACKENDS, QuantConfig, Recipe, check_finite, needs_calibration, replace_linear
 from quantkit.dtypes import dtype_name, parse_dtype, short_name
 from quantkit.errors import QuantkitError
 from quantkit.model.checkpoint import Checkpoint
@@ -57,7 +69,7 @@ from quantkit.model.config import LlamaConfig
 from quantkit.model.layout import SEQUENTIAL_GROUPS, group_of, layer_prefix, module_names
 from quantkit.model.llama import rotary_embedding
 from quantkit.quant.record import LinearReport, linear_reports, record_of
-from quantkit.quant.surgery import quantized_modules
+from quantkit.quant.surgery import quantized_modules, set_module
 from quantkit.run.stages import LayerStages, first_nonfinite
 from quantkit.run.timing import PhaseTimes
 
@@ -192,6 +204,26 @@ def _overflow_site(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: to
     return next((where for where, ok in finite.items() if not ok), "the residual add after mlp")
 
 
+def data_parallel_problem(recipe: Recipe, n_samples: int, batch_size: int, ranks: int | None = None) -> str | None:
+    """Why this recipe's quantization cannot be shared out over `ranks` torchrun ranks (default: this world's; None
+    where it can, or for one process): an uncalibrated recipe (no samples to share), transforms that search on the
+    samples (AWQ's scales), or fewer calibration batches than ranks."""
+    ranks = ranks or dist.world_size()
+    if ranks <= 1:
+        return None
+    if not needs_calibration(recipe):
+        return (f"{', '.join(sorted({c.method for c in recipe.configs()}))}: uncalibrated methods have no calibration "
+                f"samples to share out over {ranks} torchrun ranks: run it in one process")
+    rewriting = next((c for c in recipe.configs() if BACKENDS.for_config(c).rewrites_layers(c)), None)
+    if rewriting is not None:
+        return (f"method {rewriting.method}: its activation-aware search (AWQ) runs in one process: run it without "
+                f"torchrun ({ranks} ranks)")
+    if -(-n_samples // batch_size) < ranks:
+        return (f"--n-samples {n_samples} in batches of {batch_size}: fewer calibration batches than the {ranks} "
+                f"torchrun ranks, which share them out: use a smaller --calib-batch-size or fewer ranks")
+    return None
+
+
 def calibration_tensor(options: CalibrationOptions, ckpt: Checkpoint) -> torch.Tensor:
     """Token ids (n, seq_len): a tensor is used as is (after calibrate's checks); a source is sampled."""
     from quantkit.calibrate import calibration_tokens
@@ -252,8 +284,15 @@ class LayerCalibrator:
                  dtype: torch.dtype | None = None, offload: bool = False):
         """`dtype`: what the layers compute in (None: calibration_dtype's auto for the embedding's dtype);
         `offload`: the activations live in CPU memory, each batch computed on `device` (CalibrationOptions)."""
-        self.recipe, self.batch_size, self.device, self.progress = recipe, batch_size, check_device(device), progress
+        problem = data_parallel_problem(recipe, tokens.shape[0], batch_size)
+        if problem:
+            raise QuantkitError(problem)
+        self.recipe, self.batch_size, self.device = recipe, batch_size, check_device(device)
+        self.progress = progress and dist.is_main()
         self.store = activations_device(self.device, offload)
+        self.samples = tokens.shape[0]  # over every rank; this rank holds the samples of its block of batches
+        self.rows = sample_block(self.samples, batch_size)
+        tokens = tokens[self.rows.start:self.rows.stop]
         self.dtype = dtype or calibration_dtype(None, embed_weight.dtype, self.device)
         # Looked up in the weight's dtype, then cast: exact, and no copy of the whole table in self.dtype.
         self.hidden = F.embedding(tokens.to(self.store), embed_weight.to(self.store)).to(self.dtype)  # (n, T, hidden)
@@ -310,7 +349,10 @@ class LayerCalibrator:
             bar.set_postfix_str(label)
             configs = self._targets(layer, prefix, names)
             start = time.perf_counter()
-            observers = self.collect(layer, prefix, configs, stages and (lambda names=names: stages.inputs(names)))
+            observers = dist.collective(
+                lambda: self.collect(layer, prefix, configs, stages and (lambda names=names: stages.inputs(names))))
+            with self.times("statistics"):
+                observers = chained(observers, self.device)
             if observers:
                 bar.set_postfix_str(f"{label}: {samples / max(time.perf_counter() - start, 1e-9):,.0f} samples/s")
             with self.times("transform"):
@@ -321,7 +363,7 @@ class LayerCalibrator:
             if stages:
                 stages.changed(names)
         with self.times("forward"):
-            self.hidden = stages.output() if stages else self._run(layer, prefix)
+            self.hidden = dist.collective(lambda: stages.output() if stages else self._run(layer, prefix))
         layer.self_attn.pretraining_tp = layer.mlp.pretraining_tp = tp
         _cast_full_precision(layer, export_dtype)  # exact: the norms and ignored linears come back bit for bit
         return layer
@@ -361,8 +403,12 @@ class LayerCalibrator:
         (the staged forward), or else one forward pass of the layer with hooks; nothing runs if none needs it.
 
         Linears that read the same input (a true-sequential group's: q/k/v, gate/up) share one observer where its
-        statistic depends on the inputs alone (`shared_by_inputs`: GPTQ's Hessian is computed once for q/k/v)."""
+        statistic depends on the inputs alone (`shared_by_inputs`: GPTQ's Hessian is computed once for q/k/v).
+        Under torchrun each observer comes back as a Recorded, holding the batches it was fed (see `chained`)."""
         observers = self._observers(layer, configs)
+        if dist.active():
+            recorded = {id(o): Recorded(o, self.store) for o in dict.fromkeys(observers.values())}
+            observers = {n: recorded[id(o)] for n, o in observers.items()}
         unique = list(dict.fromkeys(observers.values()))
         if unique and inputs is not None:
             batches = iter(inputs())
@@ -416,12 +462,25 @@ class LayerCalibrator:
 
     def quantize(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig], observers: dict[str, Any],
                  dtype: torch.dtype | None = None):
-        """Swap each target for its quantized module, built in `dtype` (the export dtype; None: the layer's)."""
-        for n, config in configs.items():
-            stats = observers[n].handler_kwargs() if n in observers else {}
-            self._check_statistics(prefix + n, stats)
-            replace_linear(layer, n, prefix + n, config, dtype=dtype, **stats)
+        """Swap each target for its quantized module, built in `dtype` (the export dtype; None: the layer's).
+
+        Under torchrun each target is solved on its owner rank (dist.owners, by its solve's cost) and sent to the
+        others."""
+        names = list(configs)
+        owner = dict(zip(names, dist.owners([solve_cost(layer.get_submodule(n)) for n in names])))
+
+        def solve():
+            for n in (n for n in names if owner[n] == dist.rank()):
+                stats = observers[n].handler_kwargs() if n in observers else {}
+                self._check_statistics(prefix + n, stats)
+                replace_linear(layer, n, prefix + n, configs[n], dtype=dtype, **stats)
+        dist.collective(solve)
         observers.clear()  # the statistics (GPTQ: one K x K Hessian each) are freed before the next group
+        if dist.active():
+            for n in names:
+                mine = owner[n] == dist.rank()
+                module = dist.broadcast_object(layer.get_submodule(n).cpu() if mine else None, src=owner[n])
+                set_module(layer, n, module.to(self.device))
 
     def _check_statistics(self, name: str, stats: dict[str, Any]):
         """An observer's tensors (GPTQ's Hessian, ...) must be finite: a non-finite one is an overflow, named."""
@@ -430,21 +489,85 @@ class LayerCalibrator:
                 raise QuantkitError(f"{name}: its calibration statistic ({key}) is not finite (computing in "
                                     f"{dtype_name(self.dtype)}): {nonfinite_cause(self.dtype)}")
 
-    def save_activations(self, path: Path):
-        """Write the current activations (n, T, hidden) to a safetensors file, exactly (their dtype, on CPU)."""
-        save_file({"hidden": self.hidden.contiguous().cpu()}, path)
+    def activations_saver(self) -> Callable[[Path], None] | None:
+        """What writes the current activations (n, T, hidden: every rank's, in sample order) to a safetensors file,
+        exactly (their dtype, on CPU): on rank 0, which gathers them; None on the other ranks (every rank calls it)."""
+        hidden = dist.gather_blocks(self.hidden.cpu(), [len(sample_block(self.samples, self.batch_size, r))
+                                                        for r in range(dist.world_size())])
+        return None if hidden is None else lambda path: save_file({"hidden": hidden.contiguous()}, path)
 
-    def load_activations(self, path: Path):
-        """Continue from activations saved by save_activations (a resumed run); they must match these in shape
-        and dtype (the run's fingerprint makes sure they come from the same tokens and calibration dtype)."""
-        shape, dtype = tuple(self.hidden.shape), self.hidden.dtype
+    def save_activations(self, path: Path):
+        """Write the current activations (n, T, hidden) to a safetensors file (one process)."""
+        self.activations_saver()(path)
+
+    def load_activations(self, path: Path | None):
+        """Continue from activations saved by save_activations (a resumed run; under torchrun rank 0 reads them,
+        `path` None on the others, and sends each rank its block); they must match these in shape and dtype (the
+        run's fingerprint makes sure they come from the same tokens and calibration dtype)."""
+        shape, dtype = (self.samples, *self.hidden.shape[1:]), self.hidden.dtype
         self.hidden = None  # the embedded tokens are replaced: free them first
-        hidden = load_file(path)["hidden"]
-        if tuple(hidden.shape) != shape or hidden.dtype != dtype:
-            raise QuantkitError(f"{path}: activations {list(hidden.shape)} in {dtype_name(hidden.dtype)}, not "
-                                f"{list(shape)} in {dtype_name(dtype)}: the work directory is damaged: pass --force "
-                                f"to start over")
+
+        def read() -> torch.Tensor | None:
+            hidden = None if path is None else load_file(path)["hidden"]
+            if hidden is not None and (tuple(hidden.shape) != shape or hidden.dtype != dtype):
+                raise QuantkitError(f"{path}: activations {list(hidden.shape)} in {dtype_name(hidden.dtype)}, not "
+                                    f"{list(shape)} in {dtype_name(dtype)}: the work directory is damaged: pass "
+                                    f"--force to start over")
+            return hidden
+        sizes = [len(sample_block(self.samples, self.batch_size, r)) for r in range(dist.world_size())]
+        hidden = dist.scatter_blocks(dist.collective(read), sizes, torch.empty(0, *shape[1:], dtype=dtype))
         self.hidden = hidden.to(self.store)
+
+
+def solve_cost(linear: nn.Module) -> float:
+    """The relative cost of quantizing a linear (N, K): GPTQ's column loop, N K^2 (what dist.owners shares out)."""
+    return float(linear.weight.numel() * linear.weight.shape[-1])
+
+
+def sample_block(n: int, batch_size: int, rank: int | None = None, ranks: int | None = None) -> range:
+    """The calibration samples a torchrun rank holds (default: this one, of this world's ranks): those of its block
+    of one process's batches of `batch_size` (dist.block), so every rank computes exactly one process's batches."""
+    batches = dist.block(-(-n // batch_size), rank, ranks)
+    return range(min(batches.start * batch_size, n), min(batches.stop * batch_size, n))
+
+
+class Recorded:
+    """Stands in for an observer on a torchrun rank during collect: keeps the batches (..., K) it is fed, where the
+    activations live, for `chained` to feed the observer in one process's order."""
+
+    def __init__(self, observer: Any, store: torch.device):
+        self.observer, self.store, self.batches = observer, store, []
+
+    def add(self, x: torch.Tensor):
+        self.batches.append(x.to(self.store))
+
+
+def chained(observers: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Under torchrun: collect's Recorded stand-ins replaced by their observers fed every rank's batches on `device`,
+    rank after rank (dist.chained: rank 0's observers, then rank 1 adds its batches to them, ...): one process's
+    statistics bit for bit, on every rank. Linears that share an observer share it still. As is in one process."""
+    if not dist.active():
+        return observers
+    recorded = list(dict.fromkeys(observers.values()))
+
+    def feed(state: list[Any]) -> list[Any]:
+        for observer, mine in zip(state, recorded):
+            relocate(observer, device)
+            for x in mine.batches:
+                observer.add(x.to(device))
+        return state
+    total = [relocate(o, device) for o in dist.chained([r.observer for r in recorded], feed)]
+    by_recorded = dict(zip(map(id, recorded), total))
+    return {n: by_recorded[id(r)] for n, r in observers.items()}
+
+
+def relocate(observer: Any, device: torch.device) -> Any:
+    """The observer with its tensor attributes on `device` (one that was sent from another rank arrives on the
+    sender's device); returns it."""
+    for key, value in vars(observer).items():
+        if isinstance(value, torch.Tensor):
+            setattr(observer, key, value.to(device))
+    return observer
 
 
 def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: tuple[str, ...] = (),
@@ -462,7 +585,8 @@ def quantize_calibrated(model: nn.Module, config, tokens: torch.Tensor, ignore: 
     recipe.assign(*module_names(model.config))  # every pattern applies to some module: refused before any work
     weight = model.model.embed_tokens.weight
     compute = calibration_dtype(dtype, weight.dtype, device, whose="the model's")  # the model is source and export
-    calibrator = LayerCalibrator(model.config, tokens, weight, recipe, batch_size, device, progress, compute, offload)
+    calibrator = dist.collective(lambda: LayerCalibrator(model.config, tokens, weight, recipe, batch_size, device,
+                                                         progress, compute, offload))
     reports = []
     for index, layer in enumerate(tqdm(model.model.layers, desc="quantize", unit="layer", disable=not progress)):
         calibrator.step(layer, layer_prefix(index)).to(weight.device)

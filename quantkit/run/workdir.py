@@ -14,7 +14,7 @@ the original tensor order, so a resumed output is byte-identical to an uninterru
 work directory is removed. A resumed run first compares its fingerprint with the stored one and
 refuses, naming what changed: the source (config.json, each weight file's size, safetensors header and
 first and last MiB of data, the tokenizer files), the recipe and export options, the calibration
-tokens and settings, the quantkit and torch versions and torch's thread count (float sums depend on it).
+tokens and settings (and the number of torchrun ranks), the quantkit and torch versions and torch's thread count (float sums depend on it).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import psutil
 import torch
+
+import quantkit.dist as dist
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -108,6 +110,8 @@ def fingerprint(ckpt: Checkpoint, recipe: dict, export: dict, calibration=None,
         calib = {"tokens_sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest(), "shape": list(data.shape),
                  "dtype": dtype_name(calib_dtype), "device": str(calibration.device),
                  "batch_size": calibration.batch_size}
+        if dist.world_size() > 1:  # data-parallel: float sums in another order (one process's fingerprint unchanged)
+            calib["ranks"] = dist.world_size()
     export = {**export, "max_shard_size": parse_size(export["max_shard_size"])}
     return {"source": source_fingerprint(ckpt), "recipe": recipe, "export": export, "calibration": calib,
             "quantkit": __version__, "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -131,15 +135,16 @@ def _source_change(old: dict, new: dict) -> str:
 
 CALIBRATION_CHANGES = {"tokens_sha256": "the calibration tokens changed (--calib, --n-samples, --seq-len, --seed)",
                      "shape": "the calibration tokens changed (--calib, --n-samples, --seq-len, --seed)",
-                     "dtype": "--calib-dtype", "device": "--device", "batch_size": "the calibration batch size"}
+                     "dtype": "--calib-dtype", "device": "--device", "batch_size": "the calibration batch size",
+                     "ranks": "the number of torchrun ranks (--nproc-per-node; none: one process)"}
 
 
 def _calibration_change(old: dict | None, new: dict | None) -> str:
     if old is None or new is None:
         return "the recipe's calibration changed"
-    key = next(k for k in new if old.get(k) != new[k])
+    key = next(k for k in {**old, **new} if old.get(k) != new.get(k))
     what = CALIBRATION_CHANGES[key]
-    return what if what.startswith("the calibration tokens") else f"{what} changed ({old.get(key)} -> {new[key]})"
+    return what if what.startswith("the calibration tokens") else f"{what} changed ({old.get(key)} -> {new.get(key)})"
 
 
 def what_changed(old: dict, new: dict) -> str | None:

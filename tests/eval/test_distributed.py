@@ -3,9 +3,6 @@ the CPU give exactly a single process's numbers, rank 0 alone prints (one JSON d
 ends every rank with rank 0's one-line message."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,18 +10,10 @@ import torch
 from quantkit.model import save_model
 from quantkit.model.tokenizer import load_tokenizer
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
-from tests.helpers import run
+from tests.helpers import run, torchrun, torchrun_rank
 
 SEQ_LEN = 64
 pytestmark = pytest.mark.slow  # torchrun processes (about a minute): `make test-fast` leaves them out
-
-
-def torchrun(*args, nproc: int = 2, timeout: int = 300):
-    """`torchrun --standalone --nproc-per-node N -m quantkit ARGS` (one thread per rank)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTKIT_DIST_TIMEOUT_S": "120"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(nproc), "-m", "quantkit", *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -108,26 +97,16 @@ def test_save_logits_with_two_ranks_writes_one_file_a_single_process_would(setup
 def test_a_killed_rank_ends_the_run(setup, tmp_path):
     """SIGKILL to rank 1 mid-evaluation: torchrun ends rank 0 too (SIGTERM: one line, nothing written) well within
     the timeout, and exits non-zero; no process is left waiting in a collective."""
-    import psutil
     import signal
     import time
 
     text = tmp_path / "long.txt"
     text.write_text((DEMO_MODEL / "test.txt").read_text() * 2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTKIT_DIST_TIMEOUT_S": "60"}
     args = ["eval", setup["root"] / "rtn", "--base", DEMO_MODEL, "--dataset", text, "--seq-len", 32,
             "--report", tmp_path / "r.json"]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "quantkit", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = torchrun(*args, popen=True, dist_timeout=60)
     try:
-        deadline, victim = time.monotonic() + 120, None
-        while victim is None and time.monotonic() < deadline:
-            time.sleep(1)
-            ranks = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children(recursive=True)
-                     if "quantkit" in " ".join(p.cmdline())}
-            victim = ranks.get("1") if len(ranks) == 2 else None
-        assert victim is not None, "torchrun never started 2 ranks"
+        victim = torchrun_rank(proc, 1)
         time.sleep(6)  # into the evaluation (both models loaded)
         victim.send_signal(signal.SIGKILL)
         out, err = proc.communicate(timeout=90)

@@ -118,7 +118,39 @@ def test_plan_command_prints_a_table_and_json(tiny_model_dir, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_nproc_plans_the_memory_of_one_rank(nproc):
+    """Under torchrun a rank holds its block of the calibration batches (the largest counts), records its group's
+    inputs, receives and sends the Hessians; rank 0 gathers all the activations to save them."""
+    config = QuantConfig.from_dict({"method": "gptq", "group_size": 128})
+    calibration = CalibrationOptions(n_samples=128, seq_len=2048)
+    one = make_plan("llama2-7b", config, calibration=calibration, measure=False)
+    many = make_plan("llama2-7b", config, calibration=calibration, measure=False, nproc=nproc)
+    activations = 128 * 2048 * 4096 * 4
+    share = activations * (-(-16 // nproc) * 8) // 128  # whole batches of 8: the largest block
+    assert many.ranks == nproc and one.ranks == 1
+    assert many.ram_phases["collect"]["activations x3"] == 3 * share
+    collect = many.ram_phases["collect"]
+    kept_down = collect["activations down_proj's inputs"]  # where they fit in the memory free here
+    assert collect["recorded inputs"] == (share if kept_down else share * 11008 // 4096)
+    assert collect["hessians sent and received"] == 2 * collect["hessians"]
+    assert many.ram_phases["read a layer"]["activations gathered (rank 0)"] == activations
+    assert "recorded inputs" not in one.ram_phases["collect"]
+    assert (many.output_bytes, many.work_bytes) == (one.output_bytes, one.work_bytes)
+
+
+def test_plan_nproc_in_the_table(tiny_model_dir):
+    result = run("plan", tiny_model_dir, "--method", "gptq", "--group-size", 32, "--calib", DEMO_MODEL / "test.txt",
+                 "--n-samples", 16, "--nproc", 2)
+    assert result.exit_code == 0, result.output
+    assert "peak RAM per rank (2 torchrun ranks)" in result.output and "in one process" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
+    (("llama2-7b", "--method", "int4", "--nproc", 2), "--nproc 2: int4: uncalibrated methods have no calibration"),
+    (("llama2-7b", "--method", "awq", "--nproc", 2), "--nproc 2: method awq: its activation-aware search"),
+    (("llama2-7b", "--method", "gptq", "--n-samples", 8, "--nproc", 2), "fewer calibration batches than the 2"),
+    (("llama2-7b", "--method", "gptq", "--nproc", 0), "--nproc"),
     (("llama2-7b", "--method", "int4", "--calib", "x.txt"), "--calib applies to calibrated methods"),
     (("llama2-7b",), "give exactly one of --method and --recipe"),
     (("no-such-model", "--method", "int4"), "no-such-model: no such model directory"),

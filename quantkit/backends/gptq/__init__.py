@@ -73,6 +73,7 @@ def awq_then_gptq(ctx):
 
 @register_backend("gptq", GPTQConfig, formats=("gptq", "compressed-tensors"), requires=("torchao",),
                   observer=HessianObserver.for_linear, layer_transform=awq_then_gptq,
+                  rewrites=lambda config: config.awq,
                   description="GPTQ (Frantar et al. 2022), calibrated, layer by layer")
 def quantize_gptq(linear: nn.Linear, config: GPTQConfig, name: str, hessian: torch.Tensor | None = None) -> nn.Module:
     if hessian is None:

@@ -29,9 +29,10 @@ class HessianAccumulator:
     """GPTQ's H = 2/n sum_i x_i x_i^T (K, K) over the inputs of one linear, in fp32, never all X at once: the
     running mean of the reference gptq.py's add_batch, operation for operation (so quantkit's Hessians, and GPTQ's
     results, are the reference's bit for bit). Statistics add up: accumulators of disjoint samples `merge` into
-    the one of all of them, n-weighted, so calibration can be split (across processes: an all-reduce of n H and n).
-    A sum normalised at the end (llm-compressor's way) is the same to float rounding, but GPTQ's error feedback
-    turns one flipped rounding into many: 10% of the grid values of tiny-llama2-mha w4g128 differ.
+    the one of all of them, n-weighted, to float rounding. A sum normalised at the end (llm-compressor's way) is the
+    same to float rounding, but GPTQ's error feedback turns one flipped rounding into many: 10% of the grid values of
+    tiny-llama2-mha w4g128 differ; so torchrun's ranks feed one accumulator rank after rank instead
+    (quantkit/run/calibrator.py `chained`), one process's sums.
     """
 
     def __init__(self, in_features: int, device=None):

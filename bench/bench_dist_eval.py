@@ -4,6 +4,10 @@ total threads (1 process x N threads against N processes x 1 thread), alternatin
 differ only by the rounding of matmuls split over another number of threads.
 
     python bench/bench_dist_eval.py MODEL QUANTIZED [--dataset MODEL/test.txt --seq-len 256 --nproc 2 --repeats 3]
+    python bench/bench_dist_eval.py --llama7b-layers 2 [--seq-len 256]
+
+--llama7b-layers L: MODEL is L random decoder layers of Llama-2-7B's shape (bench_dist_quantize.llama7b_layers) and
+QUANTIZED its RTN w4 g128 (quantized here first), on the demo model's test.txt.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from bench_dist_quantize import ROOT, llama7b_layers
 
 
 def timed(cmd: list[str], threads: int) -> tuple[float, dict]:
@@ -30,13 +37,26 @@ def timed(cmd: list[str], threads: int) -> tuple[float, dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
-    parser.add_argument("quantized")
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("quantized", nargs="?")
+    parser.add_argument("--llama7b-layers", type=int, default=0)
     parser.add_argument("--dataset")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     a = parser.parse_args()
+    if a.llama7b_layers:
+        with tempfile.TemporaryDirectory(dir=ROOT / "out" if (ROOT / "out").is_dir() else None) as tmp:
+            a.model, a.quantized = f"{tmp}/model", f"{tmp}/rtn"
+            a.dataset = a.dataset or str(ROOT / "demo" / "model" / "test.txt")
+            llama7b_layers(Path(a.model), a.llama7b_layers)
+            subprocess.run([sys.executable, "-m", "quantkit", "quantize", a.model, "--method", "rtn", "--bits", "4",
+                            "--group-size", "128", "-o", a.quantized], check=True, capture_output=True)
+            return compare(a)
+    compare(a)
+
+
+def compare(a):
     args = ["eval", a.quantized, "--base", a.model, "--dataset", a.dataset or str(Path(a.model) / "test.txt"),
             "--seq-len", str(a.seq_len), "--dtype", "fp32", "--json"]
     one_cmd = [sys.executable, "-m", "quantkit", *args]

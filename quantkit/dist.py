@@ -93,29 +93,39 @@ def block(n: int, of_rank: int | None = None, ranks: int | None = None) -> range
 
 def owners(costs: list[float]) -> list[int]:
     """The rank each of the items of these costs goes to: largest first, each to the least loaded rank (ties: the
-    lowest rank), so that the ranks finish together; the same answer on every rank."""
+    highest rank, the last of a `chained` pass, which then keeps what it holds), so that the ranks finish together;
+    the same answer on every rank."""
     loads, owner = [0.0] * world_size(), [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        owner[i] = min(range(len(loads)), key=lambda r: (loads[r], r))
+        owner[i] = min(range(len(loads)), key=lambda r: (loads[r], -r))
         loads[owner[i]] += costs[i]
     return owner
 
 
-def chained(state: T, step: Callable[[T], T]) -> T:
+def chained(state: T, step: Callable[[T], T], to: set[int] | None = None) -> T | None:
     """step over the ranks in rank order, each continuing from the state the rank before it left (rank 0 from
-    `state`), the last rank's result on every rank: a statistic accumulated over the ranks' blocks of samples in
-    exactly one process's order, so that its float sums are one process's bit for bit (the states are sent pickled:
-    objects on the CPU)."""
+    `state`), the last rank's result on the ranks `to` (default: every rank; None on the others): a statistic
+    accumulated over the ranks' blocks of samples in exactly one process's order, so that its float sums are one
+    process's bit for bit (the states are sent pickled: objects on the CPU)."""
     if not active():
         return step(state)
+    last, to = world_size() - 1, set(range(world_size())) if to is None else to
     if rank() > 0:
         box = [None]
         dist.recv_object_list(box, src=rank() - 1)
         state = box[0]
     state = step(state)
-    if rank() < world_size() - 1:
+    if rank() < last:
         dist.send_object_list([state], dst=rank() + 1)
-    return broadcast_object(state, src=world_size() - 1)
+        state = None
+    for r in sorted(to - {last}):  # the result, from the last rank to each that needs it
+        if rank() == last:
+            dist.send_object_list([state], dst=r)
+        elif rank() == r:
+            box = [None]
+            dist.recv_object_list(box, src=last)
+            state = box[0]
+    return state
 
 
 def broadcast_object(value: T, src: int) -> T:

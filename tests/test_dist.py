@@ -35,9 +35,9 @@ def test_sample_blocks_are_whole_batches_of_one_process(world, ranks, n, batch_s
 
 
 @pytest.mark.parametrize("costs, ranks, loads", [
-    ([3, 3, 3], 2, [6, 3]),  # q/k/v of equal size: two on rank 0, one on rank 1
-    ([11, 4, 4, 4], 2, [11, 12]),  # largest first, each to the least loaded
-    ([1, 1], 4, [1, 1, 0, 0]),
+    ([3, 3, 3], 2, [3, 6]),  # q/k/v of equal size: one on rank 0, two on rank 1 (ties: the last rank of a chain)
+    ([11, 4, 4, 4], 2, [12, 11]),  # largest first, each to the least loaded
+    ([1, 1], 4, [0, 0, 1, 1]),
     ([5], 1, [5]),
 ])
 def test_owners_balance_the_cost(world, costs, ranks, loads):

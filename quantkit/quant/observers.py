@@ -22,11 +22,14 @@ class Observer(Protocol):
 
     def merge(self, other: "Observer") -> "Observer":
         """Add the statistics of another observer of the same linear (other samples) to this one; returns self.
-        Statistics add up, so calibration can be split across processes and reduced."""
+        Statistics add up, to float rounding (torchrun's ranks instead feed one observer rank after rank, for one
+        process's sums bit for bit: quantkit/run/calibrator.py `chained`)."""
 
     def handler_kwargs(self) -> dict:
         """What the backend's handler receives as keyword arguments (handlers must not change them in place)."""
 
+    # Under torchrun an observer is pickled from rank to rank, its tensor attributes moved to the receiving rank's
+    # device (quantkit/run/calibrator.py `relocate`): keep its state in plain attributes.
     # Optional class attribute `shared_by_inputs = True`: the statistics depend on the inputs alone (not the linear's
     # weight or config), so linears that read the same input share one observer (quantkit/run/calibrator.py).
 

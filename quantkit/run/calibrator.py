@@ -51,14 +51,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import psutil
-
-import quantkit.dist as dist
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+import quantkit.dist as dist
 from quantkit.calibrate.sources import SEQ_LEN
 from quantkit.backends import BACKENDS, QuantConfig, Recipe, check_finite, needs_calibration, replace_linear
 from quantkit.dtypes import dtype_name, parse_dtype, short_name
@@ -291,8 +290,8 @@ class LayerCalibrator:
         self.progress = progress and dist.is_main()
         self.store = activations_device(self.device, offload)
         self.samples = tokens.shape[0]  # over every rank; this rank holds the samples of its block of batches
-        self.rows = sample_block(self.samples, batch_size)
-        tokens = tokens[self.rows.start:self.rows.stop]
+        mine = sample_block(self.samples, batch_size)
+        tokens = tokens[mine.start:mine.stop]
         self.dtype = dtype or calibration_dtype(None, embed_weight.dtype, self.device)
         # Looked up in the weight's dtype, then cast: exact, and no copy of the whole table in self.dtype.
         self.hidden = F.embedding(tokens.to(self.store), embed_weight.to(self.store)).to(self.dtype)  # (n, T, hidden)
@@ -348,18 +347,19 @@ class LayerCalibrator:
             label = "/".join(n.rpartition(".")[2].removesuffix("_proj") for n in names)
             bar.set_postfix_str(label)
             configs = self._targets(layer, prefix, names)
+            owner = owners(layer, configs)
             start = time.perf_counter()
             observers = dist.collective(
                 lambda: self.collect(layer, prefix, configs, stages and (lambda names=names: stages.inputs(names))))
             with self.times("statistics"):
-                observers = chained(observers, self.device)
+                observers = chained(observers, self.device, set(owner.values()))
             if observers:
                 bar.set_postfix_str(f"{label}: {samples / max(time.perf_counter() - start, 1e-9):,.0f} samples/s")
             with self.times("transform"):
                 if self.transform(layer, prefix, configs, observers) and stages:
                     stages.changed()
             with self.times("quantize"):
-                self.quantize(layer, prefix, configs, observers, dtype=export_dtype)
+                self.quantize(layer, prefix, configs, observers, dtype=export_dtype, owner=owner)
             if stages:
                 stages.changed(names)
         with self.times("forward"):
@@ -461,13 +461,13 @@ class LayerCalibrator:
         return bool(transforms)
 
     def quantize(self, layer: nn.Module, prefix: str, configs: dict[str, QuantConfig], observers: dict[str, Any],
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, owner: dict[str, int] | None = None):
         """Swap each target for its quantized module, built in `dtype` (the export dtype; None: the layer's).
 
-        Under torchrun each target is solved on its owner rank (dist.owners, by its solve's cost) and sent to the
-        others."""
+        Under torchrun each target is solved on its `owner` rank (default: `owners`) and sent to the others; a rank
+        holds the observers of the targets it owns."""
         names = list(configs)
-        owner = dict(zip(names, dist.owners([solve_cost(layer.get_submodule(n)) for n in names])))
+        owner = owner or owners(layer, configs)
 
         def solve():
             for n in (n for n in names if owner[n] == dist.rank()):
@@ -492,9 +492,12 @@ class LayerCalibrator:
     def activations_saver(self) -> Callable[[Path], None] | None:
         """What writes the current activations (n, T, hidden: every rank's, in sample order) to a safetensors file,
         exactly (their dtype, on CPU): on rank 0, which gathers them; None on the other ranks (every rank calls it)."""
-        hidden = dist.gather_blocks(self.hidden.cpu(), [len(sample_block(self.samples, self.batch_size, r))
-                                                        for r in range(dist.world_size())])
+        hidden = dist.gather_blocks(self.hidden.cpu(), self._block_sizes())
         return None if hidden is None else lambda path: save_file({"hidden": hidden.contiguous()}, path)
+
+    def _block_sizes(self) -> list[int]:
+        """The number of samples each rank holds, in rank order."""
+        return [len(sample_block(self.samples, self.batch_size, r)) for r in range(dist.world_size())]
 
     def save_activations(self, path: Path):
         """Write the current activations (n, T, hidden) to a safetensors file (one process)."""
@@ -514,14 +517,15 @@ class LayerCalibrator:
                                     f"{list(shape)} in {dtype_name(dtype)}: the work directory is damaged: pass "
                                     f"--force to start over")
             return hidden
-        sizes = [len(sample_block(self.samples, self.batch_size, r)) for r in range(dist.world_size())]
-        hidden = dist.scatter_blocks(dist.collective(read), sizes, torch.empty(0, *shape[1:], dtype=dtype))
+        hidden = dist.scatter_blocks(dist.collective(read), self._block_sizes(), torch.empty(0, *shape[1:], dtype=dtype))
         self.hidden = hidden.to(self.store)
 
 
-def solve_cost(linear: nn.Module) -> float:
-    """The relative cost of quantizing a linear (N, K): GPTQ's column loop, N K^2 (what dist.owners shares out)."""
-    return float(linear.weight.numel() * linear.weight.shape[-1])
+def owners(layer: nn.Module, configs: dict[str, QuantConfig]) -> dict[str, int]:
+    """The rank each target linear of a group is solved on under torchrun: dist.owners by the cost of GPTQ's column
+    loop, N K^2 (0 everywhere in one process)."""
+    weights = [layer.get_submodule(n).weight for n in configs]
+    return dict(zip(configs, dist.owners([float(w.numel() * w.shape[-1]) for w in weights])))
 
 
 def sample_block(n: int, batch_size: int, rank: int | None = None, ranks: int | None = None) -> range:
@@ -542,10 +546,11 @@ class Recorded:
         self.batches.append(x.to(self.store))
 
 
-def chained(observers: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def chained(observers: dict[str, Any], device: torch.device, to: set[int]) -> dict[str, Any]:
     """Under torchrun: collect's Recorded stand-ins replaced by their observers fed every rank's batches on `device`,
     rank after rank (dist.chained: rank 0's observers, then rank 1 adds its batches to them, ...): one process's
-    statistics bit for bit, on every rank. Linears that share an observer share it still. As is in one process."""
+    statistics bit for bit, on the ranks `to` (those that solve the group's linears; {} on the others). Linears that
+    share an observer share it still. As is in one process."""
     if not dist.active():
         return observers
     recorded = list(dict.fromkeys(observers.values()))
@@ -556,8 +561,10 @@ def chained(observers: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for x in mine.batches:
                 observer.add(x.to(device))
         return state
-    total = [relocate(o, device) for o in dist.chained([r.observer for r in recorded], feed)]
-    by_recorded = dict(zip(map(id, recorded), total))
+    total = dist.chained([r.observer for r in recorded], feed, to)
+    if total is None:
+        return {}
+    by_recorded = dict(zip(map(id, recorded), [relocate(o, device) for o in total]))
     return {n: by_recorded[id(r)] for n, r in observers.items()}
 
 

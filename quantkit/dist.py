@@ -36,6 +36,8 @@ class RankFailed(QuantkitError):
     the ranks that did not fail: one line, and not to be taken for bad input (a quantize run keeps its work)."""
 
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("QUANTKIT_DIST_TIMEOUT_S", "600")))
+# How long the other ranks wait at the end for rank 0, which alone writes the output (a 70B model's: minutes).
+FINISH_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("QUANTKIT_DIST_FINISH_TIMEOUT_S", str(6 * 3600))))
 
 
 def active() -> bool:
@@ -211,10 +213,11 @@ def collective(fn: Callable[[], T]) -> T:
 def process_group():
     """Within the block, this process is a rank of torchrun's group (init_from_env), left when the block ends."""
     made = init_from_env()
+    leaving = dist.new_group(backend="gloo", timeout=FINISH_TIMEOUT) if made else None
     try:
         yield
-        if made:  # every rank leaves together: gloo aborts a rank that tears its group down while others still talk
-            dist.barrier()
+        if made:  # every rank leaves together: gloo aborts a rank that tears its group down while others still talk;
+            dist.barrier(group=leaving)  # they wait while rank 0 writes (a group of its own: FINISH_TIMEOUT)
     finally:
         if made:
             finish()

@@ -106,7 +106,8 @@ def quantize_checkpoint(src: str | os.PathLike, config: QuantConfig | Recipe, ou
     calibrator = tokens = calib_dtype = None
     if needs_calibration(recipe):
         calib_dtype = calibration.compute_dtype(ckpt, dtype)  # refused here if it could overflow or round the layers
-        tokens = calibration_tensor(calibration, ckpt)
+        tokens = dist.broadcast_from_main(dist.collective(  # sampled once: the same tokens on every rank
+            lambda: calibration_tensor(calibration, ckpt) if main else None))
         calibrator = dist.collective(lambda: LayerCalibrator(
             ckpt.config, tokens, ckpt.tensor("model.embed_tokens.weight", dtype), recipe, calibration.batch_size,
             calibration.device, progress, calib_dtype, offload=calibration.offload_activations))

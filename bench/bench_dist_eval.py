@@ -13,26 +13,14 @@ QUANTIZED its RTN w4 g128 (quantized here first), on the demo model's test.txt.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench_dist_quantize import ROOT, llama7b_layers
-
-
-def timed(cmd: list[str], threads: int) -> tuple[float, dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        sys.exit(done.stderr[-3000:])
-    return seconds, json.loads(done.stdout[done.stdout.index("{"):])
+from bench_dist_quantize import ROOT, llama7b_layers, timed
 
 
 def main():

@@ -95,18 +95,11 @@ def contenders(args, out: Path) -> dict[str, tuple[list[str], dict, callable]]:
 
 
 def llama7b_layer(path: Path, test_text: Path):
-    """One decoder layer of Llama-2-7B's shape (hidden 4096, intermediate 11008, 32 heads), random fp16 weights
-    (std 0.02, norms 1), demo/model's tokenizer (vocab 4096), and a short test.txt for the reference's scoring."""
-    from quantkit.model import LlamaConfig, LlamaForCausalLM, save_model
+    """One decoder layer of Llama-2-7B's shape (bench_dist_quantize.llama7b_layers: random fp16 weights, the demo
+    model's tokenizer, vocab 4096), and a short test.txt for the reference's scoring."""
+    from bench_dist_quantize import llama7b_layers
 
-    config = LlamaConfig(vocab_size=4096, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
-                         num_attention_heads=32, torch_dtype="float16")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02)
-    save_model(model.half(), path, tokenizer_dir=ROOT / "demo" / "model")
+    llama7b_layers(path, 1)
     (path / "test.txt").write_text(test_text.read_text(encoding="utf-8")[:40000], encoding="utf-8")
 
 

@@ -35,6 +35,7 @@ class RankFailed(QuantkitError):
     """Another rank's unexpected error (not a QuantkitError: a bug, a lost connection), as `collective` raises it on
     the ranks that did not fail: one line, and not to be taken for bad input (a quantize run keeps its work)."""
 
+
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("QUANTKIT_DIST_TIMEOUT_S", "600")))
 # How long the other ranks wait at the end for rank 0, which alone writes the output (a 70B model's: minutes).
 FINISH_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("QUANTKIT_DIST_FINISH_TIMEOUT_S", str(6 * 3600))))
@@ -113,9 +114,7 @@ def chained(state: T, step: Callable[[T], T], to: set[int] | None = None) -> T |
         return step(state)
     last, to = world_size() - 1, set(range(world_size())) if to is None else to
     if rank() > 0:
-        box = [None]
-        dist.recv_object_list(box, src=rank() - 1)
-        state = box[0]
+        state = _received(src=rank() - 1)
     state = step(state)
     if rank() < last:
         dist.send_object_list([state], dst=rank() + 1)
@@ -124,10 +123,15 @@ def chained(state: T, step: Callable[[T], T], to: set[int] | None = None) -> T |
         if rank() == last:
             dist.send_object_list([state], dst=r)
         elif rank() == r:
-            box = [None]
-            dist.recv_object_list(box, src=last)
-            state = box[0]
+            state = _received(src=last)
     return state
+
+
+def _received(src: int) -> Any:
+    """The object rank `src` sends this rank (dist.send_object_list)."""
+    box = [None]
+    dist.recv_object_list(box, src=src)
+    return box[0]
 
 
 def broadcast_object(value: T, src: int) -> T:
@@ -225,8 +229,4 @@ def process_group():
 
 def broadcast_from_main(value: T) -> T:
     """Rank 0's `value` on every rank (a name they must agree on)."""
-    if not active():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(value, src=0)

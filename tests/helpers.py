@@ -62,6 +62,11 @@ def torchrun_rank(proc, rank: int, wait: float = 120):
     raise AssertionError(f"torchrun never started rank {rank}")
 
 
+def torchrun_errors(result) -> list[str]:
+    """The `Error: ...` lines of a torchrun(...) run, stdout and stderr (every rank's)."""
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error:")]
+
+
 def without_progress(result):
     """The result with tqdm's progress bars (stderr, closed before the error) taken out of its output."""
     lines = [line for line in re.split(r"[\r\n]", result.output) if line.strip() and not PROGRESS.search(line)]

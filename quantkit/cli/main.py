@@ -29,25 +29,27 @@ class QuantkitGroup(click.Group):
                 with terminate_as_exception():
                     return super().invoke(ctx)
             except QuantkitError as e:
-                if not dist.is_main():  # every rank has the error (dist.collective): rank 0 says it
-                    ctx.exit(1)
+                said_by_main(ctx, 1)  # every rank has the error (dist.collective)
                 raise click.ClickException(str(e)) from None
             except Terminated as e:  # the atomic writers removed what they had started; quantize says what it kept
-                if not dist.is_main():  # torchrun stops every rank: rank 0 says what it kept
-                    ctx.exit(Terminated.exit_code)
+                said_by_main(ctx, Terminated.exit_code)  # torchrun stops every rank
                 click.echo(f"Error: {str(e) or 'terminated by SIGTERM; nothing was left half-written'}", err=True)
                 ctx.exit(Terminated.exit_code)
             except KeyboardInterrupt as e:
-                if not dist.is_main():
-                    ctx.exit(INTERRUPTED)
+                said_by_main(ctx, INTERRUPTED)
                 click.echo(f"\nError: {str(e) or 'interrupted (Ctrl-C); nothing was left half-written'}", err=True)
                 ctx.exit(INTERRUPTED)
-            except click.ClickException as e:  # a usage error: every rank has it, rank 0 says it
-                if not dist.is_main():
-                    ctx.exit(e.exit_code)
+            except click.ClickException as e:  # a usage error: every rank has it
+                said_by_main(ctx, e.exit_code)
                 raise
             except OSError as e:  # outside the atomic writers (whose errors are QuantkitErrors already): one line
                 raise click.ClickException(os_error_line(e)) from None
+
+
+def said_by_main(ctx, code: int):
+    """Under torchrun, a rank other than 0 exits with `code` here, silently: rank 0 says the line once."""
+    if not dist.is_main():
+        ctx.exit(code)
 
 
 class OncePerCommand(logging.Filter):

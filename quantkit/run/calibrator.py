@@ -499,14 +499,10 @@ class LayerCalibrator:
         """The number of samples each rank holds, in rank order."""
         return [len(sample_block(self.samples, self.batch_size, r)) for r in range(dist.world_size())]
 
-    def save_activations(self, path: Path):
-        """Write the current activations (n, T, hidden) to a safetensors file (one process)."""
-        self.activations_saver()(path)
-
     def load_activations(self, path: Path | None):
-        """Continue from activations saved by save_activations (a resumed run; under torchrun rank 0 reads them,
-        `path` None on the others, and sends each rank its block); they must match these in shape and dtype (the
-        run's fingerprint makes sure they come from the same tokens and calibration dtype)."""
+        """Continue from activations written by activations_saver's writer (a resumed run; under torchrun rank 0
+        reads them, `path` None on the others, and sends each rank its block); they must match these in shape and
+        dtype (the run's fingerprint makes sure they come from the same tokens and calibration dtype)."""
         shape, dtype = (self.samples, *self.hidden.shape[1:]), self.hidden.dtype
         self.hidden = None  # the embedded tokens are replaced: free them first
 
@@ -517,7 +513,8 @@ class LayerCalibrator:
                                     f"{list(shape)} in {dtype_name(dtype)}: the work directory is damaged: pass "
                                     f"--force to start over")
             return hidden
-        hidden = dist.scatter_blocks(dist.collective(read), self._block_sizes(), torch.empty(0, *shape[1:], dtype=dtype))
+        like = torch.empty(0, *shape[1:], dtype=dtype)
+        hidden = dist.scatter_blocks(dist.collective(read), self._block_sizes(), like)
         self.hidden = hidden.to(self.store)
 
 

@@ -14,7 +14,8 @@ the original tensor order, so a resumed output is byte-identical to an uninterru
 work directory is removed. A resumed run first compares its fingerprint with the stored one and
 refuses, naming what changed: the source (config.json, each weight file's size, safetensors header and
 first and last MiB of data, the tokenizer files), the recipe and export options, the calibration
-tokens and settings (and the number of torchrun ranks), the quantkit and torch versions and torch's thread count (float sums depend on it).
+tokens and settings (and the number of torchrun ranks), the quantkit and torch versions and torch's
+thread count (float sums depend on it).
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from typing import Any, Callable
 
 import psutil
 import torch
-
-import quantkit.dist as dist
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+import quantkit.dist as dist
 from quantkit.version import __version__
 from quantkit.dtypes import dtype_name
 from quantkit.errors import QuantkitError

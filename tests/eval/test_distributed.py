@@ -10,7 +10,7 @@ import torch
 from quantkit.model import save_model
 from quantkit.model.tokenizer import load_tokenizer
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
-from tests.helpers import run, torchrun, torchrun_rank
+from tests.helpers import run, torchrun, torchrun_errors, torchrun_rank
 
 SEQ_LEN = 64
 pytestmark = pytest.mark.slow  # torchrun processes (about a minute): `make test-fast` leaves them out
@@ -60,7 +60,7 @@ def test_an_error_on_one_rank_ends_every_rank_with_one_line(setup, tmp_path):
     save_model(model, tmp_path / "nan", tokenizer_dir=DEMO_MODEL)
     result = torchrun("eval", tmp_path / "nan", *setup["data"])
     assert result.returncode != 0
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error:")]
+    errors = torchrun_errors(result)
     assert len(errors) == 1 and "NaN" in errors[0] and "window 1" in errors[0], result.stderr[-3000:]
 
 
@@ -68,7 +68,7 @@ def test_an_error_on_one_rank_ends_every_rank_with_one_line(setup, tmp_path):
 def test_what_runs_in_one_process_is_refused_under_torchrun(setup, flags):
     result = torchrun("eval", setup["root"] / "rtn", "--base", DEMO_MODEL, *setup["data"], *flags)
     assert result.returncode != 0
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error:")]
+    errors = torchrun_errors(result)
     assert len(errors) == 1 and "run(s) in one process: run without torchrun (it has 2 ranks)" in errors[0], result.stderr[-2000:]
 
 

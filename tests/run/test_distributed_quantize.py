@@ -12,7 +12,7 @@ import torch
 
 from quantkit.model import save_model
 from tests.conftest import DEMO_MODEL, random_model, tiny_config
-from tests.helpers import run, torchrun, torchrun_rank
+from tests.helpers import run, torchrun, torchrun_errors, torchrun_rank
 
 pytestmark = pytest.mark.slow  # torchrun processes: `make test-fast` leaves them out
 SEQ_LEN = 64
@@ -20,10 +20,6 @@ SEQ_LEN = 64
 
 def files(out) -> dict:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-
-
-def errors(result) -> list[str]:
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error:")]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +63,8 @@ def test_an_error_on_one_rank_ends_every_rank_with_one_line(tmp_path, calib):
     result = torchrun("quantize", tmp_path / "nan", "--method", "gptq", "--group-size", 32, *calib,
                       "-o", tmp_path / "out")
     assert result.returncode != 0
-    assert len(errors(result)) == 1 and "not finite" in errors(result)[0], result.stderr[-3000:]
+    errors = torchrun_errors(result)
+    assert len(errors) == 1 and "not finite" in errors[0], result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
 
 
@@ -113,7 +110,8 @@ def test_what_cannot_be_shared_out_is_refused_before_any_work(tmp_path, args, ne
     output = ("-o", tmp_path / "out") if args[0] == "quantize" else ()
     result = torchrun(*args, *output, *(("--calib", DEMO_MODEL / "test.txt") if calibrated else ()))
     assert result.returncode != 0
-    assert len(errors(result)) == 1 and needle in errors(result)[0], result.stderr[-3000:]
+    errors = torchrun_errors(result)
+    assert len(errors) == 1 and needle in errors[0], result.stderr[-3000:]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -121,4 +119,5 @@ def test_a_usage_error_is_said_once(tmp_path):
     result = torchrun("quantize", DEMO_MODEL, "--method", "rtn", "--calib", DEMO_MODEL / "test.txt",
                       "-o", tmp_path / "out")
     assert result.returncode != 0
-    assert len(errors(result)) == 1 and "--calib applies to calibrated methods" in errors(result)[0], result.stderr
+    errors = torchrun_errors(result)
+    assert len(errors) == 1 and "--calib applies to calibrated methods" in errors[0], result.stderr
